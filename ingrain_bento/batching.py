@@ -1,0 +1,137 @@
+"""Per-model dynamic batching: many small concurrent requests become few large forwards.
+
+A ``Batcher`` serves one (model, task) pair. ``submit(items)`` splits a request into
+chunks of at most ``max_batch`` items, queues them, and returns the rows in input order.
+One collector task per batcher takes the queued chunks, waits up to ``max_wait_s`` for more
+while the batch is not full, runs one forward on the shared forward thread (off the event
+loop), and hands each caller its rows. If a merged forward fails, each chunk is retried
+alone, so one bad request never fails its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from ingrain_bento.errors import AtCapacity
+
+Item = TypeVar("Item")
+Forward = Callable[[Sequence[Any]], Any]  # items -> tensor with one row per item
+
+
+@dataclass
+class _Chunk(Generic[Item]):
+    items: Sequence[Item]
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did, for metrics: forwards run, items, and time in forward."""
+
+    forwards: int = 0
+    items: int = 0
+    forward_ns: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+class Batcher(Generic[Item]):
+    def __init__(self, forward: Forward, executor: Executor, *, max_batch: int, max_wait_s: float,
+                 merge: bool = True, on_batch: Callable[[int, int], None] | None = None) -> None:
+        self.forward = forward
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.merge = merge
+        self.on_batch = on_batch
+        self.stats = BatchStats()
+        self._pending: deque[_Chunk[Item]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_batch_chunks = 1
+
+    async def submit(self, items: Sequence[Item]) -> Any:
+        """Rows for ``items``, in order (a torch tensor, concatenated across chunks)."""
+        import torch
+
+        if self._closed:
+            raise AtCapacity("The model was unloaded while this request waited: send it again.")
+        if self._task is None:
+            self._task = asyncio.create_task(self._collect())
+        chunks = [_Chunk(items[i:i + self.max_batch]) for i in range(0, len(items), self.max_batch)]
+        self._pending.extend(chunks)
+        self._wakeup.set()
+        rows = await asyncio.gather(*(chunk.future for chunk in chunks))
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    async def _wait_for_more(self, timeout: float) -> bool:
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _collect(self) -> None:
+        while True:
+            while not self._pending:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = [self._pending.popleft()]
+            size = len(batch[0].items)
+            # Wait for company only under load: a lone client (last batch was one request)
+            # gets its forward at once instead of paying max_wait on every call.
+            deadline = time.monotonic() + (self.max_wait_s if self._last_batch_chunks > 1 else 0.0)
+            while self.merge and size < self.max_batch:
+                if self._pending:
+                    if size + len(self._pending[0].items) > self.max_batch:
+                        break
+                    batch.append(self._pending.popleft())
+                    size += len(batch[-1].items)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed or not await self._wait_for_more(remaining):
+                    break
+            self._last_batch_chunks = len(batch)
+            await self._run(batch)
+
+    async def _run(self, batch: list[_Chunk[Item]]) -> None:
+        loop = asyncio.get_running_loop()
+        items = [item for chunk in batch for item in chunk.items]
+        started = time.perf_counter_ns()
+        try:
+            rows = await loop.run_in_executor(self.executor, self.forward, items)
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+                return
+            for chunk in batch:  # isolate the failing request from its neighbours
+                await self._run([chunk])
+            return
+        elapsed = time.perf_counter_ns() - started
+        self.stats.forwards += 1
+        self.stats.items += len(items)
+        self.stats.forward_ns += elapsed
+        self.stats.batch_sizes[len(items)] = self.stats.batch_sizes.get(len(items), 0) + 1
+        if self.on_batch is not None:
+            self.on_batch(len(items), elapsed)
+        offset = 0
+        for chunk in batch:
+            if not chunk.future.done():
+                chunk.future.set_result(rows[offset:offset + len(chunk.items)])
+            offset += len(chunk.items)
+
+    async def close(self) -> None:
+        """Finish every queued request, then stop; later submits get a 503."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task

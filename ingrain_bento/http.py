@@ -1,0 +1,105 @@
+"""The FastAPI app the BentoML service mounts, and everything HTTP-shaped around the routes.
+
+- one error shape: ``{"message": ...}``, or OpenAI's ``{"error": {...}}`` under ``/v1/``;
+  never BentoML's list body, an HTML page or a stack trace;
+- the API key check and the request-size cap, as one ASGI middleware on the whole service
+  (BentoML's own ``/metrics`` and ``/docs.json`` included; ``/health``, ``/livez``,
+  ``/readyz`` stay open);
+- ``json_response``: pydantic's Rust serializer straight to bytes (re-validating a large float
+  matrix through FastAPI's response model is the slowest part of a response otherwise).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ingrain_bento.errors import IngrainError
+from ingrain_bento.schemas import validation_message
+from ingrain_bento.settings import Settings
+
+log = logging.getLogger("ingrain_bento.http")
+
+OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz"})
+
+
+def json_response(model: BaseModel, status_code: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
+def error_response(path: str, status_code: int, message: str, error_type: str = "invalid_request_error") -> JSONResponse:
+    if path.startswith("/v1/"):
+        body: dict[str, Any] = {"error": {"message": message, "type": error_type, "code": status_code}}
+    else:
+        body = {"message": message}
+    return JSONResponse(body, status_code=status_code)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="ingrain-bento", description="Ingrain-compatible model server on BentoML.",
+                  docs_url=None, redoc_url=None)
+
+    @app.exception_handler(IngrainError)
+    async def _ingrain_error(request: Request, exc: IngrainError) -> Response:
+        return error_response(request.url.path, exc.status_code, exc.message, exc.error_type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(request.url.path, 400, validation_message(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        message = {404: f"No route {request.method} {request.url.path}: see the API docs.",
+                   405: f"{request.method} is not allowed on {request.url.path}."}.get(exc.status_code, str(exc.detail))
+        return error_response(request.url.path, exc.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        log.exception("Unhandled error on %s", request.url.path)
+        return error_response(request.url.path, 500, f"Internal error ({type(exc).__name__}); this is a bug, "
+                              "please report it with the request that caused it.", "server_error")
+
+    return app
+
+
+class GuardMiddleware:
+    """API key (constant-time compare) and request-body cap, before any route runs."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, max_body_bytes: int = 512 * 1024 * 1024) -> None:
+        self.app = app
+        self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers = dict(scope["headers"])
+        if self.expected is not None and path not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await self._reject(scope, receive, send, path, 401,
+                                   "Missing or wrong API key: send 'Authorization: Bearer <key>'.")
+                return
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            await self._reject(scope, receive, send, path, 413,
+                               f"The request body is over the {self.max_body_bytes}-byte cap: split the request.")
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, path: str, status: int, message: str) -> None:
+        kind = "authentication_error" if status == 401 else "invalid_request_error"
+        await error_response(path, status, message, kind)(scope, receive, send)
+
+

@@ -1,0 +1,208 @@
+"""Resident models: load once, batch per model, evict or refuse at capacity, unload for real.
+
+The pool owns every model that is on the device. A load of a model that is already loading
+waits for that load (a storm of loads loads once). Capacity is ``MAX_LOADED_MODELS`` plus an
+optional byte budget of resident weights; at capacity the policy either unloads the least
+recently used *idle* model (``evict``) or answers 503 (``reject``). A model with requests in
+flight is never evicted under them; an explicit unload lets queued requests finish first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from ingrain_bento.batching import Batcher
+from ingrain_bento.errors import AtCapacity, ModelNotFound
+from ingrain_bento.families import family
+from ingrain_bento.families.base import LoadedModel
+from ingrain_bento.refs import ModelRef
+from ingrain_bento.settings import Settings
+from ingrain_bento.store import ModelStore, StoredModel
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("ingrain_bento.pool")
+
+TEXT_EMBEDDING = "text"
+IMAGE_EMBEDDING = "image"
+IMAGE_LOGITS = "logits"
+UNLOAD_DRAIN_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Resident:
+    """A model on the device, with its batchers and the requests using it right now."""
+
+    model: LoadedModel
+    stored: StoredModel
+    batchers: dict[str, Batcher[Any]] = field(default_factory=dict)
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.time)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+def pick_device(settings: Settings) -> "torch.device":
+    import torch
+
+    if settings.device:
+        return torch.device(settings.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ModelPool:
+    def __init__(self, store: ModelStore, settings: Settings,
+                 on_batch: Callable[[ModelRef, str, int, int], None] | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.on_batch = on_batch
+        # One forward at a time per process: torch already uses every core (or the GPU) per forward.
+        self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
+        self._device: "torch.device | None" = None
+        self._resident: OrderedDict[ModelRef, Resident] = OrderedDict()
+        self._loading: dict[ModelRef, asyncio.Task[Resident]] = {}
+        self._reserved: dict[ModelRef, int] = {}
+        self._capacity_lock = asyncio.Lock()
+
+    @property
+    def device(self) -> "torch.device":
+        if self._device is None:
+            self._device = pick_device(self.settings)
+        return self._device
+
+    @property
+    def half(self) -> bool:
+        return self.settings.fp16_enabled and self.device.type == "cuda"
+
+    def resident(self) -> list[Resident]:
+        return list(self._resident.values())
+
+    def get(self, ref: ModelRef) -> Resident | None:
+        return self._resident.get(ref)
+
+    def is_loading(self, ref: ModelRef) -> bool:
+        return ref in self._loading
+
+    async def load(self, ref: ModelRef) -> bool:
+        """Make ``ref`` resident; False when it already was (or another request loaded it)."""
+        if ref in self._resident:
+            self._resident.move_to_end(ref)
+            return False
+        task = self._loading.get(ref)
+        if task is not None:
+            await asyncio.shield(task)
+            return False
+        task = asyncio.create_task(self._load(ref))
+        self._loading[ref] = task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._loading.pop(ref, None)
+        return True
+
+    async def _load(self, ref: ModelRef) -> Resident:
+        started = time.perf_counter()
+        stored = await asyncio.to_thread(self.store.pull, ref)
+        estimate = stored.size_bytes // (2 if self.half else 1)
+        await self._make_room(ref, estimate)
+        try:
+            model = await asyncio.to_thread(family(ref.library).load, stored.path, ref, self.device, self.half)
+        finally:
+            self._reserved.pop(ref, None)
+        resident = Resident(model=model, stored=stored)
+        self._resident[ref] = resident
+        log.info("pool.load model=%s device=%s bytes=%d seconds=%.2f", ref.display_id, self.device,
+                 model.memory_bytes, time.perf_counter() - started)
+        return resident
+
+    def _used_bytes(self) -> int:
+        return sum(r.model.memory_bytes for r in self._resident.values()) + sum(self._reserved.values())
+
+    async def _make_room(self, ref: ModelRef, needed_bytes: int) -> None:
+        budget = self.settings.max_model_memory
+        if budget is not None and needed_bytes > budget:
+            raise AtCapacity(f"{ref.display_id} needs about {needed_bytes} bytes, over the memory budget "
+                             f"INGRAIN_MAX_MODEL_MEMORY={budget}.")
+        async with self._capacity_lock:
+            while (len(self._resident) + len(self._reserved) >= self.settings.max_loaded_models
+                   or (budget is not None and self._used_bytes() + needed_bytes > budget)):
+                if self.settings.eviction == "reject":
+                    raise AtCapacity(
+                        f"The server is at capacity ({len(self._resident)} models loaded, MAX_LOADED_MODELS="
+                        f"{self.settings.max_loaded_models}): unload a model first."
+                    )
+                victim = next((r for r, res in self._resident.items() if res.in_flight == 0), None)
+                if victim is None:
+                    raise AtCapacity("The server is at capacity and every loaded model is busy: try again shortly.")
+                log.info("pool.evict model=%s to load %s", victim.display_id, ref.display_id)
+                await self.unload(victim)
+            self._reserved[ref] = needed_bytes
+
+    async def unload(self, ref: ModelRef) -> None:
+        """Take ``ref`` off the device; queued requests finish first, then memory is released."""
+        resident = self._resident.pop(ref, None)
+        if resident is None:
+            raise ModelNotFound(f"{ref.display_id} is not loaded.")
+        for batcher in resident.batchers.values():
+            await batcher.close()
+        try:
+            await asyncio.wait_for(resident.idle.wait(), UNLOAD_DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("pool.unload model=%s released with requests still in flight", ref.display_id)
+        await asyncio.get_running_loop().run_in_executor(self.forward_executor, resident.model.release)
+        log.info("pool.unload model=%s", ref.display_id)
+
+    @asynccontextmanager
+    async def use(self, ref: ModelRef) -> AsyncIterator[Resident]:
+        """Hold ``ref`` for one request (loading it if needed); it is not evicted meanwhile."""
+        resident = self._resident.get(ref)
+        if resident is None:
+            await self.load(ref)
+            resident = self._resident.get(ref)
+            if resident is None:
+                raise AtCapacity(f"{ref.display_id} was unloaded while this request waited: send it again.")
+        self._resident.move_to_end(ref)
+        resident.in_flight += 1
+        resident.idle.clear()
+        resident.last_used = time.time()
+        try:
+            yield resident
+        finally:
+            resident.in_flight -= 1
+            if resident.in_flight == 0:
+                resident.idle.set()
+
+    def batcher(self, resident: Resident, task: str) -> Batcher[Any]:
+        """The batcher of one model for one task (text, image embedding, image logits)."""
+        if self._resident.get(resident.model.ref) is not resident:
+            raise AtCapacity(f"{resident.model.ref.display_id} was unloaded while this request waited: send it again.")
+        batcher = resident.batchers.get(task)
+        if batcher is None:
+            model, ref = resident.model, resident.model.ref
+            forward = {TEXT_EMBEDDING: model.encode_text, IMAGE_EMBEDDING: model.encode_image,
+                       IMAGE_LOGITS: model.classify_image}[task]
+            on_batch = None
+            if self.on_batch is not None:
+                hook = self.on_batch
+                on_batch = lambda size, ns: hook(ref, task, size, ns)  # noqa: E731
+            batcher = Batcher(forward, self.forward_executor, max_batch=self.settings.max_batch_size,
+                              max_wait_s=self.settings.batch_wait_ms / 1000, merge=self.settings.dynamic_batching,
+                              on_batch=on_batch)
+            resident.batchers[task] = batcher
+        return batcher
+
+    async def close(self) -> None:
+        for ref in list(self._resident):
+            await self.unload(ref)
+        self.forward_executor.shutdown(wait=False)

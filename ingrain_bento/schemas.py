@@ -1,0 +1,216 @@
+"""Request and response bodies of both API generations, snake_case and camelCase alike.
+
+One request class per shape, shared by the seed routes (``/infer_text``) and the current
+ones (``/embed_text``). Responses serialize by alias (camelCase), as Ingrain sends them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+Texts = Union[str, Annotated[list[str], Field(min_length=1)]]
+Pretrained = Union[bool, str, None]
+NonEmptyName = Annotated[str, StringConstraints(min_length=1)]
+
+
+class ApiModel(BaseModel):
+    """Accepts ``n_dims`` and ``nDims`` alike, ignores unknown fields, answers in camelCase."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, validate_by_name=True, validate_by_alias=True,
+        serialize_by_alias=True, extra="ignore",
+    )
+
+
+def as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+# ---- management requests ---------------------------------------------------------------
+
+class ModelRequest(ApiModel):
+    """Names one model: ``name`` (or display id ``name::pretrained``), ``pretrained``, ``library``."""
+
+    name: NonEmptyName
+    pretrained: Pretrained = None
+    library: Optional[str] = None
+
+
+class CustomModelRequest(ApiModel):
+    library: str
+    pretrained_name: NonEmptyName = Field(validation_alias="pretrained_name")
+    safetensors_url: NonEmptyName
+    # open_clip preprocessing overrides
+    mode: Optional[str] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    interpolation: Optional[str] = None
+    resize_mode: Optional[str] = None
+    # sentence-transformers files
+    config_json_url: Optional[str] = None
+    tokenizer_json_url: Optional[str] = None
+    tokenizer_config_json_url: Optional[str] = None
+    vocab_txt_url: Optional[str] = None
+    special_tokens_map_json_url: Optional[str] = None
+    pooling_config_json_url: Optional[str] = None
+    sentence_bert_config_json_url: Optional[str] = None
+    modules_json_url: Optional[str] = None
+    # timm
+    num_classes: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("pretrained_name", "pretrainedName", "name"):
+                if data.get(key) is not None:
+                    return {**data, "pretrained_name": data[key]}
+        return data
+
+
+# ---- inference requests ----------------------------------------------------------------
+
+class InferenceRequest(ApiModel):
+    """Fields common to every inference route; ``text``/``image`` requirements per route below."""
+
+    name: NonEmptyName
+    pretrained: Pretrained = None
+    library: Optional[str] = None
+    text: Optional[Texts] = None
+    image: Optional[Texts] = None
+    normalize: bool = True
+    n_dims: Optional[int] = None
+    image_download_headers: Optional[dict[str, str]] = None
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        return True if value is None else value
+
+    @property
+    def texts(self) -> list[str]:
+        return as_list(self.text)
+
+    @property
+    def images(self) -> list[str]:
+        return as_list(self.image)
+
+
+class TextRequest(InferenceRequest):
+    text: Texts
+
+
+class ImageRequest(InferenceRequest):
+    image: Texts
+
+
+class TextImageRequest(InferenceRequest):
+    @model_validator(mode="after")
+    def _needs_input(self) -> "TextImageRequest":
+        if self.text is None and self.image is None:
+            raise ValueError("send at least one of 'text' and 'image'")
+        return self
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: NonEmptyName
+    input: Texts
+    dimensions: Optional[int] = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+# ---- responses -------------------------------------------------------------------------
+
+class MessageResponse(ApiModel):
+    message: str
+
+
+class ModelInfo(ApiModel):
+    id: str
+    name: str
+    pretrained: Pretrained
+    library: str
+    state: Literal["READY", "UNAVAILABLE", "LOADING"]
+    modalities: list[str] = []
+    embedding_size: Optional[int] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    memory_bytes: Optional[int] = None
+    last_used: Optional[float] = None
+    store_tag: Optional[str] = None
+
+
+class ModelListResponse(ApiModel):
+    models: list[ModelInfo]
+
+
+class EmbeddingSizeResponse(ApiModel):
+    embedding_size: int
+
+
+class LabelsResponse(ApiModel):
+    labels: list[str]
+
+
+class EmbeddingsResponse(ApiModel):
+    embeddings: list[list[float]]
+    processing_time_ms: float
+
+
+class TextImageEmbeddingsResponse(ApiModel):
+    text_embeddings: Optional[list[list[float]]] = None
+    image_embeddings: Optional[list[list[float]]] = None
+    processing_time_ms: float
+
+
+class ProbabilitiesResponse(ApiModel):
+    probabilities: list[list[float]]
+    processing_time_ms: float
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """One readable sentence from pydantic's error list: which field, what is wrong."""
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return "The request body is not valid JSON: send a JSON object."
+    parts = []
+    for error in errors[:5]:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    return "Invalid request: " + "; ".join(parts) + "."
+

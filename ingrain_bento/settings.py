@@ -1,0 +1,67 @@
+"""Every knob of the server, read from the environment in one place.
+
+Ingrain server's own names are kept where they exist (``MAX_LOADED_MODELS``,
+``MAX_BATCH_SIZE``, ``DYNAMIC_BATCHING``, ``FP16_ENABLED``); everything else is
+prefixed ``INGRAIN_``. ``Settings()`` is cheap; ``get_settings()`` caches one per process.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    max_loaded_models: int = Field(5, ge=1, validation_alias=_env("MAX_LOADED_MODELS"),
+                                   description="Resident models at most (Ingrain's default 5).")
+    max_batch_size: int = Field(64, ge=1, validation_alias=_env("MAX_BATCH_SIZE"),
+                                description="Items in one forward pass; larger requests are split.")
+    dynamic_batching: bool = Field(True, validation_alias=_env("DYNAMIC_BATCHING"),
+                                   description="Merge concurrent requests into one forward per model.")
+    batch_wait_ms: float = Field(2.0, ge=0, validation_alias=_env("INGRAIN_BATCH_WAIT_MS"),
+                                 description="How long a forming batch waits for more requests.")
+    fp16_enabled: bool = Field(True, validation_alias=_env("FP16_ENABLED"),
+                               description="Half-precision weights on CUDA (CPU always runs fp32).")
+    device: str | None = Field(None, validation_alias=_env("INGRAIN_DEVICE"),
+                               description="Force a torch device (`cpu`, `cuda:1`); default CUDA when present.")
+    autoload: bool = Field(True, validation_alias=_env("INGRAIN_AUTOLOAD"),
+                           description="Inference on a stored but not resident model loads it first.")
+    eviction: Literal["evict", "reject"] = Field("reject", validation_alias=_env("INGRAIN_EVICTION"),
+                                                 description="At capacity: unload the least recently used idle model, or answer 503.")
+    max_model_memory: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_MAX_MODEL_MEMORY"),
+                                         description="Bytes of resident weights at most (unset: no budget).")
+    api_key: str | None = Field(None, validation_alias=_env("INGRAIN_API_KEY"),
+                                description="When set, required as `Authorization: Bearer <key>`.")
+    allow_private_urls: bool = Field(False, validation_alias=_env("INGRAIN_ALLOW_PRIVATE_URLS"),
+                                     description="Let URL fetches reach loopback/private/link-local addresses.")
+    max_items_per_request: int = Field(2048, ge=1, validation_alias=_env("INGRAIN_MAX_ITEMS"),
+                                       description="Texts or images in one request at most (413 above).")
+    max_text_chars: int = Field(100_000, ge=1, validation_alias=_env("INGRAIN_MAX_TEXT_CHARS"),
+                                description="Characters in one text at most (413 above).")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, validation_alias=_env("INGRAIN_MAX_IMAGE_BYTES"),
+                                 description="Encoded bytes of one image at most (413 above).")
+    max_image_pixels: int = Field(50_000_000, ge=1, validation_alias=_env("INGRAIN_MAX_IMAGE_PIXELS"),
+                                  description="Decoded pixels of one image at most (400 above).")
+    image_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("INGRAIN_IMAGE_TIMEOUT_S"),
+                                   description="Timeout for fetching one image URL.")
+    max_download_bytes: int = Field(8 * 1024**3, ge=1, validation_alias=_env("INGRAIN_MAX_DOWNLOAD_BYTES"),
+                                    description="Bytes of one custom-model file at most (413 above).")
+    download_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("INGRAIN_DOWNLOAD_TIMEOUT_S"),
+                                      description="Timeout for one custom-model file download.")
+    preload: str | None = Field(None, validation_alias=_env("INGRAIN_PRELOAD"),
+                                description="Path of a models/*.yaml list to pull and load at start-up.")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,235 @@
+"""The BentoML model store: every checkpoint the server has, one self-describing folder each.
+
+Entries are written through ``bentoml.models.create`` (so ``bentoml models list`` shows them,
+with ``library``/``name``/``pretrained`` labels) and marked complete only after BentoML has
+saved them: a crashed or failed download leaves nothing that lists. A file lock per tag in
+``$BENTOML_HOME`` keeps processes sharing one store from pulling the same model twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import bentoml
+
+from ingrain_bento.errors import BadRequest, Conflict, ModelNotFound
+from ingrain_bento.families import family
+from ingrain_bento.refs import Library, ModelRef
+
+log = logging.getLogger("ingrain_bento.store")
+
+COMPLETE_MARKER = ".ingrain-complete"
+LABEL_KEYS = ("library", "name", "pretrained")
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """One complete store entry. ``ref`` is None for a custom checkpoint not yet bound to an
+    architecture (open_clip/timm): then ``custom_name`` is its ``pretrained_name``."""
+
+    tag: str
+    path: Path
+    library: Library
+    ref: ModelRef | None
+    custom_name: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    size_bytes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.ref.name if self.ref else str(self.custom_name)
+
+    @property
+    def pretrained(self) -> str | bool | None:
+        return self.ref.api_pretrained if self.ref else self.custom_name
+
+
+def custom_store_name(library: Library, pretrained_name: str) -> str:
+    """Tag name of a custom checkpoint waiting to be bound to an architecture."""
+    digest = hashlib.sha256(f"{library.value}\n{pretrained_name}".encode()).hexdigest()[:10]
+    slug = re.sub(r"[^a-z0-9._]+", "-", pretrained_name.lower()).strip("-.")[:38]
+    return f"custom-{library.value.replace('_', '-')[:9]}-{slug}-{digest}"
+
+
+def _home() -> Path:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.bentoml_home.get())
+
+
+def _folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class ModelStore:
+    """Find, pull, import, bind, list and delete checkpoints in the BentoML model store."""
+
+    @contextmanager
+    def _lock(self, tag_name: str) -> Iterator[None]:
+        lock_dir = _home() / "ingrain-locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{tag_name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _entry(model: Any) -> StoredModel | None:
+        path = Path(model.path)
+        labels = model.info.labels
+        if not (path / COMPLETE_MARKER).is_file() or "library" not in labels:
+            return None
+        library = Library(labels["library"])
+        meta = dict(model.info.metadata)
+        if meta.get("unbound"):
+            ref, custom = None, labels["pretrained"]
+        else:
+            ref, custom = ModelRef.parse(library, labels["name"], labels["pretrained"] or None), None
+        return StoredModel(str(model.tag), path, library, ref, custom, meta, int(meta.get("size_bytes", 0)))
+
+    def _get(self, tag_name: str) -> StoredModel | None:
+        try:
+            return self._entry(bentoml.models.get(tag_name))
+        except bentoml.exceptions.NotFound:
+            return None
+
+    def entries(self) -> list[StoredModel]:
+        """Every complete entry this server wrote, newest first."""
+        found = (self._entry(model) for model in bentoml.models.list())
+        return [entry for entry in found if entry is not None]
+
+    def find(self, ref: ModelRef) -> StoredModel | None:
+        return self._get(ref.store_name)
+
+    def find_unbound(self, library: Library, pretrained_name: str) -> StoredModel | None:
+        return self._get(custom_store_name(library, pretrained_name))
+
+    def _create(self, tag_name: str, labels: dict[str, str], write: Callable[[Path], dict[str, Any]],
+                extra_metadata: dict[str, Any] | None = None) -> StoredModel:
+        """Write one entry: ``write(folder)`` fills it; any failure leaves nothing behind."""
+        started = time.perf_counter()
+        staged: Path | None = None
+        try:
+            with bentoml.models.create(tag_name, labels=labels, module=f"ingrain_bento.{labels['library']}") as model:
+                staged = Path(model.path)
+                metadata = {**(extra_metadata or {}), **write(staged)}
+                metadata["size_bytes"] = _folder_size(staged)
+                model.info.metadata.update(metadata)
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+        stored = bentoml.models.get(tag_name)
+        (Path(stored.path) / COMPLETE_MARKER).touch()
+        entry = self._entry(stored)
+        assert entry is not None
+        log.info("store.write tag=%s bytes=%d seconds=%.2f", entry.tag, entry.size_bytes,
+                 time.perf_counter() - started)
+        return entry
+
+    def pull(self, ref: ModelRef) -> StoredModel:
+        """The entry for ``ref``, downloading it once through its library when it is missing."""
+        existing = self.find(ref)
+        if existing is not None:
+            return existing
+        if ref.library is not Library.SENTENCE_TRANSFORMERS and ref.pretrained not in (None, "false"):
+            unbound = self.find_unbound(ref.library, ref.pretrained)
+            if unbound is not None:
+                return self.bind(ref, unbound)
+        with self._lock(ref.store_name):
+            existing = self.find(ref)
+            if existing is not None:
+                return existing
+            self._remove_incomplete(ref.store_name)
+            return self._create(ref.store_name, self._labels(ref), lambda folder: family(ref.library).fetch(ref, folder))
+
+    def bind(self, ref: ModelRef, unbound: StoredModel) -> StoredModel:
+        """Turn a custom checkpoint into a loadable ``(architecture, pretrained_name)`` entry."""
+        weights = unbound.path / "custom.safetensors"
+        with self._lock(ref.store_name):
+            existing = self.find(ref)
+            if existing is not None:
+                return existing
+            self._remove_incomplete(ref.store_name)
+            options = unbound.metadata.get("options", {})
+            entry = self._create(
+                ref.store_name, self._labels(ref),
+                lambda folder: family(ref.library).bind_custom(ref, weights, options, folder),
+                {"custom": True, "options": options},
+            )
+        self.delete_tag(unbound.tag)
+        return entry
+
+    def import_custom(self, library: Library, pretrained_name: str, write: Callable[[Path], dict[str, Any]],
+                      options: dict[str, Any]) -> StoredModel:
+        """Store a downloaded custom checkpoint; 409 when ``pretrained_name`` is taken."""
+        if library is Library.SENTENCE_TRANSFORMERS:
+            ref = ModelRef.parse(library, pretrained_name)
+            tag_name, labels, extra = ref.store_name, self._labels(ref), {"custom": True}
+        else:
+            tag_name = custom_store_name(library, pretrained_name)
+            labels = {"library": library.value, "name": pretrained_name, "pretrained": pretrained_name}
+            extra = {"custom": True, "unbound": True, "options": options}
+        with self._lock(tag_name):
+            if self.is_taken(library, pretrained_name):
+                raise Conflict(f"A {library.value} model named {pretrained_name!r} is already stored: "
+                               "delete it first or choose another pretrained_name.")
+            self._remove_incomplete(tag_name)
+            return self._create(tag_name, labels, write, extra)
+
+    def is_taken(self, library: Library, pretrained_name: str) -> bool:
+        """Whether a stored model of ``library`` already uses ``pretrained_name``."""
+        for entry in self.entries():
+            if entry.library is library and pretrained_name in (entry.custom_name, entry.name,
+                                                                entry.ref and entry.ref.pretrained):
+                return True
+        return False
+
+    def delete(self, ref: ModelRef) -> StoredModel:
+        """Remove ``ref`` (or the unbound custom checkpoint it names) from the store."""
+        entry = self.find(ref)
+        if entry is None and ref.pretrained not in (None, "false"):
+            entry = self.find_unbound(ref.library, ref.pretrained)
+        if entry is None and ref.library is not Library.SENTENCE_TRANSFORMERS:
+            entry = self.find_unbound(ref.library, ref.name)
+        if entry is None:
+            raise ModelNotFound(f"{ref.display_id} is not in the model store.")
+        self.delete_tag(entry.tag)
+        return entry
+
+    def delete_tag(self, tag: str) -> None:
+        with self._lock(tag.split(":")[0]):
+            bentoml.models.delete(tag)
+
+    def _remove_incomplete(self, tag_name: str) -> None:
+        """Clear what a crashed writer left under ``tag_name`` (called with its lock held)."""
+        try:
+            models = bentoml.models.list(tag_name)
+        except bentoml.exceptions.NotFound:
+            return
+        for model in models:
+            if not (Path(model.path) / COMPLETE_MARKER).is_file():
+                log.warning("store.cleanup incomplete entry %s", model.tag)
+                bentoml.models.delete(model.tag)
+
+    @staticmethod
+    def _labels(ref: ModelRef) -> dict[str, str]:
+        pretrained = "" if ref.pretrained is None else ref.pretrained
+        return {"library": ref.library.value, "name": ref.name, "pretrained": pretrained,
+                "id": ref.display_id, "source": "ingrain-bento"}
+
+
+def staging_dir() -> tempfile.TemporaryDirectory[str]:
+    """A scratch folder for downloads before they enter the store."""
+    return tempfile.TemporaryDirectory(prefix="ingrain-download-")

@@ -1,0 +1,133 @@
+"""The BentoML service: routes only, each a few lines into ``ingrain_bento.server``.
+
+Every route lives on one FastAPI app mounted at ``/`` (BentoML's ``@bentoml.api`` routes are
+POST-only and shape errors as a list); BentoML keeps ``/livez``, ``/readyz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+import bentoml  # noqa: E402
+from fastapi import Body, Query  # noqa: E402
+from starlette.responses import Response  # noqa: E402
+
+from ingrain_bento import schemas as s  # noqa: E402
+from ingrain_bento.http import GuardMiddleware, create_app, json_response  # noqa: E402
+from ingrain_bento.refs import Library  # noqa: E402
+from ingrain_bento.server import ModelServer  # noqa: E402
+from ingrain_bento.settings import get_settings  # noqa: E402
+
+app = create_app()
+
+
+@bentoml.service(
+    name="ingrain-bento",
+    http={"port": int(os.environ.get("INGRAIN_PORT", "8687"))},
+    workers=1,  # models live in the worker's memory: one worker per device, scale with replicas
+    traffic={"timeout": 600, "concurrency": 256},
+)
+@bentoml.asgi_app(app, path="/")
+class IngrainBento:
+    def __init__(self) -> None:
+        self.server = ModelServer(get_settings())
+
+    def __is_ready__(self) -> bool:
+        return self.server is not None
+
+    @bentoml.on_shutdown
+    async def shutdown(self) -> None:
+        await self.server.close()
+
+    # ---- model management (the seed's routes) ----------------------------------------
+
+    @app.get("/health", response_model=s.MessageResponse)
+    async def health(self) -> Response:
+        return json_response(s.MessageResponse(message="The model server is running."))
+
+    @app.post("/load_clip_model", response_model=s.MessageResponse)
+    async def load_clip_model(self, request: s.ModelRequest) -> Response:
+        return json_response(await self.server.load(request, Library.OPEN_CLIP))
+
+    @app.post("/load_sentence_transformer_model", response_model=s.MessageResponse)
+    async def load_sentence_transformer_model(self, request: s.ModelRequest) -> Response:
+        return json_response(await self.server.load(request, Library.SENTENCE_TRANSFORMERS))
+
+    @app.post("/load_timm_model", response_model=s.MessageResponse)
+    async def load_timm_model(self, request: s.ModelRequest) -> Response:
+        return json_response(await self.server.load(request, Library.TIMM))
+
+    @app.post("/load_model", response_model=s.MessageResponse)
+    async def load_model(self, request: s.ModelRequest) -> Response:
+        return json_response(await self.server.load(request))
+
+    @app.post("/unload_model", response_model=s.MessageResponse)
+    async def unload_model(self, request: s.ModelRequest) -> Response:
+        return json_response(await self.server.unload(request))
+
+    @app.delete("/delete_model", response_model=s.MessageResponse)
+    async def delete_model(self, request: s.ModelRequest = Body()) -> Response:
+        return json_response(await self.server.delete(request))
+
+    @app.get("/loaded_models", response_model=s.ModelListResponse)
+    async def loaded_models(self) -> Response:
+        return json_response(self.server.loaded_models())
+
+    @app.get("/repository_models", response_model=s.ModelListResponse)
+    async def repository_models(self) -> Response:
+        return json_response(self.server.repository_models())
+
+    @app.post("/download_custom_model", response_model=s.MessageResponse)
+    async def download_custom_model(self, request: s.CustomModelRequest) -> Response:
+        return json_response(await self.server.download_custom(request))
+
+    @app.get("/model_embedding_size", response_model=s.EmbeddingSizeResponse)
+    async def model_embedding_size(self, name: str = Query(min_length=1), pretrained: str | None = None) -> Response:
+        return json_response(self.server.embedding_size(name, pretrained))
+
+    @app.get("/model_classification_labels", response_model=s.LabelsResponse)
+    async def model_classification_labels(self, name: str = Query(min_length=1),
+                                          pretrained: str | None = None) -> Response:
+        return json_response(self.server.classification_labels(name, pretrained))
+
+    # ---- inference: seed generation (ingrain 0.0.7) and current (0.2.3) share bodies ----
+
+    @app.post("/infer_text", response_model=s.EmbeddingsResponse)
+    @app.post("/embed_text", response_model=s.EmbeddingsResponse)
+    async def embed_text(self, request: s.TextRequest) -> Response:
+        return json_response(await self.server.embed_text(request))
+
+    @app.post("/infer_image", response_model=s.EmbeddingsResponse)
+    async def infer_image(self, request: s.ImageRequest) -> Response:
+        return json_response(await self.server.embed_image(request, timm_output="probabilities"))
+
+    @app.post("/embed_image", response_model=s.EmbeddingsResponse)
+    async def embed_image(self, request: s.ImageRequest) -> Response:
+        return json_response(await self.server.embed_image(request, timm_output="features"))
+
+    @app.post("/infer", response_model=s.TextImageEmbeddingsResponse)
+    async def infer(self, request: s.TextImageRequest) -> Response:
+        return json_response(await self.server.embed(request, timm_output="probabilities"))
+
+    @app.post("/embed", response_model=s.TextImageEmbeddingsResponse)
+    async def embed(self, request: s.TextImageRequest) -> Response:
+        return json_response(await self.server.embed(request, timm_output="features"))
+
+    @app.post("/classify_image", response_model=s.ProbabilitiesResponse)
+    async def classify_image(self, request: s.ImageRequest) -> Response:
+        return json_response(await self.server.classify_image(request))
+
+    # ---- OpenAI-compatible --------------------------------------------------------------
+
+    @app.post("/v1/embeddings", response_model=s.OpenAIEmbeddingResponse)
+    async def openai_embeddings(self, request: s.OpenAIEmbeddingRequest) -> Response:
+        return json_response(await self.server.openai_embeddings(request))
+
+    @app.get("/v1/models", response_model=s.OpenAIModelList)
+    async def openai_models(self) -> Response:
+        return json_response(self.server.openai_models())
+
+
+IngrainBento.add_asgi_middleware(GuardMiddleware, settings=get_settings())
