@@ -12,10 +12,11 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import bentoml  # noqa: E402
 from fastapi import Body, Query  # noqa: E402
-from starlette.responses import Response  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
 from ingrain_bento.http import GuardMiddleware, create_app, json_response  # noqa: E402
+from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, ModelMetrics  # noqa: E402
 from ingrain_bento.refs import Library  # noqa: E402
 from ingrain_bento.server import ModelServer  # noqa: E402
 from ingrain_bento.settings import get_settings  # noqa: E402
@@ -32,7 +33,7 @@ app = create_app()
 @bentoml.asgi_app(app, path="/")
 class IngrainBento:
     def __init__(self) -> None:
-        self.server = ModelServer(get_settings())
+        self.server = ModelServer(get_settings(), ModelMetrics())
 
     def __is_ready__(self) -> bool:
         return self.server is not None
@@ -119,6 +120,11 @@ class IngrainBento:
     async def classify_image(self, request: s.ImageRequest) -> Response:
         return json_response(await self.server.classify_image(request))
 
+    @app.get(JSON_METRICS_PATH)
+    async def ingrain_metrics(self) -> Response:
+        """The Ingrain JSON form of ``GET /metrics`` (what the ingrain clients read)."""
+        return JSONResponse(self.server.metrics.ingrain_json())
+
     # ---- OpenAI-compatible --------------------------------------------------------------
 
     @app.post("/v1/embeddings", response_model=s.OpenAIEmbeddingResponse)
@@ -130,4 +136,5 @@ class IngrainBento:
         return json_response(self.server.openai_models())
 
 
+IngrainBento.add_asgi_middleware(MetricsFormatMiddleware)
 IngrainBento.add_asgi_middleware(GuardMiddleware, settings=get_settings())

@@ -16,12 +16,13 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ingrain_bento.batching import Batcher
 from ingrain_bento.errors import AtCapacity, ModelNotFound
 from ingrain_bento.families import family
 from ingrain_bento.families.base import LoadedModel
+from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel
@@ -61,11 +62,10 @@ def pick_device(settings: Settings) -> "torch.device":
 
 
 class ModelPool:
-    def __init__(self, store: ModelStore, settings: Settings,
-                 on_batch: Callable[[ModelRef, str, int, int], None] | None = None) -> None:
+    def __init__(self, store: ModelStore, settings: Settings, metrics: ModelMetrics | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.on_batch = on_batch
+        self.metrics = metrics
         # One forward at a time per process: torch already uses every core (or the GPU) per forward.
         self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
         self._device: "torch.device | None" = None
@@ -122,6 +122,7 @@ class ModelPool:
             self._reserved.pop(ref, None)
         resident = Resident(model=model, stored=stored)
         self._resident[ref] = resident
+        self._report_resident()
         log.info("pool.load model=%s device=%s bytes=%d seconds=%.2f", ref.display_id, self.device,
                  model.memory_bytes, time.perf_counter() - started)
         return resident
@@ -161,6 +162,7 @@ class ModelPool:
         except TimeoutError:
             log.warning("pool.unload model=%s released with requests still in flight", ref.display_id)
         await asyncio.get_running_loop().run_in_executor(self.forward_executor, resident.model.release)
+        self._report_resident()
         log.info("pool.unload model=%s", ref.display_id)
 
     @asynccontextmanager
@@ -193,14 +195,18 @@ class ModelPool:
             forward = {TEXT_EMBEDDING: model.encode_text, IMAGE_EMBEDDING: model.encode_image,
                        IMAGE_LOGITS: model.classify_image}[task]
             on_batch = None
-            if self.on_batch is not None:
-                hook = self.on_batch
-                on_batch = lambda size, ns: hook(ref, task, size, ns)  # noqa: E731
+            if self.metrics is not None:
+                record = self.metrics.record_batch
+                on_batch = lambda size, ns: record(ref, task, size, ns)  # noqa: E731
             batcher = Batcher(forward, self.forward_executor, max_batch=self.settings.max_batch_size,
                               max_wait_s=self.settings.batch_wait_ms / 1000, merge=self.settings.dynamic_batching,
                               on_batch=on_batch)
             resident.batchers[task] = batcher
         return batcher
+
+    def _report_resident(self) -> None:
+        if self.metrics is not None:
+            self.metrics.record_resident({ref.display_id: r.model.memory_bytes for ref, r in self._resident.items()})
 
     async def close(self) -> None:
         for ref in list(self._resident):

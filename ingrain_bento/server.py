@@ -12,8 +12,9 @@ import base64
 import logging
 import shutil
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Sequence
 
 from ingrain_bento import schemas as s
 from ingrain_bento.errors import BadRequest, Conflict, ModelNotFound, TooLarge
@@ -21,6 +22,7 @@ from ingrain_bento.families import family
 from ingrain_bento.families.base import IMAGE, TEXT, check_safetensors
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.media import ImageLoader
+from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.pool import IMAGE_EMBEDDING, IMAGE_LOGITS, TEXT_EMBEDDING, ModelPool, Resident
 from ingrain_bento.refs import DISPLAY_SEPARATOR, Library, ModelRef, parse_library, split_display_id, validate_name, validate_tag
 from ingrain_bento.settings import Settings
@@ -37,10 +39,11 @@ LOAD_ROUTES = {Library.OPEN_CLIP: "/load_clip_model", Library.SENTENCE_TRANSFORM
 
 
 class ModelServer:
-    def __init__(self, settings: Settings, on_batch: Any = None) -> None:
+    def __init__(self, settings: Settings, metrics: ModelMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.store = ModelStore()
-        self.pool = ModelPool(self.store, settings, on_batch=on_batch)
+        self.pool = ModelPool(self.store, settings, metrics)
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
         self.images = ImageLoader(self.fetcher, settings)
 
@@ -235,6 +238,19 @@ class ModelServer:
                 raise ModelNotFound(f"Model {ref.display_id} is not known to this server: load it first.")
         return ref
 
+    @asynccontextmanager
+    async def _serving(self, request: s.InferenceRequest, route: str) -> AsyncIterator[Resident]:
+        """Hold the requested model for one request, and count the request in the metrics."""
+        ref = self._inference_ref(request)
+        started, ok = time.perf_counter(), False
+        try:
+            async with self.pool.use(ref) as resident:
+                yield resident
+            ok = True
+        finally:
+            if self.metrics is not None:
+                self.metrics.record_request(ref, route, ok, time.perf_counter() - started)
+
     def _check_count(self, items: Sequence[Any], what: str) -> None:
         if len(items) > self.settings.max_items_per_request:
             raise TooLarge(f"{len(items)} {what} in one request, over the cap of "
@@ -293,7 +309,7 @@ class ModelServer:
     async def embed_text(self, request: s.InferenceRequest) -> s.EmbeddingsResponse:
         started = time.perf_counter()
         self._check_texts(request.texts)
-        async with self.pool.use(self._inference_ref(request)) as resident:
+        async with self._serving(request, "embed_text") as resident:
             rows = await self._text_rows(resident, request.texts)
         return s.EmbeddingsResponse.model_construct(
             embeddings=self._embeddings(rows, request.n_dims, request.normalize),
@@ -301,7 +317,7 @@ class ModelServer:
 
     async def embed_image(self, request: s.InferenceRequest, timm_output: TimmImageOutput) -> s.EmbeddingsResponse:
         started = time.perf_counter()
-        async with self.pool.use(self._inference_ref(request)) as resident:
+        async with self._serving(request, "embed_image") as resident:
             rows = await self._image_output(resident, request, timm_output)
         return s.EmbeddingsResponse.model_construct(embeddings=rows,
                                                     processing_time_ms=(time.perf_counter() - started) * 1000)
@@ -310,7 +326,7 @@ class ModelServer:
         started = time.perf_counter()
         self._check_texts(request.texts)
         text_rows = image_rows = None
-        async with self.pool.use(self._inference_ref(request)) as resident:
+        async with self._serving(request, "embed") as resident:
             if request.text is not None:
                 rows = await self._text_rows(resident, request.texts)
                 text_rows = self._embeddings(rows, request.n_dims, request.normalize)
@@ -323,7 +339,7 @@ class ModelServer:
     async def classify_image(self, request: s.InferenceRequest) -> s.ProbabilitiesResponse:
         started = time.perf_counter()
         self._check_count(request.images, "images")
-        async with self.pool.use(self._inference_ref(request)) as resident:
+        async with self._serving(request, "classify_image") as resident:
             if resident.model.ref.library is not Library.TIMM:
                 raise BadRequest(f"{resident.model.ref.display_id} is not a classifier: /classify_image serves timm models.")
             logits = await self._image_rows(resident, request.images, request.image_download_headers, IMAGE_LOGITS)

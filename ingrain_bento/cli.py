@@ -1,0 +1,72 @@
+"""``ingrain-bento pull/list/rm``: fill the BentoML model store ahead of time.
+
+Same code path as the server (``ModelStore.pull``), so a pulled model serves with no
+further download. Download progress bars are huggingface_hub's own (tqdm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from ingrain_bento.errors import IngrainError
+from ingrain_bento.refs import Library, ModelRef
+
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ingrain-bento", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pull = commands.add_parser("pull", help="download a model into the BentoML model store")
+    pull.add_argument("--library", required=True, choices=[lib.value for lib in Library])
+    pull.add_argument("--name", required=True, help="architecture, Hub id, or hf-hub:org/repo")
+    pull.add_argument("--pretrained", default=None, help="pretrained tag (open_clip), true/false (timm)")
+    commands.add_parser("list", help="list the models in the store")
+    rm = commands.add_parser("rm", help="remove a model from the store")
+    rm.add_argument("--name", required=True)
+    rm.add_argument("--pretrained", default=None)
+    rm.add_argument("--library", default=None, choices=[lib.value for lib in Library])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    from rich.console import Console
+    from rich.table import Table
+
+    from ingrain_bento.store import ModelStore
+
+    args = _parser().parse_args(argv)
+    console = Console()
+    store = ModelStore()
+    try:
+        if args.command == "pull":
+            entry = store.pull(ModelRef.parse(args.library, args.name, args.pretrained))
+            console.print(f"[green]Stored[/green] {entry.ref.display_id if entry.ref else entry.name} as {entry.tag} "
+                          f"({entry.size_bytes / 1e6:.1f} MB)")
+        elif args.command == "list":
+            table = Table("id", "library", "pretrained", "store tag", "MB")
+            for entry in store.entries():
+                table.add_row(entry.ref.display_id if entry.ref else entry.name, entry.library.value,
+                              str(entry.pretrained), entry.tag, f"{entry.size_bytes / 1e6:.1f}")
+            console.print(table)
+        else:
+            matches = [e for e in store.entries()
+                       if (args.library in (None, e.library.value)) and e.name == args.name
+                       and (args.pretrained is None or str(e.pretrained).lower() == args.pretrained.lower())]
+            if len(matches) != 1:
+                console.print(f"[red]{len(matches)} stored models match {args.name!r}[/red]: "
+                              "give --pretrained/--library to pick one.")
+                return 1
+            store.delete_tag(matches[0].tag)
+            console.print(f"[green]Removed[/green] {matches[0].tag}")
+    except IngrainError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Per-model metrics, in two forms on one ``GET /metrics``:
+
+- Prometheus series (``prometheus_client``, so BentoML's own ``/metrics`` exposes them beside
+  its request metrics, in its multiprocess mode): requests, items, errors, latency and
+  batch-size histograms, resident models and bytes;
+- the Ingrain JSON ``{"modelStats": [...]}`` (Triton's statistics shape) that the ``ingrain``
+  clients' ``metrics()`` parse. ``MetricsFormatMiddleware`` routes a request that does not
+  ask for Prometheus text to ``/ingrain_metrics``, which answers this form.
+
+prometheus_client is imported when ``ModelMetrics`` is built (in the worker), never at module
+import: BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` after importing the service module.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ingrain_bento.refs import ModelRef
+
+PROMETHEUS_ACCEPT = (b"text/plain", b"application/openmetrics-text")
+JSON_METRICS_PATH = "/ingrain_metrics"
+
+
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def as_ingrain(self) -> dict[str, str]:
+        return {"count": str(self.count), "ns": str(self.ns)}
+
+
+@dataclass
+class _ModelStats:
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    batches: dict[int, _Duration] = field(default_factory=dict)
+
+
+class ModelMetrics:
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self._stats: dict[str, _ModelStats] = {}
+        self.requests = prom.Counter("ingrain_requests", "Inference requests", ["model", "route", "status"])
+        self.items = prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task"])
+        self.latency = prom.Histogram("ingrain_request_latency_seconds", "Inference request latency",
+                                      ["model", "route"])
+        self.batch_size = prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task"],
+                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.forward_seconds = prom.Histogram("ingrain_forward_seconds", "Forward pass time", ["model", "task"])
+        self.resident_models = prom.Gauge("ingrain_resident_models", "Models on the device",
+                                          multiprocess_mode="livesum")
+        self.resident_bytes = prom.Gauge("ingrain_resident_bytes", "Bytes of resident weights", ["model"],
+                                         multiprocess_mode="livesum")
+
+    def _model(self, ref: ModelRef) -> _ModelStats:
+        return self._stats.setdefault(ref.display_id, _ModelStats())
+
+    def record_request(self, ref: ModelRef, route: str, ok: bool, seconds: float) -> None:
+        self.requests.labels(ref.display_id, route, "ok" if ok else "error").inc()
+        self.latency.labels(ref.display_id, route).observe(seconds)
+        stats = self._model(ref)
+        (stats.success if ok else stats.fail).add(int(seconds * 1e9))
+        if ok:
+            stats.last_inference_ms = int(time.time() * 1000)
+
+    def record_batch(self, ref: ModelRef, task: str, size: int, ns: int) -> None:
+        self.items.labels(ref.display_id, task).inc(size)
+        self.batch_size.labels(ref.display_id, task).observe(size)
+        self.forward_seconds.labels(ref.display_id, task).observe(ns / 1e9)
+        stats = self._model(ref)
+        stats.inference_count += size
+        stats.execution_count += 1
+        stats.compute_infer.add(ns)
+        stats.batches.setdefault(size, _Duration()).add(ns)
+
+    def record_resident(self, sizes: dict[str, int]) -> None:
+        self.resident_models.set(len(sizes))
+        self.resident_bytes.clear()
+        for model, size in sizes.items():
+            self.resident_bytes.labels(model).set(size)
+
+    def ingrain_json(self) -> dict[str, Any]:
+        """Ingrain's ``{"modelStats": [...]}``: counts and ns as strings, as Ingrain sends them."""
+        empty = _Duration().as_ingrain()
+        model_stats = []
+        for name, stats in sorted(self._stats.items()):
+            model_stats.append({
+                "name": name,
+                "version": "1",
+                "lastInference": str(stats.last_inference_ms),
+                "inferenceCount": str(stats.inference_count),
+                "executionCount": str(stats.execution_count),
+                "inferenceStats": {
+                    "success": stats.success.as_ingrain(), "fail": stats.fail.as_ingrain(),
+                    "queue": empty, "compute_input": empty,
+                    "compute_infer": stats.compute_infer.as_ingrain(), "compute_output": empty,
+                },
+                "batchStats": [
+                    {"batchSize": str(size), "computeInput": empty, "computeInfer": duration.as_ingrain(),
+                     "computeOutput": empty}
+                    for size, duration in sorted(stats.batches.items())
+                ],
+            })
+        return {"modelStats": model_stats}
+
+
+class MetricsFormatMiddleware:
+    """``GET /metrics`` without a Prometheus ``Accept`` goes to the Ingrain JSON route."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            accept = dict(scope["headers"]).get(b"accept", b"")
+            if not any(kind in accept for kind in PROMETHEUS_ACCEPT):
+                scope = {**scope, "path": JSON_METRICS_PATH, "raw_path": JSON_METRICS_PATH.encode()}
+        await self.app(scope, receive, send)
