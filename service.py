@@ -137,4 +137,4 @@ class IngrainBento:
 
 
 IngrainBento.add_asgi_middleware(MetricsFormatMiddleware)
-IngrainBento.add_asgi_middleware(GuardMiddleware, settings=get_settings())
+IngrainBento.add_asgi_middleware(GuardMiddleware)

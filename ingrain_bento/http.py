@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingrain_bento.errors import IngrainError
 from ingrain_bento.schemas import validation_message
-from ingrain_bento.settings import Settings
+from ingrain_bento.settings import Settings, get_settings
 
 log = logging.getLogger("ingrain_bento.http")
 
@@ -73,7 +73,8 @@ def create_app() -> FastAPI:
 class GuardMiddleware:
     """API key (constant-time compare) and request-body cap, before any route runs."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, max_body_bytes: int = 512 * 1024 * 1024) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings | None = None, max_body_bytes: int = 512 * 1024 * 1024) -> None:
+        settings = settings or get_settings()
         self.app = app
         self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
         self.max_body_bytes = max_body_bytes

@@ -1,0 +1,138 @@
+"""Shared fixtures: an offline Hugging Face cache of tiny real models, a loopback file
+server, the in-process app, and one real ``bentoml serve`` process.
+
+The environment is set here, at import, before anything imports huggingface_hub or
+bentoml: both read their settings (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``BENTOML_HOME``)
+once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="ingrain-tests-"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ["HF_HUB_CACHE"] = str(SESSION_DIR / "hf-cache")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["BENTOML_HOME"] = str(SESSION_DIR / "bentoml-inprocess")
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+os.environ["INGRAIN_ALLOW_PRIVATE_URLS"] = "true"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+
+from fixtures.offline_models import build_custom_files, build_hf_cache, serve_directory  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hub_models() -> dict[str, str]:
+    """Ids of the tiny models in the offline HF cache (see fixtures/offline_models.py)."""
+    return build_hf_cache(Path(os.environ["HF_HUB_CACHE"]))
+
+
+@pytest.fixture(scope="session")
+def custom_files() -> dict[str, Path]:
+    return build_custom_files(SESSION_DIR / "files")
+
+
+@pytest.fixture(scope="session")
+def file_server(custom_files: dict[str, Path]) -> Iterator[object]:
+    """A loopback HTTP server over the custom-model files and test images."""
+    with serve_directory(SESSION_DIR / "files") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client(hub_models: dict[str, str]) -> Iterator[object]:
+    """The whole service in-process (``TestClient(IngrainBento.to_asgi())``)."""
+    from starlette.testclient import TestClient
+
+    import service
+
+    with TestClient(service.IngrainBento.to_asgi()) as test_client:
+        yield test_client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RealServer:
+    """One ``bentoml serve`` process from the repo root, on a free port, with its own store."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "BENTOML_HOME": str(home), **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = home.parent / f"serve-{self.port}.log"
+
+    def start(self, timeout: float = 120.0) -> "RealServer":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port), "--host", "127.0.0.1"],
+            cwd=REPO_ROOT, env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"bentoml serve did not become ready: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def real_server_factory(hub_models: dict[str, str]) -> Iterator[type[RealServer]]:
+    started: list[RealServer] = []
+
+    class Tracked(RealServer):
+        def start(self, timeout: float = 120.0) -> RealServer:
+            started.append(self)
+            return super().start(timeout)
+
+    yield Tracked
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return SESSION_DIR
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    """Print the worst server-vs-library difference per library and modality."""
+    from fixtures.compare import WORST
+
+    if WORST:
+        terminalreporter.section("max abs difference, server vs library (fp32)")  # type: ignore[attr-defined]
+        for key, value in sorted(WORST.items()):
+            terminalreporter.write_line(f"{key:40s} {value:.3e}")  # type: ignore[attr-defined]

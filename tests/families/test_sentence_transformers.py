@@ -1,0 +1,80 @@
+"""sentence-transformers through the server equals ``SentenceTransformer.encode`` itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fixtures.compare import MAX_ABS_DIFF, max_abs_diff
+
+TEXTS = ["The cat sits on the mat.", "A man is playing a guitar.", "", "long " * 2000]
+
+
+def _encode(name_or_path: str, texts: list[str]) -> torch.Tensor:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(name_or_path, device="cpu").encode(texts, convert_to_tensor=True)
+
+
+@pytest.mark.parametrize("key", ["st", "minilm"])
+def test_embeddings_equal_encode(client, hub_models, key):
+    name = hub_models[key]
+    response = client.post("/load_sentence_transformer_model", json={"name": name})
+    assert response.status_code == 200, response.text
+    expected = _encode(name, TEXTS)
+    raw = client.post("/infer_text", json={"name": name, "text": TEXTS, "normalize": False}).json()["embeddings"]
+    assert max_abs_diff(raw, expected, "sentence_transformers text") <= MAX_ABS_DIFF
+    unit = client.post("/embed_text", json={"name": name, "text": TEXTS}).json()["embeddings"]
+    assert max_abs_diff(unit, F.normalize(expected, dim=-1), "sentence_transformers text") <= MAX_ABS_DIFF
+    cut = client.post("/embed_text", json={"name": name, "text": TEXTS, "n_dims": 16}).json()["embeddings"]
+    assert max_abs_diff(cut, F.normalize(expected[:, :16], dim=-1), "sentence_transformers text") <= MAX_ABS_DIFF
+
+
+def test_default_prompt_from_the_config_is_applied(client, hub_models):
+    name = hub_models["st_prompt"]
+    assert client.post("/load_model", json={"name": name, "library": "sentence_transformers"}).status_code == 200
+    got = client.post("/embed_text", json={"name": name, "text": TEXTS[:2], "normalize": False}).json()["embeddings"]
+    assert max_abs_diff(got, _encode(name, TEXTS[:2]), "sentence_transformers text (prompt)") <= MAX_ABS_DIFF
+    from sentence_transformers import SentenceTransformer
+
+    no_prompt = SentenceTransformer(name, device="cpu").encode(TEXTS[:2], prompt="", convert_to_tensor=True)
+    assert not torch.allclose(torch.tensor(got), no_prompt, atol=1e-4), "the prompt changed nothing"
+
+
+def test_embedding_size_and_text_only(client, hub_models, session_dir):
+    name = hub_models["st"]
+    client.post("/load_sentence_transformer_model", json={"name": name})
+    size = client.get("/model_embedding_size", params={"name": name}).json()["embeddingSize"]
+    assert size == _encode(name, ["x"]).shape[1]
+    from fixtures.compare import b64
+
+    response = client.post("/embed_image", json={"name": name, "image": b64(session_dir / "files" / "red.png")})
+    assert response.status_code == 400 and "text model" in response.json()["message"]
+
+
+def test_custom_checkpoint_from_urls(client, file_server, session_dir):
+    files = {
+        "safetensors_url": "model.safetensors", "config_json_url": "config.json", "tokenizer_json_url": "tokenizer.json",
+        "tokenizer_config_json_url": "tokenizer_config.json", "vocab_txt_url": "vocab.txt",
+        "special_tokens_map_json_url": "special_tokens_map.json", "pooling_config_json_url": "pooling_config.json",
+        "sentence_bert_config_json_url": "sentence_bert_config.json", "modules_json_url": "modules.json",
+    }
+    body = {"library": "sentence_transformers", "pretrainedName": "my-st",
+            **{field: f"{file_server.url}/st/{name}" for field, name in files.items()}}
+    missing = {k: v for k, v in body.items() if k != "vocab_txt_url"}
+    response = client.post("/download_custom_model", json=missing)
+    assert response.status_code == 400 and "vocab_txt_url" in response.json()["message"]
+    response = client.post("/download_custom_model", json=body)
+    assert response.status_code == 200, response.text
+    assert client.post("/load_sentence_transformer_model", json={"name": "my-st"}).status_code == 200
+    folder = session_dir / "st-folder"
+    if not folder.exists():
+        (folder / "1_Pooling").mkdir(parents=True)
+        for name in files.values():
+            target = folder / ("1_Pooling/config.json" if name == "pooling_config.json" else name)
+            target.write_bytes((session_dir / "files" / "st" / name).read_bytes())
+    got = client.post("/embed_text", json={"name": "my-st", "text": TEXTS[:2], "normalize": False}).json()
+    assert max_abs_diff(got["embeddings"], _encode(str(folder), TEXTS[:2]), "sentence_transformers text (custom)") \
+        <= MAX_ABS_DIFF
+    assert client.request("DELETE", "/delete_model", json={"name": "my-st"}).status_code == 200

@@ -1,0 +1,257 @@
+"""``Batcher``: per-model dynamic batching.
+
+``await batcher.submit(items)`` returns one row per item, in order. Concurrent requests
+are merged into one forward of at most ``max_batch`` items; a large request is split into
+chunks; a failing forward is retried request by request so one bad request never fails
+its neighbours; ``close()`` drains the queue and refuses new work.
+
+The forward here is a fake: it returns ``[[float(x)] for x in items]`` and records the
+size of every call, so each test can say exactly which forwards ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from ingrain_bento.batching import Batcher
+from ingrain_bento.errors import AtCapacity
+
+POISON = -1
+
+
+class FakeForward:
+    """Rows ``[[float(x)]]`` per item after ``delay_s``; raises on ``POISON``; records call sizes."""
+
+    def __init__(self, delay_s: float = 0.02) -> None:
+        self.delay_s = delay_s
+        self.calls: list[list[int]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, items):
+        with self._lock:
+            self.calls.append(list(items))
+        time.sleep(self.delay_s)
+        if POISON in items:
+            raise ValueError(f"poisoned batch of {len(items)}")
+        return torch.tensor([[float(x)] for x in items])
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(call) for call in self.calls]
+
+
+def values(rows: torch.Tensor) -> list[float]:
+    return rows[:, 0].tolist()
+
+
+def run(scenario, *, timeout: float = 5.0, **batcher_args):
+    """Run ``await scenario(batcher, forward)`` with a fresh batcher on a one-thread executor."""
+    forward = FakeForward(batcher_args.pop("delay_s", 0.02))
+    batcher_args.setdefault("max_batch", 64)
+    batcher_args.setdefault("max_wait_s", 0.005)
+
+    async def main():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(forward, executor, **batcher_args)
+            try:
+                return await asyncio.wait_for(scenario(batcher, forward), timeout)
+            finally:
+                await asyncio.wait_for(batcher.close(), timeout)
+
+    return asyncio.run(main()), forward
+
+
+# ---- one request -------------------------------------------------------------------------
+
+def test_a_single_request_gets_its_rows_in_order():
+    result, forward = run(lambda b, f: b.submit([3, 1, 2]))
+    assert isinstance(result, torch.Tensor)
+    assert values(result) == [3.0, 1.0, 2.0]
+    assert forward.sizes == [3]
+
+
+def test_a_lone_client_does_not_wait_for_company():
+    async def scenario(batcher, forward):
+        started = time.monotonic()
+        await batcher.submit([1])
+        return time.monotonic() - started
+
+    elapsed, _ = run(scenario, max_wait_s=2.0)
+    assert elapsed < 1.0
+
+
+def test_a_request_larger_than_max_batch_is_split_and_reassembled():
+    result, forward = run(lambda b, f: b.submit(list(range(10))), max_batch=4)
+    assert values(result) == [float(x) for x in range(10)]
+    assert forward.sizes == [4, 4, 2]
+    assert forward.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# ---- merging -----------------------------------------------------------------------------
+
+def test_concurrent_single_item_requests_are_merged():
+    async def scenario(batcher, forward):
+        return await asyncio.gather(*(batcher.submit([i]) for i in range(20)))
+
+    results, forward = run(scenario)
+    assert [values(rows) for rows in results] == [[float(i)] for i in range(20)]
+    assert len(forward.calls) < 20
+    assert sum(forward.sizes) == 20
+
+
+def test_staggered_requests_pile_up_behind_a_running_forward():
+    async def submit_later(batcher, i):
+        await asyncio.sleep(0.002 * i)
+        return await batcher.submit([i])
+
+    async def scenario(batcher, forward):
+        return await asyncio.gather(*(submit_later(batcher, i) for i in range(30)))
+
+    results, forward = run(scenario, delay_s=0.02)
+    assert [values(rows) for rows in results] == [[float(i)] for i in range(30)]
+    assert len(forward.calls) <= 15
+    assert max(forward.sizes) > 1
+
+
+def test_under_load_a_forming_batch_waits_up_to_max_wait_for_more():
+    """After a merged batch, the next request waits up to ``max_wait_s`` for company."""
+
+    async def scenario(batcher, forward):
+        await asyncio.gather(batcher.submit([1]), batcher.submit([2]))  # a merged batch: "under load"
+        first = asyncio.create_task(batcher.submit([3]))
+        await asyncio.sleep(0.03)  # well inside max_wait_s
+        second = asyncio.create_task(batcher.submit([4]))
+        return values(await first), values(await second)
+
+    (first, second), forward = run(scenario, max_wait_s=0.3)
+    assert (first, second) == ([3.0], [4.0])
+    assert forward.calls == [[1, 2], [3, 4]]
+
+
+def test_merged_batches_never_exceed_max_batch():
+    sizes = [3, 1, 4, 1, 5, 2, 6, 5, 3, 5]
+
+    async def scenario(batcher, forward):
+        requests = []
+        start = 0
+        for size in sizes:
+            requests.append(list(range(start, start + size)))
+            start += size
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        return requests, results
+
+    (requests, results), forward = run(scenario, max_batch=6)
+    for request, rows in zip(requests, results):
+        assert values(rows) == [float(x) for x in request]
+    assert max(forward.sizes) <= 6
+    assert sum(forward.sizes) == sum(sizes)
+    assert len(forward.calls) < len(sizes)
+
+
+def test_merge_false_runs_each_request_alone():
+    async def scenario(batcher, forward):
+        return await asyncio.gather(*(batcher.submit([i, i + 100]) for i in range(5)))
+
+    results, forward = run(scenario, merge=False)
+    assert [values(rows) for rows in results] == [[float(i), float(i + 100)] for i in range(5)]
+    assert forward.calls == [[i, i + 100] for i in range(5)]
+
+
+def test_stats_and_on_batch_see_every_forward():
+    seen = []
+
+    async def scenario(batcher, forward):
+        await asyncio.gather(*(batcher.submit([i]) for i in range(5)))
+        await batcher.submit(list(range(7)))
+        return batcher.stats
+
+    stats, forward = run(scenario, max_batch=4, on_batch=lambda size, ns: seen.append((size, ns)))
+    assert [size for size, _ in seen] == forward.sizes
+    assert all(ns > 0 for _, ns in seen)
+    assert stats.forwards == len(forward.calls)
+    assert stats.items == 12
+    assert sum(size * count for size, count in stats.batch_sizes.items()) == 12
+
+
+# ---- failures ----------------------------------------------------------------------------
+
+def test_a_poisoned_request_fails_alone_and_its_neighbours_succeed():
+    async def scenario(batcher, forward):
+        return await asyncio.gather(batcher.submit([1, 2]), batcher.submit([POISON]), batcher.submit([3]),
+                                    return_exceptions=True)
+
+    (left, poisoned, right), forward = run(scenario)
+    assert values(left) == [1.0, 2.0]
+    assert values(right) == [3.0]
+    assert isinstance(poisoned, ValueError)
+    assert forward.calls[0] == [1, 2, POISON, 3]  # they really shared a batch
+    assert sorted(forward.calls[1:]) == sorted([[1, 2], [POISON], [3]])  # then each ran alone
+
+
+def test_a_failing_forward_fails_the_request_and_the_batcher_keeps_serving():
+    async def scenario(batcher, forward):
+        with pytest.raises(ValueError, match="poisoned"):
+            await batcher.submit([POISON])
+        return await batcher.submit([5])
+
+    result, forward = run(scenario)
+    assert values(result) == [5.0]
+
+
+def test_a_poisoned_chunk_fails_the_whole_split_request():
+    async def scenario(batcher, forward):
+        with pytest.raises(ValueError):
+            await batcher.submit([1, 2, 3, POISON, 5])
+        return await batcher.submit([6, 7, 8])
+
+    result, forward = run(scenario, max_batch=2)
+    assert values(result) == [6.0, 7.0, 8.0]
+
+
+# ---- close -------------------------------------------------------------------------------
+
+def test_close_finishes_queued_requests_then_refuses_new_ones():
+    async def scenario(batcher, forward):
+        pending = [asyncio.create_task(batcher.submit([i])) for i in range(6)]
+        await asyncio.sleep(0)  # let every request reach the queue
+        await batcher.close()
+        assert sorted(x for call in forward.calls for x in call) == list(range(6))  # all ran before close returned
+        results = [values(rows) for rows in await asyncio.wait_for(asyncio.gather(*pending), 1)]
+        with pytest.raises(AtCapacity) as info:
+            await batcher.submit([99])
+        assert info.value.status_code == 503
+        return results
+
+    results, forward = run(scenario, max_batch=4)
+    assert results == [[float(i)] for i in range(6)]
+    assert 99 not in [x for call in forward.calls for x in call]
+
+
+def test_close_of_an_unused_batcher_returns_at_once():
+    async def scenario(batcher, forward):
+        await batcher.close()
+        with pytest.raises(AtCapacity):
+            await batcher.submit([1])
+
+    _, forward = run(scenario, timeout=1.0)
+    assert forward.calls == []
+
+
+def test_close_while_a_batch_waits_for_company_does_not_hang():
+    async def scenario(batcher, forward):
+        await asyncio.gather(batcher.submit([1]), batcher.submit([2]))  # under load: next batch waits
+        waiting = asyncio.create_task(batcher.submit([3]))
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await batcher.close()
+        return values(await waiting), time.monotonic() - started
+
+    (result, elapsed), _ = run(scenario, max_wait_s=3.0)
+    assert result == [3.0]
+    assert elapsed < 2.0
