@@ -11,6 +11,7 @@ alone, so one bad request never fails its batch neighbours.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from ingrain_bento.errors import AtCapacity
+
+log = logging.getLogger("ingrain_bento.batching")
 
 Item = TypeVar("Item")
 Forward = Callable[[Sequence[Any]], Any]  # items -> tensor with one row per item
@@ -37,6 +40,12 @@ class BatchStats:
     items: int = 0
     forward_ns: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+def _fail(chunks: list[_Chunk[Any]], exc: BaseException) -> None:
+    for chunk in chunks:
+        if not chunk.future.done():
+            chunk.future.set_exception(exc)
 
 
 class Batcher(Generic[Item]):
@@ -78,6 +87,17 @@ class Batcher(Generic[Item]):
             return False
 
     async def _collect(self) -> None:
+        try:
+            await self._collect_forever()
+        except BaseException as exc:
+            # Never leave a caller waiting on a dead collector: fail what is queued, and let
+            # the next submit start a fresh collector.
+            _fail(list(self._pending), exc if isinstance(exc, Exception) else AtCapacity("The batcher stopped."))
+            self._pending.clear()
+            self._task = None
+            raise
+
+    async def _collect_forever(self) -> None:
         while True:
             while not self._pending:
                 if self._closed:
@@ -108,26 +128,30 @@ class Batcher(Generic[Item]):
         started = time.perf_counter_ns()
         try:
             rows = await loop.run_in_executor(self.executor, self.forward, items)
+            if len(rows) != len(items):
+                raise RuntimeError(f"forward returned {len(rows)} rows for {len(items)} items")
         except Exception as exc:
             if len(batch) == 1:
-                if not batch[0].future.done():
-                    batch[0].future.set_exception(exc)
+                _fail([batch[0]], exc)
                 return
             for chunk in batch:  # isolate the failing request from its neighbours
                 await self._run([chunk])
             return
         elapsed = time.perf_counter_ns() - started
-        self.stats.forwards += 1
-        self.stats.items += len(items)
-        self.stats.forward_ns += elapsed
-        self.stats.batch_sizes[len(items)] = self.stats.batch_sizes.get(len(items), 0) + 1
-        if self.on_batch is not None:
-            self.on_batch(len(items), elapsed)
         offset = 0
         for chunk in batch:
             if not chunk.future.done():
                 chunk.future.set_result(rows[offset:offset + len(chunk.items)])
             offset += len(chunk.items)
+        self.stats.forwards += 1
+        self.stats.items += len(items)
+        self.stats.forward_ns += elapsed
+        self.stats.batch_sizes[len(items)] = self.stats.batch_sizes.get(len(items), 0) + 1
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(items), elapsed)
+            except Exception:
+                log.exception("batch metrics callback failed")
 
     async def close(self) -> None:
         """Finish every queued request, then stop; later submits get a 503."""

@@ -83,7 +83,10 @@ class SafeFetcher:
                 response = await self.client.send(request, stream=True)
                 try:
                     if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
+                        target = urljoin(url, response.headers.get("location", ""))
+                        if urlsplit(target).netloc != urlsplit(url).netloc:
+                            headers = None  # the client's headers (credentials) are for the host it named
+                        url = target
                         continue
                     if response.status_code >= 400:
                         raise UpstreamFailed(f"Fetching {url[:200]} failed: the server answered {response.status_code}.")

@@ -27,10 +27,11 @@ def _decode_base64(value: str, index: int, max_bytes: int) -> bytes:
         header, _, value = value.partition(",")
         if ";base64" not in header:
             raise BadRequest(f"Image {index}: data URIs must be base64 encoded ('data:image/png;base64,...').")
-    if len(value) * 3 // 4 > max_bytes:
+    value = "".join(value.split())
+    if len(value) * 3 // 4 - value[-2:].count("=") > max_bytes:
         raise TooLarge(f"Image {index} is over the {max_bytes}-byte cap for one image.")
     try:
-        return base64.b64decode("".join(value.split()), validate=True)
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(
             f"Image {index} is neither an http(s) URL nor valid base64 (or a data:image/...;base64, URI)."

@@ -114,7 +114,7 @@ class ModelPool:
     async def _load(self, ref: ModelRef) -> Resident:
         started = time.perf_counter()
         stored = await asyncio.to_thread(self.store.pull, ref)
-        estimate = stored.size_bytes // (2 if self.half else 1)
+        estimate = int(stored.metadata.get("weights_bytes", stored.size_bytes)) // (2 if self.half else 1)
         await self._make_room(ref, estimate)
         try:
             model = await asyncio.to_thread(family(ref.library).load, stored.path, ref, self.device, self.half)

@@ -46,7 +46,7 @@ def _check_plain(value: str, what: str, pattern: re.Pattern[str]) -> None:
         raise BadRequest(f"The {what} is empty: give a model {what}.")
     if len(value) > MAX_NAME_CHARS:
         raise BadRequest(f"The {what} is longer than {MAX_NAME_CHARS} characters.")
-    if ".." in value or not pattern.match(value):
+    if ".." in value or not pattern.fullmatch(value):
         raise BadRequest(
             f"The {what} {value!r} is not a plain identifier: use letters, digits, '.', '_', '-' "
             "(and one '/' for an org/repo id), without '..', paths or control characters."

@@ -126,6 +126,7 @@ class ModelStore:
                 staged = Path(model.path)
                 metadata = {**(extra_metadata or {}), **write(staged)}
                 metadata["size_bytes"] = _folder_size(staged)
+                metadata["weights_bytes"] = sum(p.stat().st_size for p in staged.rglob("*.safetensors"))
                 model.info.metadata.update(metadata)
         finally:
             if staged is not None:

@@ -31,23 +31,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
-from fixtures.offline_models import build_custom_files, build_hf_cache, serve_directory  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def hub_models() -> dict[str, str]:
     """Ids of the tiny models in the offline HF cache (see fixtures/offline_models.py)."""
+    from fixtures.offline_models import build_hf_cache
+
     return build_hf_cache(Path(os.environ["HF_HUB_CACHE"]))
 
 
 @pytest.fixture(scope="session")
 def custom_files() -> dict[str, Path]:
+    from fixtures.offline_models import build_custom_files
+
     return build_custom_files(SESSION_DIR / "files")
 
 
 @pytest.fixture(scope="session")
 def file_server(custom_files: dict[str, Path]) -> Iterator[object]:
     """A loopback HTTP server over the custom-model files and test images."""
+    from fixtures.offline_models import serve_directory
+
     with serve_directory(SESSION_DIR / "files") as server:
         yield server
 

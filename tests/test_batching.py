@@ -255,3 +255,28 @@ def test_close_while_a_batch_waits_for_company_does_not_hang():
     (result, elapsed), _ = run(scenario, max_wait_s=3.0)
     assert result == [3.0]
     assert elapsed < 2.0
+
+
+def test_a_failing_on_batch_callback_does_not_hang_requests():
+    def broken_metrics(size, ns):
+        raise RuntimeError("metrics broke")
+
+    async def main():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(FakeForward(0.0), executor, max_batch=4, max_wait_s=0.001, on_batch=broken_metrics)
+            outcomes = []
+            for item in (1, 2):
+                try:
+                    outcomes.append(values(await asyncio.wait_for(batcher.submit([item]), 0.5)))
+                except TimeoutError:
+                    outcomes.append("hung")
+                except RuntimeError:
+                    outcomes.append("failed")
+            try:  # close() re-raises what killed the collector: retrieve it here, not at garbage collection
+                await asyncio.wait_for(batcher.close(), 1.0)
+            except Exception:
+                pass
+            return outcomes
+
+    outcomes = asyncio.run(main())
+    assert "hung" not in outcomes

@@ -19,6 +19,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 
 import ingrain_bento.fetch as fetch_module
@@ -113,6 +114,18 @@ def server():
     yield local
     local.httpd.shutdown()
     local.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """A safety net: should a guard regress, the test fails instead of sending traffic elsewhere."""
+    real_send = httpx.AsyncClient.send
+
+    async def send(self, request, **kwargs):
+        assert request.url.host == "127.0.0.1", f"the test tried to reach {request.url}"
+        return await real_send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", send)
 
 
 def run_with(allow_private: bool, use):

@@ -261,8 +261,6 @@ def test_open_clip_pretrained_tags_are_checked_like_names(tag):
         ModelRef.parse("open_clip", "ViT-B-32", tag)
 
 
-@pytest.mark.xfail(strict=True, reason="refs.py: `$` in _NAME_RE/_TAG_RE matches before a trailing "
-                                       "newline, so 'abc\\n' passes as a plain identifier")
 @pytest.mark.parametrize("name, pretrained", [("resnet18\n", None), ("ViT-B-32", "openai\n")],
                          ids=["name", "tag"])
 def test_a_trailing_newline_is_refused(name, pretrained):

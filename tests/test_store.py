@@ -1,0 +1,76 @@
+"""The BentoML model store: one complete entry per model, nothing half-written, restart-safe."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import bentoml
+import pytest
+
+from ingrain_bento.errors import BadRequest, Conflict, ModelNotFound
+from ingrain_bento.refs import Library, ModelRef
+from ingrain_bento.store import COMPLETE_MARKER, ModelStore
+
+
+def test_pull_writes_a_labelled_local_dir_folder_once():
+    store = ModelStore()
+    ref = ModelRef.parse("timm", "test_efficientnet.r160_in1k", False)
+    entry = store.pull(ref)
+    assert (entry.path / "config.json").is_file() and (entry.path / "model.safetensors").is_file()
+    assert (entry.path / COMPLETE_MARKER).is_file()
+    labels = bentoml.models.get(entry.tag).info.labels
+    assert labels["library"] == "timm" and labels["name"] == ref.name and labels["pretrained"] == "false"
+    assert store.pull(ref).tag == entry.tag, "a second pull must not download again"
+    assert ModelStore().find(ref) == entry, "a new process sees the same entry"
+    import timm
+
+    assert timm.create_model(f"local-dir:{entry.path}", pretrained=True).num_classes == 1000
+    store.delete(ref)
+    assert store.find(ref) is None
+
+
+def test_concurrent_pulls_of_one_model_write_one_entry():
+    store = ModelStore()
+    ref = ModelRef.parse("timm", "test_byobnet.r160_in1k", False)
+    tags: list[str] = []
+    threads = [threading.Thread(target=lambda: tags.append(store.pull(ref).tag)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(tags)) == 1
+    assert len(bentoml.models.list(ref.store_name)) == 1
+    store.delete(ref)
+
+
+def test_a_failed_fetch_leaves_nothing_in_the_store():
+    store = ModelStore()
+    ref = ModelRef.parse("timm", "no_such_architecture_at_all")
+    with pytest.raises(ModelNotFound):
+        store.pull(ref)
+    assert store.find(ref) is None
+    with pytest.raises(bentoml.exceptions.NotFound):
+        bentoml.models.list(ref.store_name)
+
+
+def test_a_write_that_fails_midway_leaves_nothing(tmp_path: Path):
+    store = ModelStore()
+
+    def half_written(folder: Path) -> dict:
+        (folder / "custom.safetensors").write_bytes(b"partial")
+        raise BadRequest("interrupted")
+
+    with pytest.raises(BadRequest):
+        store.import_custom(Library.TIMM, "interrupted-model", half_written, {})
+    assert not store.is_taken(Library.TIMM, "interrupted-model")
+
+
+def test_custom_names_are_unique_per_library():
+    store = ModelStore()
+    store.import_custom(Library.TIMM, "unique-name", lambda folder: {}, {"num_classes": 3})
+    with pytest.raises(Conflict):
+        store.import_custom(Library.TIMM, "unique-name", lambda folder: {}, {"num_classes": 3})
+    entry = store.find_unbound(Library.TIMM, "unique-name")
+    assert entry is not None and entry.ref is None and entry.name == entry.pretrained == "unique-name"
+    store.delete_tag(entry.tag)
