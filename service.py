@@ -6,6 +6,7 @@ POST-only and shape errors as a list); BentoML keeps ``/livez``, ``/readyz`` and
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -17,11 +18,13 @@ from starlette.responses import JSONResponse, Response  # noqa: E402
 from ingrain_bento import schemas as s  # noqa: E402
 from ingrain_bento.http import GuardMiddleware, create_app, json_response  # noqa: E402
 from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, ModelMetrics  # noqa: E402
+from ingrain_bento.model_list import read_model_list  # noqa: E402
 from ingrain_bento.refs import Library  # noqa: E402
 from ingrain_bento.server import ModelServer  # noqa: E402
 from ingrain_bento.settings import get_settings  # noqa: E402
 
 app = create_app()
+PRELOAD = read_model_list(get_settings().preload) if get_settings().preload else []
 
 
 @bentoml.service(
@@ -34,9 +37,16 @@ app = create_app()
 class IngrainBento:
     def __init__(self) -> None:
         self.server = ModelServer(get_settings(), ModelMetrics())
+        self.preloading: asyncio.Task[None] | None = None
 
     def __is_ready__(self) -> bool:
-        return self.server is not None
+        """``/readyz`` is 503 until the preload list is resident."""
+        return self.preloading is None or self.preloading.done()
+
+    @bentoml.on_startup
+    async def start_preload(self) -> None:
+        if PRELOAD:
+            self.preloading = asyncio.create_task(self.server.preload(PRELOAD))
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
@@ -135,6 +145,10 @@ class IngrainBento:
     async def openai_models(self) -> Response:
         return json_response(self.server.openai_models())
 
+
+# The service's models are what `bentoml build` bakes into a Bento (BentoML's own mechanism);
+# a Bento serves them from its own model store, with no network.
+IngrainBento.models.extend(bentoml.models.BentoModel(entry.tag) for entry in ModelServer.stored_entries(PRELOAD))
 
 IngrainBento.add_asgi_middleware(MetricsFormatMiddleware)
 IngrainBento.add_asgi_middleware(GuardMiddleware)

@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from ingrain_bento.errors import IngrainError
+from ingrain_bento.model_list import read_model_list
 from ingrain_bento.refs import Library, ModelRef
 
 
@@ -20,8 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ingrain-bento", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     pull = commands.add_parser("pull", help="download a model into the BentoML model store")
-    pull.add_argument("--library", required=True, choices=[lib.value for lib in Library])
-    pull.add_argument("--name", required=True, help="architecture, Hub id, or hf-hub:org/repo")
+    pull.add_argument("--library", choices=[lib.value for lib in Library])
+    pull.add_argument("--name", help="architecture, Hub id, or hf-hub:org/repo")
+    pull.add_argument("--from", dest="model_list", help="pull every model of a models/*.yaml list instead")
     pull.add_argument("--pretrained", default=None, help="pretrained tag (open_clip), true/false (timm)")
     commands.add_parser("list", help="list the models in the store")
     rm = commands.add_parser("rm", help="remove a model from the store")
@@ -43,9 +45,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = ModelStore()
     try:
         if args.command == "pull":
-            entry = store.pull(ModelRef.parse(args.library, args.name, args.pretrained))
-            console.print(f"[green]Stored[/green] {entry.ref.display_id if entry.ref else entry.name} as {entry.tag} "
-                          f"({entry.size_bytes / 1e6:.1f} MB)")
+            if args.model_list:
+                refs = read_model_list(args.model_list)
+            elif args.library and args.name:
+                refs = [ModelRef.parse(args.library, args.name, args.pretrained)]
+            else:
+                console.print("[red]pull needs --library and --name, or --from FILE[/red]")
+                return 2
+            for ref in refs:
+                entry = store.pull(ref)
+                console.print(f"[green]Stored[/green] {ref.display_id} as {entry.tag} ({entry.size_bytes / 1e6:.1f} MB)")
         elif args.command == "list":
             table = Table("id", "library", "pretrained", "store tag", "MB")
             for entry in store.entries():

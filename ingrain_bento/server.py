@@ -47,6 +47,20 @@ class ModelServer:
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
         self.images = ImageLoader(self.fetcher, settings)
 
+    async def preload(self, refs: list[ModelRef]) -> None:
+        """Load each listed model (pulling it once); a failure is logged, not fatal."""
+        for ref in refs:
+            try:
+                await self.pool.load(ref)
+            except Exception:
+                log.exception("server.preload failed model=%s", ref.display_id)
+
+    @staticmethod
+    def stored_entries(refs: list[ModelRef]) -> list[StoredModel]:
+        """The store entries of ``refs`` that exist (for baking into a Bento)."""
+        store = ModelStore()
+        return [entry for entry in (store.find(ref) for ref in refs) if entry is not None]
+
     async def close(self) -> None:
         await self.pool.close()
         await self.fetcher.aclose()

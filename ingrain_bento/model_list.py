@@ -1,0 +1,41 @@
+"""Declarative model lists (``models/*.yaml``): what to preload at start-up and bake into a Bento.
+
+    models:
+      - {library: sentence_transformers, name: intfloat/e5-small-v2}
+      - {library: open_clip, name: ViT-B-32, pretrained: laion2b_s34b_b79k}
+      - {library: timm, name: resnet50.a1_in1k}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from ingrain_bento.refs import ModelRef
+
+
+class ModelListEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    library: str
+    name: str
+    pretrained: Optional[Union[bool, str]] = None
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelListEntry] = []
+
+
+def read_model_list(path: str | Path) -> list[ModelRef]:
+    """The validated models of a YAML list (a bad entry fails loudly, naming the file)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        entries = ModelList.model_validate(data).models
+        return [ModelRef.parse(e.library, e.name, e.pretrained) for e in entries]
+    except Exception as exc:
+        raise ValueError(f"{path}: {exc}") from exc
