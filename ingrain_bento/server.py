@@ -198,8 +198,9 @@ class ModelServer:
             raise Conflict(f"A {library.value} model named {name!r} is already stored: delete it first "
                            "or choose another pretrained_name.")
         files = self._custom_files(library, request)
-        options = {"num_classes": request.num_classes, "mode": request.mode, "mean": request.mean,
-                   "std": request.std, "interpolation": request.interpolation, "resize_mode": request.resize_mode}
+        options = {key: value for key, value in {
+            "num_classes": request.num_classes, "mode": request.mode, "mean": request.mean, "std": request.std,
+            "interpolation": request.interpolation, "resize_mode": request.resize_mode}.items() if value is not None}
         started = time.perf_counter()
         with staging_dir() as scratch:
             root = Path(scratch)

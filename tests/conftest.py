@@ -133,6 +133,18 @@ def session_dir() -> Path:
     return SESSION_DIR
 
 
+@pytest.fixture(scope="session")
+def files_dir(custom_files: dict[str, Path]) -> Path:
+    """The folder of test images and custom-model files (built on first use)."""
+    return SESSION_DIR / "files"
+
+
+def pytest_sessionfinish(session: object, exitstatus: int) -> None:
+    import shutil
+
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
 def pytest_terminal_summary(terminalreporter: object) -> None:
     """Print the worst server-vs-library difference per library and modality."""
     from fixtures.compare import WORST

@@ -67,11 +67,11 @@ def test_health_answers_both_clients(seed, current):
     assert current.health()[1].message == "The model server is running."
 
 
-def test_seed_client_loads_every_library_and_infers(seed, hub_models, session_dir):
+def test_seed_client_loads_every_library_and_infers(seed, hub_models, files_dir):
     clip = seed.load_clip_model(name=hub_models["clip_hub"])
     st = seed.load_sentence_transformer_model(name=hub_models["st"])
     timm_model = seed.load_timm_model(name=hub_models["timm"])
-    image = b64(session_dir / "files" / "red.png")
+    image = b64(files_dir / "red.png")
 
     texts = ["first text", "second text"]
     got = st.infer_text(text=texts)["embeddings"]
@@ -89,7 +89,7 @@ def test_seed_client_loads_every_library_and_infers(seed, hub_models, session_di
     assert states[hub_models["st"]] == "READY"
 
 
-def test_current_client_covers_its_calls(current, hub_models, session_dir):
+def test_current_client_covers_its_calls(current, hub_models, files_dir):
     name = hub_models["minilm"]
     model = current.load_model(name=name, library="sentence_transformers")
     texts = ["a query about cats", "an answer about dogs"]
@@ -102,7 +102,7 @@ def test_current_client_covers_its_calls(current, hub_models, session_dir):
 
     timm_name = hub_models["timm"]
     current.load_model(name=timm_name, library="timm")
-    image = b64(session_dir / "files" / "red.png")
+    image = b64(files_dir / "red.png")
     probs = current.classify_image(name=timm_name, image=[image]).probabilities
     labels = current.model_classification_labels(name=timm_name).labels
     assert len(probs[0]) == len(labels) == 1000

@@ -31,8 +31,13 @@ CUSTOM_FILES = {
 }
 
 
+def _dimension(model: Any) -> int:
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(getter())
+
+
 def _describe(model: Any) -> dict[str, Any]:
-    return {"embedding_size": int(model.get_sentence_embedding_dimension()), "modalities": [TEXT]}
+    return {"embedding_size": int(_dimension(model)), "modalities": [TEXT]}
 
 
 def fetch(ref: ModelRef, folder: Path) -> dict[str, Any]:
@@ -62,7 +67,7 @@ class SentenceTransformerModel(LoadedModel):
 
         model = SentenceTransformer(str(folder), device=str(device))
         super().__init__(ref, model, device, half)
-        self._size = int(model.get_sentence_embedding_dimension())
+        self._size = int(_dimension(model))
 
     @property
     def embedding_size(self) -> int:

@@ -49,9 +49,9 @@ def test_n_dims_truncates_then_normalizes(client, tiny_clip):
     assert torch.allclose(torch.tensor(got).norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_image_embeddings_equal_open_clip_for_every_format(client, tiny_clip, session_dir: Path):
+def test_image_embeddings_equal_open_clip_for_every_format(client, tiny_clip, files_dir):
     name, model, preprocess, _ = tiny_clip
-    paths = [session_dir / "files" / f for f in IMAGES]
+    paths = [files_dir / f for f in IMAGES]
     with torch.inference_mode():
         raw = model.encode_image(torch.stack([preprocess(pil(p)) for p in paths]))
     for normalize in (True, False):
@@ -61,9 +61,9 @@ def test_image_embeddings_equal_open_clip_for_every_format(client, tiny_clip, se
         assert max_abs_diff(got, expected, "open_clip image") <= MAX_ABS_DIFF
 
 
-def test_image_urls_and_data_uris_give_the_same_rows(client, tiny_clip, file_server, session_dir: Path):
+def test_image_urls_and_data_uris_give_the_same_rows(client, tiny_clip, file_server, files_dir):
     name = tiny_clip[0]
-    red = session_dir / "files" / "red.png"
+    red = files_dir / "red.png"
     by_b64 = client.post("/embed_image", json={"name": name, "image": b64(red)}).json()["embeddings"]
     by_uri = client.post("/embed_image", json={"name": name, "image": data_uri(red, "image/png")}).json()
     by_url = client.post("/embed_image", json={
@@ -75,9 +75,9 @@ def test_image_urls_and_data_uris_give_the_same_rows(client, tiny_clip, file_ser
     assert any(h.get("X-Ingrain-Test") == "yes" for h in sent)
 
 
-def test_infer_returns_text_and_image_rows_in_order(client, tiny_clip, session_dir: Path):
+def test_infer_returns_text_and_image_rows_in_order(client, tiny_clip, files_dir):
     name = tiny_clip[0]
-    red = b64(session_dir / "files" / "red.png")
+    red = b64(files_dir / "red.png")
     both = client.post("/infer", json={"name": name, "text": TEXTS[:2], "image": [red, red]}).json()
     text = client.post("/infer_text", json={"name": name, "text": TEXTS[:2]}).json()["embeddings"]
     image = client.post("/infer_image", json={"name": name, "image": red}).json()["embeddings"]
@@ -113,7 +113,7 @@ def test_unknown_tag_is_a_404_naming_known_tags(client, hub_models):
     assert hub_models["clip_tag"] in response.json()["message"]
 
 
-def test_custom_checkpoint_downloads_then_binds_to_an_architecture(client, hub_models, file_server, session_dir):
+def test_custom_checkpoint_downloads_then_binds_to_an_architecture(client, hub_models, file_server, files_dir):
     arch = hub_models["clip_custom_arch"]
     body = {"library": "open_clip", "pretrained_name": "my-clip", "safetensors_url": f"{file_server.url}/clip.safetensors"}
     response = client.post("/download_custom_model", json=body)
@@ -124,7 +124,7 @@ def test_custom_checkpoint_downloads_then_binds_to_an_architecture(client, hub_m
     assert ("my-clip", "my-clip") in listed
 
     assert client.post("/load_clip_model", json={"name": arch, "pretrained": "my-clip"}).status_code == 200
-    model, _, tokenizer = _library(arch, str(session_dir / "files" / "clip.safetensors"))
+    model, _, tokenizer = _library(arch, str(files_dir / "clip.safetensors"))
     with torch.inference_mode():
         expected = F.normalize(model.encode_text(tokenizer(TEXTS[:2])), dim=-1)
     got = client.post("/embed_text", json={"name": f"{arch}::my-clip", "text": TEXTS[:2]}).json()["embeddings"]

@@ -42,18 +42,18 @@ def test_default_prompt_from_the_config_is_applied(client, hub_models):
     assert not torch.allclose(torch.tensor(got), no_prompt, atol=1e-4), "the prompt changed nothing"
 
 
-def test_embedding_size_and_text_only(client, hub_models, session_dir):
+def test_embedding_size_and_text_only(client, hub_models, files_dir):
     name = hub_models["st"]
     client.post("/load_sentence_transformer_model", json={"name": name})
     size = client.get("/model_embedding_size", params={"name": name}).json()["embeddingSize"]
     assert size == _encode(name, ["x"]).shape[1]
     from fixtures.compare import b64
 
-    response = client.post("/embed_image", json={"name": name, "image": b64(session_dir / "files" / "red.png")})
+    response = client.post("/embed_image", json={"name": name, "image": b64(files_dir / "red.png")})
     assert response.status_code == 400 and "text model" in response.json()["message"]
 
 
-def test_custom_checkpoint_from_urls(client, file_server, session_dir):
+def test_custom_checkpoint_from_urls(client, file_server, session_dir, files_dir):
     files = {
         "safetensors_url": "model.safetensors", "config_json_url": "config.json", "tokenizer_json_url": "tokenizer.json",
         "tokenizer_config_json_url": "tokenizer_config.json", "vocab_txt_url": "vocab.txt",
@@ -68,12 +68,9 @@ def test_custom_checkpoint_from_urls(client, file_server, session_dir):
     response = client.post("/download_custom_model", json=body)
     assert response.status_code == 200, response.text
     assert client.post("/load_sentence_transformer_model", json={"name": "my-st"}).status_code == 200
-    folder = session_dir / "st-folder"
-    if not folder.exists():
-        (folder / "1_Pooling").mkdir(parents=True)
-        for name in files.values():
-            target = folder / ("1_Pooling/config.json" if name == "pooling_config.json" else name)
-            target.write_bytes((session_dir / "files" / "st" / name).read_bytes())
+    from fixtures.offline_models import assemble_st_folder
+
+    folder = assemble_st_folder(files_dir / "st", session_dir / "st-folder")
     got = client.post("/embed_text", json={"name": "my-st", "text": TEXTS[:2], "normalize": False}).json()
     assert max_abs_diff(got["embeddings"], _encode(str(folder), TEXTS[:2]), "sentence_transformers text (custom)") \
         <= MAX_ABS_DIFF

@@ -20,12 +20,12 @@ def _library(name: str, **kwargs: object) -> tuple[torch.nn.Module, object]:
 
 
 @pytest.fixture(scope="module")
-def timm_model(client, hub_models, session_dir):
+def timm_model(client, hub_models, files_dir):
     name = hub_models["timm"]
     response = client.post("/load_timm_model", json={"name": name})
     assert response.status_code == 200, response.text
     model, transform = _library(name, pretrained=True)
-    paths = [session_dir / "files" / f for f in IMAGES]
+    paths = [files_dir / f for f in IMAGES]
     pixels = torch.stack([transform(pil(p)) for p in paths])
     return name, model, pixels, [b64(p) for p in paths]
 
@@ -76,7 +76,7 @@ def test_hf_hub_name_loads_the_same_weights(client, hub_models, timm_model):
     assert max_abs_diff(a, b, "timm probabilities") <= MAX_ABS_DIFF
 
 
-def test_custom_checkpoint_with_num_classes(client, file_server, session_dir):
+def test_custom_checkpoint_with_num_classes(client, file_server, files_dir):
     body = {"library": "timm", "pretrained_name": "my-timm", "safetensors_url": f"{file_server.url}/timm.safetensors"}
     assert client.post("/download_custom_model", json=body).status_code == 400  # num_classes missing
     assert client.post("/download_custom_model", json={**body, "num_classes": 7}).status_code == 200
@@ -85,8 +85,8 @@ def test_custom_checkpoint_with_num_classes(client, file_server, session_dir):
     import safetensors.torch
 
     model, transform = _library("test_resnet", num_classes=7)
-    model.load_state_dict(safetensors.torch.load_file(str(session_dir / "files" / "timm.safetensors")))
-    image = session_dir / "files" / "red.png"
+    model.load_state_dict(safetensors.torch.load_file(str(files_dir / "timm.safetensors")))
+    image = files_dir / "red.png"
     with torch.inference_mode():
         expected = model(transform(pil(image)).unsqueeze(0)).softmax(-1)
     got = client.post("/classify_image", json={"name": "test_resnet::my-timm", "image": b64(image)}).json()
