@@ -32,6 +32,12 @@ PRELOAD = read_model_list(get_settings().preload) if get_settings().preload else
     http={"port": int(os.environ.get("INGRAIN_PORT", "8687"))},
     workers=1,  # models live in the worker's memory: one worker per device, scale with replicas
     traffic={"timeout": 600, "concurrency": 256},
+    # One access-log line per request costs measurable CPU at high request rates; management
+    # actions are always logged by ingrain_bento. INGRAIN_ACCESS_LOG=true turns it back on.
+    logging={"access": {"enabled": get_settings().access_log}},
+    # BentoML's OpenTelemetry middleware costs ~10% of the event loop per request even with no
+    # exporter; it runs only when INGRAIN_TRACING=true (then configure BentoML's tracing exporter).
+    tracing={} if get_settings().tracing else {"excluded_urls": ".*"},
 )
 @bentoml.asgi_app(app, path="/")
 class IngrainBento:

@@ -76,7 +76,9 @@ def loadgen(url: str, bodies: list[dict], concurrency: int) -> dict:
     payloads = WORK / "payloads.json"
     payloads.write_text(json.dumps(bodies))
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--payloads",
-                          str(payloads), "--concurrency", str(concurrency)], capture_output=True, text=True, check=True)
+                          str(payloads), "--concurrency", str(concurrency)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -62,7 +62,8 @@ class Batcher(Generic[Item]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._last_batch_chunks = 1
+        self._last_arrival = 0.0
+        self._arrival_gap = float("inf")  # moving average of the time between submits
 
     async def submit(self, items: Sequence[Item]) -> Any:
         """Rows for ``items``, in order (a torch tensor, concatenated across chunks)."""
@@ -72,6 +73,11 @@ class Batcher(Generic[Item]):
             raise AtCapacity("The model was unloaded while this request waited: send it again.")
         if self._task is None:
             self._task = asyncio.create_task(self._collect())
+        now = time.monotonic()
+        if self._last_arrival:
+            gap = now - self._last_arrival
+            self._arrival_gap = gap if self._arrival_gap == float("inf") else 0.8 * self._arrival_gap + 0.2 * gap
+        self._last_arrival = now
         chunks = [_Chunk(items[i:i + self.max_batch]) for i in range(0, len(items), self.max_batch)]
         self._pending.extend(chunks)
         self._wakeup.set()
@@ -106,9 +112,10 @@ class Batcher(Generic[Item]):
                 await self._wakeup.wait()
             batch = [self._pending.popleft()]
             size = len(batch[0].items)
-            # Wait for company only under load: a lone client (last batch was one request)
-            # gets its forward at once instead of paying max_wait on every call.
-            deadline = time.monotonic() + (self.max_wait_s if self._last_batch_chunks > 1 else 0.0)
+            # Wait for company only while requests arrive faster than the wait window: a lone
+            # client gets its forward at once instead of paying max_wait on every call.
+            under_load = self._arrival_gap < self.max_wait_s
+            deadline = time.monotonic() + (self.max_wait_s if under_load else 0.0)
             while self.merge and size < self.max_batch:
                 if self._pending:
                     if size + len(self._pending[0].items) > self.max_batch:
@@ -119,7 +126,6 @@ class Batcher(Generic[Item]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed or not await self._wait_for_more(remaining):
                     break
-            self._last_batch_chunks = len(batch)
             await self._run(batch)
 
     async def _run(self, batch: list[_Chunk[Item]]) -> None:

@@ -56,6 +56,8 @@ class Resident:
 def pick_device(settings: Settings) -> "torch.device":
     import torch
 
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     if settings.device:
         return torch.device(settings.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
                                    description="Merge concurrent requests into one forward per model.")
     batch_wait_ms: float = Field(2.0, ge=0, validation_alias=_env("INGRAIN_BATCH_WAIT_MS"),
                                  description="How long a forming batch waits for more requests.")
+    torch_threads: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_TORCH_THREADS"),
+                                      description="torch intra-op threads (default: torch's, one per core).")
     fp16_enabled: bool = Field(True, validation_alias=_env("FP16_ENABLED"),
                                description="Half-precision weights on CUDA (CPU always runs fp32).")
     device: str | None = Field(None, validation_alias=_env("INGRAIN_DEVICE"),
@@ -57,6 +59,10 @@ class Settings(BaseSettings):
                                     description="Bytes of one custom-model file at most (413 above).")
     download_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("INGRAIN_DOWNLOAD_TIMEOUT_S"),
                                       description="Timeout for one custom-model file download.")
+    access_log: bool = Field(False, validation_alias=_env("INGRAIN_ACCESS_LOG"),
+                             description="BentoML's per-request access log (management actions are always logged).")
+    tracing: bool = Field(False, validation_alias=_env("INGRAIN_TRACING"),
+                          description="BentoML's OpenTelemetry tracing middleware (off: no per-request spans).")
     preload: str | None = Field(None, validation_alias=_env("INGRAIN_PRELOAD"),
                                 description="Path of a models/*.yaml list to pull and load at start-up.")
 

@@ -120,10 +120,10 @@ def test_staggered_requests_pile_up_behind_a_running_forward():
 
 
 def test_under_load_a_forming_batch_waits_up_to_max_wait_for_more():
-    """After a merged batch, the next request waits up to ``max_wait_s`` for company."""
+    """While requests arrive faster than ``max_wait_s``, a forming batch waits that long for company."""
 
     async def scenario(batcher, forward):
-        await asyncio.gather(batcher.submit([1]), batcher.submit([2]))  # a merged batch: "under load"
+        await asyncio.gather(batcher.submit([1]), batcher.submit([2]))  # back-to-back arrivals: "under load"
         first = asyncio.create_task(batcher.submit([3]))
         await asyncio.sleep(0.03)  # well inside max_wait_s
         second = asyncio.create_task(batcher.submit([4]))
