@@ -16,7 +16,7 @@ from fastapi import Body, Query  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
-from ingrain_bento.http import GuardMiddleware, create_app, json_response  # noqa: E402
+from ingrain_bento.http import GuardMiddleware, add_fallback_route, create_app, json_response  # noqa: E402
 from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, ModelMetrics  # noqa: E402
 from ingrain_bento.model_list import read_model_list  # noqa: E402
 from ingrain_bento.refs import Library  # noqa: E402
@@ -151,6 +151,8 @@ class IngrainBento:
     async def openai_models(self) -> Response:
         return json_response(self.server.openai_models())
 
+
+add_fallback_route(app)
 
 # The service's models are what `bentoml build` bakes into a Bento (BentoML's own mechanism);
 # a Bento serves them from its own model store, with no network.

@@ -20,9 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ingrain_bento.errors import IngrainError
+from ingrain_bento.errors import IngrainError, TooLarge
 from ingrain_bento.schemas import validation_message
 from ingrain_bento.settings import Settings, get_settings
 
@@ -57,6 +57,8 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, IngrainError):  # FastAPI wraps errors raised while reading the body
+            return await _ingrain_error(request, exc.__cause__)
         message = {404: f"No route {request.method} {request.url.path}: see the API docs.",
                    405: f"{request.method} is not allowed on {request.url.path}."}.get(exc.status_code, str(exc.detail))
         return error_response(request.url.path, exc.status_code, message)
@@ -70,14 +72,33 @@ def create_app() -> FastAPI:
     return app
 
 
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def add_fallback_route(app: FastAPI) -> None:
+    """Register last: an unknown path is a JSON 404, a known path with the wrong method a 405
+    (without it, the mounted app's miss falls through to BentoML's plain-text 404)."""
+    from starlette.routing import Match
+
+    async def fallback(request: Request) -> Response:
+        for route in app.routes:
+            if getattr(route, "endpoint", None) is fallback or not hasattr(route, "matches"):
+                continue
+            if route.matches(request.scope)[0] is Match.PARTIAL:
+                raise StarletteHTTPException(405)
+        raise StarletteHTTPException(404)
+
+    app.add_api_route("/{path:path}", fallback, methods=ALL_METHODS, include_in_schema=False)
+
+
 class GuardMiddleware:
     """API key (constant-time compare) and request-body cap, before any route runs."""
 
-    def __init__(self, app: ASGIApp, settings: Settings | None = None, max_body_bytes: int = 512 * 1024 * 1024) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings | None = None) -> None:
         settings = settings or get_settings()
         self.app = app
         self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = settings.max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,12 +112,24 @@ class GuardMiddleware:
                 await self._reject(scope, receive, send, path, 401,
                                    "Missing or wrong API key: send 'Authorization: Bearer <key>'.")
                 return
+        too_large = f"The request body is over the {self.max_body_bytes}-byte cap: split the request."
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await self._reject(scope, receive, send, path, 413,
-                               f"The request body is over the {self.max_body_bytes}-byte cap: split the request.")
+            await self._reject(scope, receive, send, path, 413, too_large)
             return
-        await self.app(scope, receive, send)
+        received = 0
+
+        async def capped_receive() -> Message:
+            """Counts a body sent without (or with a false) Content-Length; the route answers 413."""
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise TooLarge(too_large)
+            return message
+
+        await self.app(scope, capped_receive, send)
 
     @staticmethod
     async def _reject(scope: Scope, receive: Receive, send: Send, path: str, status: int, message: str) -> None:

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
                                 description="When set, required as `Authorization: Bearer <key>`.")
     allow_private_urls: bool = Field(False, validation_alias=_env("INGRAIN_ALLOW_PRIVATE_URLS"),
                                      description="Let URL fetches reach loopback/private/link-local addresses.")
+    max_request_bytes: int = Field(512 * 1024 * 1024, ge=1, validation_alias=_env("INGRAIN_MAX_REQUEST_BYTES"),
+                                   description="Bytes of one request body at most (413 above).")
     max_items_per_request: int = Field(2048, ge=1, validation_alias=_env("INGRAIN_MAX_ITEMS"),
                                        description="Texts or images in one request at most (413 above).")
     max_text_chars: int = Field(100_000, ge=1, validation_alias=_env("INGRAIN_MAX_TEXT_CHARS"),

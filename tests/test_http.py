@@ -1,0 +1,105 @@
+"""HTTP concerns around every route: the API key, the request-size cap, and the error shapes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+
+from fixtures.clients import ingrain_007, ingrain_023
+
+KEY = "s3cret-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_url(hub_models) -> Iterator[str]:
+    """The service with INGRAIN_API_KEY set, on a real socket (uvicorn in a thread), so the
+    pycurl-based ingrain clients can reach it."""
+    import uvicorn
+
+    import service
+    from conftest import free_port
+    from ingrain_bento.settings import get_settings
+
+    os.environ["INGRAIN_API_KEY"] = KEY
+    os.environ["INGRAIN_MAX_REQUEST_BYTES"] = "100000"
+    get_settings.cache_clear()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(service.IngrainBento.to_asgi(), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        del os.environ["INGRAIN_API_KEY"], os.environ["INGRAIN_MAX_REQUEST_BYTES"]
+        get_settings.cache_clear()
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize("path", ["/health", "/livez", "/readyz"])
+def test_probes_need_no_key(keyed_url, path):
+    assert httpx.get(f"{keyed_url}{path}").status_code == 200
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/loaded_models"), ("GET", "/repository_models"),
+                                         ("POST", "/embed_text"), ("DELETE", "/delete_model"),
+                                         ("GET", "/metrics"), ("POST", "/download_custom_model")])
+def test_every_other_route_needs_the_key(keyed_url, method, path):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        response = httpx.request(method, f"{keyed_url}{path}", headers=headers, json={})
+        assert response.status_code == 401 and "API key" in response.json()["message"]
+    assert httpx.request(method, f"{keyed_url}{path}", headers=AUTH, json={}).status_code != 401
+
+
+def test_openai_routes_answer_in_openais_error_shape(keyed_url):
+    body = httpx.get(f"{keyed_url}/v1/models").json()
+    assert body["error"]["type"] == "authentication_error" and body["error"]["code"] == 401
+    missing = httpx.post(f"{keyed_url}/v1/embeddings", headers=AUTH, json={"model": "nope", "input": "x"})
+    assert missing.status_code == 404 and "message" in missing.json()["error"]
+
+
+def test_both_ingrain_clients_send_the_key_through_their_header_argument(keyed_url):
+    header = ["Content-Type: application/json", f"Authorization: Bearer {KEY}"]
+    seed = ingrain_007().Client(inference_server_url=keyed_url, model_server_url=keyed_url, header=header)
+    assert "models" in seed.loaded_models()
+    current = ingrain_023().Client(inference_server_url=keyed_url, model_server_url=keyed_url, header=header)
+    assert isinstance(current.repository_models().models, list)
+    keyless = ingrain_023().Client(inference_server_url=keyed_url, model_server_url=keyed_url)
+    with pytest.raises(Exception) as error:
+        keyless.loaded_models()
+    assert error.value.status_code == 401
+
+
+def test_a_body_over_the_cap_is_a_413_with_or_without_content_length(keyed_url):
+    big = b'{"name": "x", "text": "' + b"a" * 200_000 + b'"}'
+    declared = httpx.post(f"{keyed_url}/embed_text", headers={**AUTH, "content-type": "application/json"}, content=big)
+    assert declared.status_code == 413
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(big), 10_000):
+            yield big[start:start + 10_000]
+
+    chunked = httpx.post(f"{keyed_url}/embed_text", headers={**AUTH, "content-type": "application/json"},
+                         content=chunks())
+    assert chunked.status_code == 413 and "cap" in chunked.json()["message"]
+    assert httpx.get(f"{keyed_url}/health").status_code == 200
+
+
+def test_unknown_routes_and_methods_get_a_json_message(keyed_url):
+    missing = httpx.get(f"{keyed_url}/no_such_route", headers=AUTH)
+    assert missing.status_code == 404 and "No route" in missing.json()["message"]
+    wrong = httpx.get(f"{keyed_url}/load_model", headers=AUTH)
+    assert wrong.status_code == 405 and "not allowed" in wrong.json()["message"]
