@@ -16,7 +16,8 @@ from fastapi import Body, Query  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
-from ingrain_bento.http import GuardMiddleware, add_fallback_route, create_app, json_response  # noqa: E402
+from ingrain_bento.http import (  # noqa: E402
+    GuardMiddleware, add_fallback_route, configure_logging, create_app, json_response)
 from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, ModelMetrics  # noqa: E402
 from ingrain_bento.model_list import read_model_list  # noqa: E402
 from ingrain_bento.refs import Library  # noqa: E402
@@ -29,7 +30,7 @@ PRELOAD = read_model_list(get_settings().preload) if get_settings().preload else
 
 @bentoml.service(
     name="ingrain-bento",
-    http={"port": int(os.environ.get("INGRAIN_PORT", "8687"))},
+    http={"port": get_settings().port},
     workers=1,  # models live in the worker's memory: one worker per device, scale with replicas
     traffic={"timeout": 600, "concurrency": 256},
     # One access-log line per request costs measurable CPU at high request rates; management
@@ -42,6 +43,7 @@ PRELOAD = read_model_list(get_settings().preload) if get_settings().preload else
 @bentoml.asgi_app(app, path="/")
 class IngrainBento:
     def __init__(self) -> None:
+        configure_logging()
         self.server = ModelServer(get_settings(), ModelMetrics())
         self.preloading: asyncio.Task[None] | None = None
 

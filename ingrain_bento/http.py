@@ -31,6 +31,16 @@ log = logging.getLogger("ingrain_bento.http")
 OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz"})
 
 
+def configure_logging() -> None:
+    """Send ``ingrain_bento.*`` key=value lines (management actions) through BentoML's handlers."""
+    ours = logging.getLogger("ingrain_bento")
+    ours.setLevel(logging.INFO)
+    if not ours.handlers:
+        for handler in logging.getLogger("bentoml").handlers or logging.getLogger().handlers:
+            ours.addHandler(handler)
+        ours.propagate = not ours.handlers
+
+
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
 

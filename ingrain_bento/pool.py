@@ -157,6 +157,7 @@ class ModelPool:
         resident = self._resident.pop(ref, None)
         if resident is None:
             raise ModelNotFound(f"{ref.display_id} is not loaded.")
+        started = time.perf_counter()
         for batcher in resident.batchers.values():
             await batcher.close()
         try:
@@ -165,7 +166,8 @@ class ModelPool:
             log.warning("pool.unload model=%s released with requests still in flight", ref.display_id)
         await asyncio.get_running_loop().run_in_executor(self.forward_executor, resident.model.release)
         self._report_resident()
-        log.info("pool.unload model=%s", ref.display_id)
+        log.info("pool.unload model=%s bytes=%d seconds=%.2f", ref.display_id, resident.model.memory_bytes,
+                 time.perf_counter() - started)
 
     @asynccontextmanager
     async def use(self, ref: ModelRef) -> AsyncIterator[Resident]:

@@ -115,10 +115,12 @@ class ModelServer:
 
     async def delete(self, request: s.ModelRequest) -> s.MessageResponse:
         ref = self._resolve_stored(request)
+        started = time.perf_counter()
         if self.pool.get(ref) is not None:
             await self.pool.unload(ref)
         entry = await asyncio.to_thread(self.store.delete, ref)
-        log.info("server.delete model=%s tag=%s", ref.display_id, entry.tag)
+        log.info("server.delete model=%s tag=%s bytes=%d seconds=%.2f", ref.display_id, entry.tag, entry.size_bytes,
+                 time.perf_counter() - started)
         return s.MessageResponse(message=f"Model {ref.display_id} deleted successfully.")
 
     def _resolve_stored(self, request: s.ModelRequest) -> ModelRef:

@@ -21,6 +21,8 @@ def _env(name: str) -> AliasChoices:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
+    port: int = Field(8687, ge=1, le=65535, validation_alias=_env("INGRAIN_PORT"),
+                      description="Default port of `bentoml serve` (`--port` overrides it).")
     max_loaded_models: int = Field(5, ge=1, validation_alias=_env("MAX_LOADED_MODELS"),
                                    description="Resident models at most (Ingrain's default 5).")
     max_batch_size: int = Field(64, ge=1, validation_alias=_env("MAX_BATCH_SIZE"),
