@@ -24,6 +24,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,8 @@ class Server:
         return response.json()
 
     def stop(self) -> None:
+        """Stop the server; its workers too, should one outlive the arbiter (a busy worker can)."""
+        workers = descendants(self.process.pid)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -94,9 +97,14 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
-def children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every descendant of ``pid`` (from /proc/<pid>/task/*/children)."""
     found, todo = [], [pid]
     while todo:
@@ -114,7 +122,7 @@ def children(pid: int) -> list[int]:
 def worker_pid(server_pid: int, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for pid in children(server_pid):
+        for pid in descendants(server_pid):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:

@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,8 @@ class Server:
         return response.json()
 
     def stop(self) -> None:
+        """Stop the server; its workers too, should one outlive the arbiter (a busy worker can)."""
+        workers = descendants(self.process.pid)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -103,27 +106,38 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc/<pid>/task/*/children)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(kids)
+            todo.extend(kids)
+    return found
 
 
 def worker_pid(server_pid: int, timeout: float = 30.0) -> int:
     """The descendant of the server whose cmdline contains ``_bentoml_impl.worker``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        todo = [server_pid]
-        while todo:
-            parent = todo.pop()
-            for task in Path(f"/proc/{parent}/task").glob("*"):
-                try:
-                    kids = [int(k) for k in (task / "children").read_text().split()]
-                except OSError:
-                    continue
-                for pid in kids:
-                    try:
-                        if b"_bentoml_impl.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                            return pid
-                    except OSError:
-                        continue
-                todo.extend(kids)
+        for pid in descendants(server_pid):
+            try:
+                if b"_bentoml_impl.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                continue
         time.sleep(0.5)
     raise RuntimeError("no BentoML worker process (cmdline with _bentoml_impl.worker) under the server")
 

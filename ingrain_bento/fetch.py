@@ -34,7 +34,11 @@ def _is_public(address: str) -> bool:
 
 async def check_url(url: str, allow_private: bool) -> None:
     """Raise 400 unless ``url`` is http(s) and (unless allowed) resolves only to public addresses."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadRequest(f"Malformed URL {url[:100]!r}: {exc}.") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest(f"Only http:// and https:// URLs can be fetched, not {url[:100]!r}.")
     if allow_private:
@@ -43,7 +47,7 @@ async def check_url(url: str, allow_private: bool) -> None:
     if host in _METADATA_HOSTS:
         raise BadRequest(f"Refusing to fetch {host!r}: cloud metadata addresses are never fetched.")
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UpstreamFailed(f"Could not resolve host {host!r}: {exc}.") from None
     for info in infos:
@@ -79,8 +83,11 @@ class SafeFetcher:
         try:
             for _ in range(MAX_REDIRECTS + 1):
                 await check_url(url, self.allow_private)
-                request = self.client.build_request("GET", url, headers=headers, timeout=httpx_timeout)
-                response = await self.client.send(request, stream=True)
+                try:
+                    request = self.client.build_request("GET", url, headers=headers, timeout=httpx_timeout)
+                    response = await self.client.send(request, stream=True)
+                except (httpx.InvalidURL, UnicodeEncodeError, ValueError, OverflowError) as exc:
+                    raise BadRequest(f"Cannot request {url[:200]}: {exc}.") from None
                 try:
                     if response.is_redirect:
                         target = urljoin(url, response.headers.get("location", ""))

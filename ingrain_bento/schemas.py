@@ -6,11 +6,13 @@ ones (``/embed_text``). Responses serialize by alias (camelCase), as Ingrain sen
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 Texts = Union[str, Annotated[list[str], Field(min_length=1)]]
 Pretrained = Union[bool, str, None]
 NonEmptyName = Annotated[str, StringConstraints(min_length=1)]
@@ -86,6 +88,14 @@ class InferenceRequest(ApiModel):
     normalize: bool = True
     n_dims: Optional[int] = None
     image_download_headers: Optional[dict[str, str]] = None
+
+    @field_validator("image_download_headers")
+    @classmethod
+    def _plain_headers(cls, value: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        for key, item in (value or {}).items():
+            if not _HEADER_NAME.fullmatch(key) or "\r" in item or "\n" in item or not item.isascii():
+                raise ValueError(f"header {key!r} is not a valid HTTP header (ASCII name and value, no line breaks)")
+        return value
 
     @field_validator("normalize", mode="before")
     @classmethod
