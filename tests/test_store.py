@@ -74,3 +74,23 @@ def test_custom_names_are_unique_per_library():
     entry = store.find_unbound(Library.TIMM, "unique-name")
     assert entry is not None and entry.ref is None and entry.name == entry.pretrained == "unique-name"
     store.delete_tag(entry.tag)
+
+
+def test_two_processes_sharing_one_store_write_one_entry():
+    """Two processes (two servers on one BENTOML_HOME, or the CLI beside a server) pulling the same
+    model at once: the file lock makes one download, the other finds it."""
+    import os
+    import subprocess
+    import sys
+
+    ref = ModelRef.parse("timm", "test_convnext2.r160_in1k", False)
+    code = ("import sys; from ingrain_bento.store import ModelStore; from ingrain_bento.refs import ModelRef; "
+            "print(ModelStore().pull(ModelRef.parse('timm', 'test_convnext2.r160_in1k', False)).tag)")
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    tags = [process.communicate(timeout=300)[0].strip().splitlines()[-1] for process in processes]
+    assert all(process.returncode == 0 for process in processes)
+    assert tags[0] == tags[1]
+    assert len(bentoml.models.list(ref.store_name)) == 1
+    assert (ModelStore().find(ref).path / COMPLETE_MARKER).is_file()
+    ModelStore().delete(ref)
