@@ -171,7 +171,7 @@ def cycle(server: Server, image: str, pid: int) -> tuple[dict[str, float], dict[
     server.post("/load_clip_model", {"name": ARCH, "pretrained": TAG})
     load_s = time.perf_counter() - started
     image_rows = server.post("/embed_image", {"name": f"{ARCH}::{TAG}", "image": image})["embeddings"]
-    text_rows = server.post("/embed_text", {"name": f"{ARCH}::{TAG}", "text": "a photo of an orange square"})["embeddings"]
+    text_rows = server.post("/embed_text", {"name": f"{ARCH}::{TAG}", "text": "an orange square"})["embeddings"]
     assert len(image_rows) == 1 and len(text_rows) == 1 and len(image_rows[0]) == len(text_rows[0]) == 512
     loaded = proc_status(pid)
     server.post("/unload_model", {"name": ARCH, "pretrained": TAG})

@@ -95,15 +95,18 @@ def test_current_client_covers_its_calls(current, hub_models, files_dir):
     assert all(m.state in ("READY", "UNAVAILABLE") for m in current.repository_models().models)
 
 
-def test_both_clients_parse_metrics(seed, current, server):
+def test_both_clients_parse_metrics(seed, current, server, hub_models):
     stats = current.metrics().model_stats
     assert stats and all(int(s.inference_count) >= 1 for s in stats)
     assert seed.metrics()["modelStats"]
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}).text
-    names = {family.name for family in text_string_to_metric_families(text)}
-    assert {"ingrain_requests", "ingrain_batch_size", "ingrain_resident_models"} <= names
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert {"ingrain_requests", "ingrain_items", "ingrain_batch_size", "ingrain_request_latency_seconds",
+            "ingrain_resident_models", "ingrain_resident_bytes", "bentoml_service_request"} <= set(families)
+    per_model = {sample.labels.get("model") for sample in families["ingrain_items"].samples}
+    assert hub_models["minilm"] in per_model and hub_models["timm"] in per_model
 
 
 def test_openai_client_embeds_and_lists(server, hub_models):
