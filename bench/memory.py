@@ -19,6 +19,7 @@ extra environment for the server only, e.g. ``MALLOC_ARENA_MAX=2`` or
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import io
 import json
@@ -36,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(tempfile.mkdtemp(prefix="ingrain-bench-memory-"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)  # also on --help or an early error
 os.environ.update({
     "HF_HUB_CACHE": str(WORK / "hf-cache"), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(WORK / "bentoml"),
     "BENTOML_DO_NOT_TRACK": "true", "INGRAIN_ALLOW_PRIVATE_URLS": "true", "TOKENIZERS_PARALLELISM": "false",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import hashlib
 import io
@@ -41,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(tempfile.mkdtemp(prefix="ingrain-bench-soak-"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)  # also on --help or an early error
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TIMM = "test_resnet.r160_in1k"
 os.environ.update({

@@ -91,7 +91,8 @@ class Server:
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port)],
-                                        cwd=ROOT, stdout=open(WORK / "serve.log", "wb"), stderr=subprocess.STDOUT)
+                                        cwd=ROOT, stdout=open(WORK / "serve.log", "wb"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         for _ in range(240):
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
@@ -107,8 +108,16 @@ class Server:
         return response.json()
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        finally:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def bench_text(server: Server, n: int, results: dict) -> None:

@@ -91,6 +91,7 @@ class RealServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", self.target, "--port", str(self.port), "--host", "127.0.0.1"],
             cwd=REPO_ROOT, env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends the worker too
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -106,12 +107,19 @@ class RealServer:
         raise RuntimeError(f"bentoml serve did not become ready: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
+        import signal
+
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                pass
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # a worker stuck in a slow load
+            except ProcessLookupError:
+                pass
         self.process = None
 
 
