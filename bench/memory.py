@@ -19,131 +19,29 @@ extra environment for the server only, e.g. ``MALLOC_ARENA_MAX=2`` or
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
 import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = Path(tempfile.mkdtemp(prefix="ingrain-bench-memory-"))
-atexit.register(shutil.rmtree, WORK, ignore_errors=True)  # also on --help or an early error
-os.environ.update({
-    "HF_HUB_CACHE": str(WORK / "hf-cache"), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(WORK / "bentoml"),
-    "BENTOML_DO_NOT_TRACK": "true", "INGRAIN_ALLOW_PRIVATE_URLS": "true", "TOKENIZERS_PARALLELISM": "false",
-})
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import QuietHandler, Server, offline_workdir, proc_status  # noqa: E402
 
-import httpx  # noqa: E402
+WORK = offline_workdir("ingrain-bench-memory-")
+
 
 ARCH = "ViT-B-32"
 TAG = "bench-random"
 MB = 1024 * 1024
 TARGET_DRIFT_MB = 50.0
-
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
-class Server:
-    """One ``bentoml serve`` on a free loopback port, with extra environment for it alone."""
-
-    def __init__(self, extra_env: dict[str, str]) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = WORK / "serve.log"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=ROOT, env={**os.environ, **extra_env}, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"bentoml serve did not become ready: {self.log.read_text()[-2000:]}")
-
-    def post(self, path: str, body: dict) -> dict:
-        response = httpx.post(f"{self.url}{path}", json=body, timeout=600)
-        if response.status_code != 200:
-            raise RuntimeError(f"POST {path} -> {response.status_code}: {response.text[:500]}")
-        return response.json()
-
-    def stop(self) -> None:
-        """Stop the server; its workers too, should one outlive the arbiter (a busy worker can)."""
-        workers = descendants(self.process.pid)
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
-def descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc/<pid>/task/*/children)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found.extend(kids)
-            todo.extend(kids)
-    return found
-
-
-def worker_pid(server_pid: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in descendants(server_pid):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "_bentoml_impl.worker" in cmdline:
-                return pid
-        time.sleep(0.5)
-    raise RuntimeError("no BentoML worker process (cmdline with _bentoml_impl.worker) under the server")
-
-
-def proc_status(pid: int) -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon, RssFile of ``pid`` in MB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
-            number = int(value.split()[0])
-            out[key] = number if key == "Threads" else number / 1024
-    return out
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -198,9 +96,9 @@ def main() -> None:
     image = small_png()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(files)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    server = Server(extra_env)
+    server = Server(WORK / "serve.log", extra_env)
     try:
-        pid = worker_pid(server.process.pid)
+        pid = server.worker_pid()
         started = proc_status(pid)
         print(f"server env: {extra_env or '(default)'}; worker pid {pid}; RSS at start {started['VmRSS']:.1f} MB",
               flush=True)

