@@ -92,6 +92,9 @@ class ModelPool:
     def get(self, ref: ModelRef) -> Resident | None:
         return self._resident.get(ref)
 
+    def loading(self) -> list[ModelRef]:
+        return list(self._loading)
+
     def is_loading(self, ref: ModelRef) -> bool:
         return ref in self._loading
 

@@ -129,11 +129,9 @@ class ModelServer:
             return self.resolve(request.name, request.pretrained, request.library)
         except ModelNotFound:
             base, tag = split_display_id(request.name, request.pretrained)
-            for entry in self.store.entries():
+            for entry in self.store.entries():  # unbound entries are open_clip/timm custom checkpoints
                 if entry.ref is None and entry.custom_name in (base, tag):
-                    return ModelRef.parse(entry.library, base, tag if tag is not None else None) \
-                        if entry.library is Library.SENTENCE_TRANSFORMERS else \
-                        ModelRef(entry.library, validate_name(base), entry.custom_name)
+                    return ModelRef(entry.library, validate_name(base), entry.custom_name)
             raise
 
     def _info(self, entry: StoredModel | None, resident: Resident | None, ref: ModelRef | None,
@@ -167,7 +165,7 @@ class ModelServer:
             state = "READY" if resident else "LOADING" if entry.ref and self.pool.is_loading(entry.ref) else "UNAVAILABLE"
             infos.append(self._info(entry, resident, entry.ref, state))
             seen.add(entry.ref)
-        for ref in list(self.pool._loading):
+        for ref in self.pool.loading():
             if ref not in seen:
                 infos.append(self._info(None, None, ref, "LOADING"))
         return s.ModelListResponse(models=infos)
