@@ -281,7 +281,9 @@ class ModelServer:
     async def _text_rows(self, resident: Resident, texts: list[str]) -> "torch.Tensor":
         if TEXT not in resident.model.modalities:
             raise BadRequest(f"{resident.model.ref.display_id} is an image model: send 'image', not 'text'.")
-        return await self.pool.batcher(resident, TEXT_EMBEDDING).submit(texts)
+        model = resident.model
+        prepared = await asyncio.to_thread(model.prepare_texts, texts) if model.prepares_texts else texts
+        return await self.pool.batcher(resident, TEXT_EMBEDDING).submit(list(prepared))
 
     async def _image_rows(self, resident: Resident, images: list[str], headers: dict[str, str] | None,
                           task: str) -> "torch.Tensor":

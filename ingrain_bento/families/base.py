@@ -39,6 +39,7 @@ class LoadedModel(ABC):
 
     modalities: frozenset[str] = frozenset()
     labels: list[str] | None = None
+    prepares_texts = False  # True when prepare_texts does real work (worth a thread hop)
 
     def __init__(self, ref: ModelRef, module: "torch.nn.Module", device: "torch.device", half: bool) -> None:
         import torch
@@ -61,7 +62,12 @@ class LoadedModel(ABC):
     def image_embedding_size(self) -> int:
         return self.embedding_size
 
-    def encode_text(self, texts: Sequence[str]) -> "torch.Tensor":
+    def prepare_texts(self, texts: Sequence[str]) -> Sequence[Any]:
+        """Per-request text preparation, run in a thread before batching (open_clip tokenizes here;
+        sentence-transformers tokenizes inside ``encode``, which also applies its prompts)."""
+        return texts
+
+    def encode_text(self, texts: Sequence[Any]) -> "torch.Tensor":
         raise BadRequest(f"{self.ref.display_id} has no text tower: send images instead.")
 
     def preprocess_images(self, images: Sequence["Image.Image"]) -> "torch.Tensor":

@@ -82,6 +82,7 @@ def bind_custom(ref: ModelRef, weights: Path, options: dict[str, Any], folder: P
 
 class OpenClipModel(LoadedModel):
     modalities = frozenset({TEXT, IMAGE})
+    prepares_texts = True
 
     def __init__(self, folder: Path, ref: ModelRef, device: "torch.device", half: bool) -> None:
         import open_clip
@@ -96,12 +97,16 @@ class OpenClipModel(LoadedModel):
     def embedding_size(self) -> int:
         return self._embed_dim
 
-    def encode_text(self, texts: Sequence[str]) -> "torch.Tensor":
+    def prepare_texts(self, texts: Sequence[str]) -> Sequence["torch.Tensor"]:
+        """Fixed-length token rows, so requests tokenized apart stack into one batch."""
+        return list(self.tokenizer(list(texts)))
+
+    def encode_text(self, tokens: Sequence["torch.Tensor"]) -> "torch.Tensor":
         import torch
 
-        tokens = self.tokenizer(list(texts)).to(self.device)
+        batch = torch.stack(list(tokens)).to(self.device)
         with torch.inference_mode():
-            return self.module.encode_text(tokens).float().cpu()
+            return self.module.encode_text(batch).float().cpu()
 
     def preprocess_images(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
         import torch
