@@ -72,26 +72,23 @@ def _series() -> SimpleNamespace:
 class ModelMetrics:
     def __init__(self) -> None:
         self._stats: dict[str, _ModelStats] = {}
-        series = _series()
-        self.requests, self.items, self.latency = series.requests, series.items, series.latency
-        self.batch_size, self.forward_seconds = series.batch_size, series.forward_seconds
-        self.resident_models, self.resident_bytes = series.resident_models, series.resident_bytes
+        self.series = _series()
 
     def _model(self, ref: ModelRef) -> _ModelStats:
         return self._stats.setdefault(ref.display_id, _ModelStats())
 
     def record_request(self, ref: ModelRef, route: str, ok: bool, seconds: float) -> None:
-        self.requests.labels(ref.display_id, route, "ok" if ok else "error").inc()
-        self.latency.labels(ref.display_id, route).observe(seconds)
+        self.series.requests.labels(ref.display_id, route, "ok" if ok else "error").inc()
+        self.series.latency.labels(ref.display_id, route).observe(seconds)
         stats = self._model(ref)
         (stats.success if ok else stats.fail).add(int(seconds * 1e9))
         if ok:
             stats.last_inference_ms = int(time.time() * 1000)
 
     def record_batch(self, ref: ModelRef, task: str, size: int, ns: int) -> None:
-        self.items.labels(ref.display_id, task).inc(size)
-        self.batch_size.labels(ref.display_id, task).observe(size)
-        self.forward_seconds.labels(ref.display_id, task).observe(ns / 1e9)
+        self.series.items.labels(ref.display_id, task).inc(size)
+        self.series.batch_size.labels(ref.display_id, task).observe(size)
+        self.series.forward_seconds.labels(ref.display_id, task).observe(ns / 1e9)
         stats = self._model(ref)
         stats.inference_count += size
         stats.execution_count += 1
@@ -99,10 +96,10 @@ class ModelMetrics:
         stats.batches.setdefault(size, _Duration()).add(ns)
 
     def record_resident(self, sizes: dict[str, int]) -> None:
-        self.resident_models.set(len(sizes))
-        self.resident_bytes.clear()
+        self.series.resident_models.set(len(sizes))
+        self.series.resident_bytes.clear()
         for model, size in sizes.items():
-            self.resident_bytes.labels(model).set(size)
+            self.series.resident_bytes.labels(model).set(size)
 
     def ingrain_json(self) -> dict[str, Any]:
         """Ingrain's ``{"modelStats": [...]}``: counts and ns as strings, as Ingrain sends them."""

@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ingrain_bento.server")
 
 TimmImageOutput = Literal["probabilities", "features"]
-LOAD_ROUTES = {Library.OPEN_CLIP: "/load_clip_model", Library.SENTENCE_TRANSFORMERS: "/load_sentence_transformer_model",
-               Library.TIMM: "/load_timm_model"}
 
 
 class ModelServer:

@@ -259,6 +259,11 @@ def test_a_redirect_loop_gives_up(server):
         fetch(server.url("/loop"))
 
 
+def test_a_redirect_to_a_malformed_url_is_an_upstream_failure(server):
+    with pytest.raises(UpstreamFailed):
+        fetch(server.url("/redirect?to=http://[::1/x"))
+
+
 def test_a_redirect_to_a_non_http_scheme_is_refused(server):
     with pytest.raises(BadRequest, match="Only http"):
         fetch(server.url("/redirect?to=file:///etc/passwd"))
