@@ -2,9 +2,12 @@
 
 A ``Batcher`` serves one (model, task) pair. ``submit(items)`` splits a request into
 chunks of at most ``max_batch`` items, queues them, and returns the rows in input order.
-One collector task per batcher takes the queued chunks, waits up to ``max_wait_s`` for more
-while the batch is not full, runs one forward on the shared forward thread (off the event
-loop), and hands each caller its rows. If a merged forward fails, each chunk is retried
+One collector task per batcher takes the queued chunks, waits for more while the batch is not
+full and its oldest chunk has waited less than ``max_wait_s``, runs one forward on the shared
+forward thread (off the event loop), and hands each caller its rows. The wait counts from the
+oldest chunk's arrival (as Triton's queue delay does): chunks that queued up during the
+previous forward have waited already, so the next forward starts at once instead of after the
+event loop has answered the previous batch. If a merged forward fails, each chunk is retried
 alone, so one bad request never fails its batch neighbours.
 """
 
@@ -29,6 +32,7 @@ Forward = Callable[[Sequence[Any]], Any]  # items -> tensor with one row per ite
 @dataclass
 class _Chunk(Generic[Item]):
     items: Sequence[Item]
+    queued_at: float = field(default_factory=time.monotonic)
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -115,7 +119,7 @@ class Batcher(Generic[Item]):
             # Wait for company only while requests arrive faster than the wait window: a lone
             # client gets its forward at once instead of paying max_wait on every call.
             under_load = self._arrival_gap < self.max_wait_s
-            deadline = time.monotonic() + (self.max_wait_s if under_load else 0.0)
+            deadline = batch[0].queued_at + (self.max_wait_s if under_load else 0.0)
             while self.merge and size < self.max_batch:
                 if self._pending:
                     if size + len(self._pending[0].items) > self.max_batch:

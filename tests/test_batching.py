@@ -31,12 +31,15 @@ class FakeForward:
     def __init__(self, delay_s: float = 0.02) -> None:
         self.delay_s = delay_s
         self.calls: list[list[int]] = []
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each call, time.monotonic()
         self._lock = threading.Lock()
 
     def __call__(self, items):
+        started = time.monotonic()
         with self._lock:
             self.calls.append(list(items))
         time.sleep(self.delay_s)
+        self.spans.append((started, time.monotonic()))
         if POISON in items:
             raise ValueError(f"poisoned batch of {len(items)}")
         return torch.tensor([[float(x)] for x in items])
@@ -132,6 +135,23 @@ def test_under_load_a_forming_batch_waits_up_to_max_wait_for_more():
     (first, second), forward = run(scenario, max_wait_s=0.3)
     assert (first, second) == ([3.0], [4.0])
     assert forward.calls == [[1, 2], [3, 4]]
+
+
+def test_requests_that_queued_during_a_forward_do_not_wait_again():
+    """``max_wait_s`` counts from a request's arrival: one that already waited through a forward
+    longer than that goes into the next forward at once (the forward thread never idles)."""
+
+    async def scenario(batcher, forward):
+        first = asyncio.gather(batcher.submit([1]), batcher.submit([2]))  # fills max_batch: runs at once
+        await asyncio.sleep(0.01)
+        third = await batcher.submit([3])  # arrives under load, waits through the 0.6 s forward
+        await first
+        return values(third)
+
+    third, forward = run(scenario, max_batch=2, max_wait_s=0.5, delay_s=0.6)
+    assert third == [3.0] and forward.calls == [[1, 2], [3]]
+    (_, first_end), (second_start, _) = forward.spans
+    assert second_start - first_end < 0.25, "the next forward waited max_wait_s again after the first"
 
 
 def test_merged_batches_never_exceed_max_batch():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -52,6 +53,9 @@ class LoadedModel(ABC):
             module.half()
         self.module = module.to(device)
         self.memory_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        # Requests tokenize in parallel threads; a Hugging Face fast tokenizer is one Rust object
+        # that must not be borrowed by two calls at once ("Already borrowed").
+        self.tokenizer_lock = threading.Lock()
 
     @property
     @abstractmethod
@@ -63,8 +67,8 @@ class LoadedModel(ABC):
         return self.embedding_size
 
     def prepare_texts(self, texts: Sequence[str]) -> Sequence[Any]:
-        """Per-request text preparation, run in a thread before batching (open_clip tokenizes here;
-        sentence-transformers tokenizes inside ``encode``, which also applies its prompts)."""
+        """Per-request text preparation (tokenization), run in a thread before batching so it
+        never waits behind a forward; the identity when ``prepares_texts`` is False."""
         return texts
 
     def encode_text(self, texts: Sequence[Any]) -> "torch.Tensor":

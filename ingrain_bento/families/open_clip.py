@@ -99,7 +99,8 @@ class OpenClipModel(LoadedModel):
 
     def prepare_texts(self, texts: Sequence[str]) -> Sequence["torch.Tensor"]:
         """Fixed-length token rows, so requests tokenized apart stack into one batch."""
-        return list(self.tokenizer(list(texts)))
+        with self.tokenizer_lock:
+            return list(self.tokenizer(list(texts)))
 
     def encode_text(self, tokens: Sequence["torch.Tensor"]) -> "torch.Tensor":
         import torch

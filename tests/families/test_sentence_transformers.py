@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,3 +77,64 @@ def test_custom_checkpoint_from_urls(client, file_server, session_dir, files_dir
     assert max_abs_diff(got["embeddings"], _encode(str(folder), TEXTS[:2]), "sentence_transformers text (custom)") \
         <= MAX_ABS_DIFF
     assert client.request("DELETE", "/delete_model", json={"name": "my-st"}).status_code == 200
+
+
+# ---- tokenized per request, padded per batch (what the batcher merges) ------------------------
+
+def _loaded(name: str, folder: Path):
+    from sentence_transformers import SentenceTransformer
+
+    from ingrain_bento.families import sentence_transformers as st_family
+    from ingrain_bento.refs import Library, ModelRef
+
+    SentenceTransformer(name, device="cpu").save(str(folder))
+    ref = ModelRef.parse(Library.SENTENCE_TRANSFORMERS, name, None)
+    return st_family.load(folder, ref, torch.device("cpu"), half=False)
+
+
+@pytest.mark.parametrize("key", ["st", "st_prompt", "minilm"])
+def test_requests_tokenized_apart_and_batched_together_equal_encode(hub_models, tmp_path, key):
+    """Rows from separately tokenized requests of different lengths, merged into one forward."""
+    model = _loaded(hub_models[key], tmp_path)
+    assert model.prepares_texts, "this model should take the tokenize-before-batching path"
+    requests = [TEXTS[:1], ["a b c d e f g h i j k l m n o p"], TEXTS[1:3], ["x"]]
+    rows = [row for texts in requests for row in model.prepare_texts(texts)]
+    got = model.encode_text(rows)
+    expected = _encode(hub_models[key], [text for texts in requests for text in texts])
+    assert max_abs_diff(got, expected, "sentence_transformers text (batched apart)") <= MAX_ABS_DIFF
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_split_then_pad_gives_back_the_tokenizers_batch(hub_models, padding_side):
+    from sentence_transformers import SentenceTransformer
+
+    from ingrain_bento.families.sentence_transformers import pad_rows, split_rows
+
+    library = SentenceTransformer(hub_models["st"], device="cpu")
+    library.tokenizer.padding_side = padding_side
+    features = library.preprocess(["short", "a much longer text than the first", ""])
+    rows = split_rows(features, padding_side)
+    assert [len(row.tokens["input_ids"]) for row in rows] == features["attention_mask"].sum(dim=1).tolist()
+    again = pad_rows(rows, {"input_ids": library.tokenizer.pad_token_id}, padding_side)
+    assert again.keys() == features.keys()
+    for key, value in features.items():
+        assert value.equal(again[key]) if isinstance(value, torch.Tensor) else value == again[key]
+
+
+def test_rows_with_different_prompts_never_share_a_forward(hub_models):
+    from ingrain_bento.families.sentence_transformers import TokenizedText, pad_rows
+
+    ids = {"input_ids": torch.tensor([101, 102]), "attention_mask": torch.tensor([1, 1])}
+    with pytest.raises(ValueError, match="different prompts"):
+        pad_rows([TokenizedText(ids, (("prompt_length", 3),)), TokenizedText(ids, (("prompt_length", 4),))], {}, "right")
+
+
+def test_a_tokenizer_output_that_does_not_split_falls_back_to_encode(hub_models, tmp_path, monkeypatch):
+    from ingrain_bento.families import sentence_transformers as st_family
+
+    monkeypatch.setattr(st_family, "split_rows", lambda features, padding_side: None)
+    model = _loaded(hub_models["st_prompt"], tmp_path)
+    assert not model.prepares_texts
+    got = model.encode_text(TEXTS[:2])
+    assert max_abs_diff(got, _encode(hub_models["st_prompt"], TEXTS[:2]), "sentence_transformers text (prompt)") \
+        <= MAX_ABS_DIFF
