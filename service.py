@@ -2,6 +2,8 @@
 
 Every route lives on one FastAPI app mounted at ``/`` (BentoML's ``@bentoml.api`` routes are
 POST-only and shape errors as a list); BentoML keeps ``/livez``, ``/readyz`` and ``/metrics``.
+The service class owns the ``ModelServer`` and its lifecycle; routes are plain functions that
+receive it through an async dependency (see ``model_server``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import os
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import bentoml  # noqa: E402
-from fastapi import Body, Query  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+from fastapi import Body, Depends, Query  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
@@ -60,98 +64,130 @@ class IngrainBento:
     async def shutdown(self) -> None:
         await self.server.close()
 
-    # ---- model management (the seed's routes) ----------------------------------------
 
-    @app.get("/health", response_model=s.MessageResponse)
-    async def health(self) -> Response:
-        return json_response(s.MessageResponse(message="The model server is running."))
+async def model_server() -> ModelServer:
+    """The service's ``ModelServer``, for routes. Not BentoML's class views (``self`` on each
+    route): those inject ``self`` with a sync dependency, which FastAPI runs in its thread pool,
+    one thread hop per request (~8% of the event loop's GIL time under load, py-spy)."""
+    return bentoml.get_current_service().server
 
-    @app.post("/load_clip_model", response_model=s.MessageResponse)
-    async def load_clip_model(self, request: s.ModelRequest) -> Response:
-        return json_response(await self.server.load(request, Library.OPEN_CLIP))
 
-    @app.post("/load_sentence_transformer_model", response_model=s.MessageResponse)
-    async def load_sentence_transformer_model(self, request: s.ModelRequest) -> Response:
-        return json_response(await self.server.load(request, Library.SENTENCE_TRANSFORMERS))
+Server = Annotated[ModelServer, Depends(model_server)]
 
-    @app.post("/load_timm_model", response_model=s.MessageResponse)
-    async def load_timm_model(self, request: s.ModelRequest) -> Response:
-        return json_response(await self.server.load(request, Library.TIMM))
 
-    @app.post("/load_model", response_model=s.MessageResponse)
-    async def load_model(self, request: s.ModelRequest) -> Response:
-        return json_response(await self.server.load(request))
+# ---- model management (the seed's routes) ----------------------------------------
 
-    @app.post("/unload_model", response_model=s.MessageResponse)
-    async def unload_model(self, request: s.ModelRequest) -> Response:
-        return json_response(await self.server.unload(request))
+@app.get("/health", response_model=s.MessageResponse)
+async def health() -> Response:
+    return json_response(s.MessageResponse(message="The model server is running."))
 
-    @app.delete("/delete_model", response_model=s.MessageResponse)
-    async def delete_model(self, request: s.ModelRequest = Body()) -> Response:
-        return json_response(await self.server.delete(request))
 
-    @app.get("/loaded_models", response_model=s.ModelListResponse)
-    async def loaded_models(self) -> Response:
-        return json_response(self.server.loaded_models())
+@app.post("/load_clip_model", response_model=s.MessageResponse)
+async def load_clip_model(server: Server, request: s.ModelRequest) -> Response:
+    return json_response(await server.load(request, Library.OPEN_CLIP))
 
-    @app.get("/repository_models", response_model=s.ModelListResponse)
-    async def repository_models(self) -> Response:
-        return json_response(self.server.repository_models())
 
-    @app.post("/download_custom_model", response_model=s.MessageResponse)
-    async def download_custom_model(self, request: s.CustomModelRequest) -> Response:
-        return json_response(await self.server.download_custom(request))
+@app.post("/load_sentence_transformer_model", response_model=s.MessageResponse)
+async def load_sentence_transformer_model(server: Server, request: s.ModelRequest) -> Response:
+    return json_response(await server.load(request, Library.SENTENCE_TRANSFORMERS))
 
-    @app.get("/model_embedding_size", response_model=s.EmbeddingSizeResponse)
-    async def model_embedding_size(self, name: str = Query(min_length=1), pretrained: str | None = None) -> Response:
-        return json_response(self.server.embedding_size(name, pretrained))
 
-    @app.get("/model_classification_labels", response_model=s.LabelsResponse)
-    async def model_classification_labels(self, name: str = Query(min_length=1),
-                                          pretrained: str | None = None) -> Response:
-        return json_response(self.server.classification_labels(name, pretrained))
+@app.post("/load_timm_model", response_model=s.MessageResponse)
+async def load_timm_model(server: Server, request: s.ModelRequest) -> Response:
+    return json_response(await server.load(request, Library.TIMM))
 
-    # ---- inference: seed generation (ingrain 0.0.7) and current (0.2.3) share bodies ----
 
-    @app.post("/infer_text", response_model=s.EmbeddingsResponse)
-    @app.post("/embed_text", response_model=s.EmbeddingsResponse)
-    async def embed_text(self, request: s.TextRequest) -> Response:
-        return json_response(await self.server.embed_text(request))
+@app.post("/load_model", response_model=s.MessageResponse)
+async def load_model(server: Server, request: s.ModelRequest) -> Response:
+    return json_response(await server.load(request))
 
-    @app.post("/infer_image", response_model=s.EmbeddingsResponse)
-    async def infer_image(self, request: s.ImageRequest) -> Response:
-        return json_response(await self.server.embed_image(request, timm_output="probabilities"))
 
-    @app.post("/embed_image", response_model=s.EmbeddingsResponse)
-    async def embed_image(self, request: s.ImageRequest) -> Response:
-        return json_response(await self.server.embed_image(request, timm_output="features"))
+@app.post("/unload_model", response_model=s.MessageResponse)
+async def unload_model(server: Server, request: s.ModelRequest) -> Response:
+    return json_response(await server.unload(request))
 
-    @app.post("/infer", response_model=s.TextImageEmbeddingsResponse)
-    async def infer(self, request: s.TextImageRequest) -> Response:
-        return json_response(await self.server.embed(request, timm_output="probabilities"))
 
-    @app.post("/embed", response_model=s.TextImageEmbeddingsResponse)
-    async def embed(self, request: s.TextImageRequest) -> Response:
-        return json_response(await self.server.embed(request, timm_output="features"))
+@app.delete("/delete_model", response_model=s.MessageResponse)
+async def delete_model(server: Server, request: s.ModelRequest = Body()) -> Response:
+    return json_response(await server.delete(request))
 
-    @app.post("/classify_image", response_model=s.ProbabilitiesResponse)
-    async def classify_image(self, request: s.ImageRequest) -> Response:
-        return json_response(await self.server.classify_image(request))
 
-    @app.get(JSON_METRICS_PATH)
-    async def ingrain_metrics(self) -> Response:
-        """The Ingrain JSON form of ``GET /metrics`` (what the ingrain clients read)."""
-        return JSONResponse(self.server.metrics.ingrain_json())
+@app.get("/loaded_models", response_model=s.ModelListResponse)
+async def loaded_models(server: Server) -> Response:
+    return json_response(server.loaded_models())
 
-    # ---- OpenAI-compatible --------------------------------------------------------------
 
-    @app.post("/v1/embeddings", response_model=s.OpenAIEmbeddingResponse)
-    async def openai_embeddings(self, request: s.OpenAIEmbeddingRequest) -> Response:
-        return json_response(await self.server.openai_embeddings(request))
+@app.get("/repository_models", response_model=s.ModelListResponse)
+async def repository_models(server: Server) -> Response:
+    return json_response(server.repository_models())
 
-    @app.get("/v1/models", response_model=s.OpenAIModelList)
-    async def openai_models(self) -> Response:
-        return json_response(self.server.openai_models())
+
+@app.post("/download_custom_model", response_model=s.MessageResponse)
+async def download_custom_model(server: Server, request: s.CustomModelRequest) -> Response:
+    return json_response(await server.download_custom(request))
+
+
+@app.get("/model_embedding_size", response_model=s.EmbeddingSizeResponse)
+async def model_embedding_size(server: Server, name: str = Query(min_length=1),
+                               pretrained: str | None = None) -> Response:
+    return json_response(server.embedding_size(name, pretrained))
+
+
+@app.get("/model_classification_labels", response_model=s.LabelsResponse)
+async def model_classification_labels(server: Server, name: str = Query(min_length=1),
+                                      pretrained: str | None = None) -> Response:
+    return json_response(server.classification_labels(name, pretrained))
+
+
+# ---- inference: seed generation (ingrain 0.0.7) and current (0.2.3) share bodies ----
+
+@app.post("/infer_text", response_model=s.EmbeddingsResponse)
+@app.post("/embed_text", response_model=s.EmbeddingsResponse)
+async def embed_text(server: Server, request: s.TextRequest) -> Response:
+    return json_response(await server.embed_text(request))
+
+
+@app.post("/infer_image", response_model=s.EmbeddingsResponse)
+async def infer_image(server: Server, request: s.ImageRequest) -> Response:
+    return json_response(await server.embed_image(request, timm_output="probabilities"))
+
+
+@app.post("/embed_image", response_model=s.EmbeddingsResponse)
+async def embed_image(server: Server, request: s.ImageRequest) -> Response:
+    return json_response(await server.embed_image(request, timm_output="features"))
+
+
+@app.post("/infer", response_model=s.TextImageEmbeddingsResponse)
+async def infer(server: Server, request: s.TextImageRequest) -> Response:
+    return json_response(await server.embed(request, timm_output="probabilities"))
+
+
+@app.post("/embed", response_model=s.TextImageEmbeddingsResponse)
+async def embed(server: Server, request: s.TextImageRequest) -> Response:
+    return json_response(await server.embed(request, timm_output="features"))
+
+
+@app.post("/classify_image", response_model=s.ProbabilitiesResponse)
+async def classify_image(server: Server, request: s.ImageRequest) -> Response:
+    return json_response(await server.classify_image(request))
+
+
+@app.get(JSON_METRICS_PATH)
+async def ingrain_metrics(server: Server) -> Response:
+    """The Ingrain JSON form of ``GET /metrics`` (what the ingrain clients read)."""
+    return JSONResponse(server.metrics.ingrain_json())
+
+
+# ---- OpenAI-compatible --------------------------------------------------------------
+
+@app.post("/v1/embeddings", response_model=s.OpenAIEmbeddingResponse)
+async def openai_embeddings(server: Server, request: s.OpenAIEmbeddingRequest) -> Response:
+    return json_response(await server.openai_embeddings(request))
+
+
+@app.get("/v1/models", response_model=s.OpenAIModelList)
+async def openai_models(server: Server) -> Response:
+    return json_response(server.openai_models())
 
 
 add_fallback_route(app)
