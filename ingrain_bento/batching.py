@@ -36,16 +36,6 @@ class _Chunk(Generic[Item]):
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-@dataclass
-class BatchStats:
-    """What the batcher did, for metrics: forwards run, items, and time in forward."""
-
-    forwards: int = 0
-    items: int = 0
-    forward_ns: int = 0
-    batch_sizes: dict[int, int] = field(default_factory=dict)
-
-
 def _fail(chunks: list[_Chunk[Any]], exc: BaseException) -> None:
     for chunk in chunks:
         if not chunk.future.done():
@@ -60,8 +50,7 @@ class Batcher(Generic[Item]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.merge = merge
-        self.on_batch = on_batch
-        self.stats = BatchStats()
+        self.on_batch = on_batch  # (items, forward ns) after each forward: the metrics hook
         self._pending: deque[_Chunk[Item]] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -153,10 +142,6 @@ class Batcher(Generic[Item]):
             if not chunk.future.done():
                 chunk.future.set_result(rows[offset:offset + len(chunk.items)])
             offset += len(chunk.items)
-        self.stats.forwards += 1
-        self.stats.items += len(items)
-        self.stats.forward_ns += elapsed
-        self.stats.batch_sizes[len(items)] = self.stats.batch_sizes.get(len(items), 0) + 1
         if self.on_batch is not None:
             try:
                 self.on_batch(len(items), elapsed)

@@ -53,11 +53,17 @@ class Resident:
         self.idle.set()
 
 
-def pick_device(settings: Settings) -> "torch.device":
+def apply_torch_threads(settings: Settings) -> None:
+    """``INGRAIN_TORCH_THREADS``, if set: torch's intra-op threads for every forward."""
     import torch
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+
+
+def pick_device(settings: Settings) -> "torch.device":
+    import torch
+
     if settings.device:
         return torch.device(settings.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +85,7 @@ class ModelPool:
     @property
     def device(self) -> "torch.device":
         if self._device is None:
+            apply_torch_threads(self.settings)
             self._device = pick_device(self.settings)
         return self._device
 
