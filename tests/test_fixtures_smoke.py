@@ -223,11 +223,13 @@ def test_sentence_transformers(offline):
 
     prompted = SentenceTransformer(offline["st_prompt"], device="cpu")
     assert prompted.default_prompt_name == "query" and prompted.prompts["query"] == "query: "
+    assert prompted[1].include_prompt is False  # its prompt tokens are left out of the mean
     default = prompted.encode(["a red car"])
-    manual = prompted.encode(["query: a red car"], prompt="")
+    named = prompted.encode(["a red car"], prompt_name="query")
+    manual = prompted.encode(["query: a red car"], prompt="")  # the prefix pooled like any text
     bare = prompted.encode(["a red car"], prompt="")
-    assert abs(default - manual).max() < 1e-5
-    assert abs(default - bare).max() > 1e-4
+    assert abs(default - named).max() < 1e-5
+    assert abs(default - manual).max() > 1e-4 and abs(default - bare).max() > 1e-4
 
     minilm = SentenceTransformer(offline["minilm"], device="cpu")
     emb = minilm.encode(["a photo of a cat", "a photo of a kitten", "stock market crash"], normalize_embeddings=False)
