@@ -1,5 +1,7 @@
 """Per-model dynamic batching: many small concurrent requests become few large forwards.
 
+The same machinery batches tokenization, on its own thread (see ``ModelPool.batcher``).
+
 A ``Batcher`` serves one (model, task) pair. ``submit(items)`` splits a request into
 chunks of at most ``max_batch`` items, queues them, and returns the rows in input order.
 One collector task per batcher takes the queued chunks, waits for more while the batch is not
@@ -26,7 +28,7 @@ from ingrain_bento.errors import AtCapacity
 log = logging.getLogger("ingrain_bento.batching")
 
 Item = TypeVar("Item")
-Forward = Callable[[Sequence[Any]], Any]  # items -> tensor with one row per item
+Forward = Callable[[Sequence[Any]], Any]  # items -> one row per item (a tensor, or a list)
 
 
 @dataclass
@@ -59,7 +61,8 @@ class Batcher(Generic[Item]):
         self._arrival_gap = float("inf")  # moving average of the time between submits
 
     async def submit(self, items: Sequence[Item]) -> Any:
-        """Rows for ``items``, in order (a torch tensor, concatenated across chunks)."""
+        """Rows for ``items``, in order, concatenated across chunks (a tensor, or a list when the
+        forward returns lists, as tokenization does)."""
         import torch
 
         if self._closed:
@@ -75,7 +78,9 @@ class Batcher(Generic[Item]):
         self._pending.extend(chunks)
         self._wakeup.set()
         rows = await asyncio.gather(*(chunk.future for chunk in chunks))
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        if len(rows) == 1:
+            return rows[0]
+        return torch.cat(rows) if isinstance(rows[0], torch.Tensor) else [row for part in rows for row in part]
 
     async def _wait_for_more(self, timeout: float) -> bool:
         self._wakeup.clear()

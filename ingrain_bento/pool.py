@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ingrain_bento.pool")
 
+TEXT_TOKENS = "tokens"
 TEXT_EMBEDDING = "text"
 IMAGE_EMBEDDING = "image"
 IMAGE_LOGITS = "logits"
@@ -76,6 +77,9 @@ class ModelPool:
         self.metrics = metrics
         # One forward at a time per process: torch already uses every core (or the GPU) per forward.
         self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
+        # Tokenization gets its own thread and its own batchers: the texts of concurrent requests
+        # are tokenized in one call while the previous forward runs.
+        self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-tokenize")
         self._device: "torch.device | None" = None
         self._resident: OrderedDict[ModelRef, Resident] = OrderedDict()
         self._loading: dict[ModelRef, asyncio.Task[Resident]] = {}
@@ -200,19 +204,20 @@ class ModelPool:
                 resident.idle.set()
 
     def batcher(self, resident: Resident, task: str) -> Batcher[Any]:
-        """The batcher of one model for one task (text, image embedding, image logits)."""
+        """The batcher of one model for one task (text tokens, text, image embedding, image logits)."""
         if self._resident.get(resident.model.ref) is not resident:
             raise AtCapacity(f"{resident.model.ref.display_id} was unloaded while this request waited: send it again.")
         batcher = resident.batchers.get(task)
         if batcher is None:
             model, ref = resident.model, resident.model.ref
-            forward = {TEXT_EMBEDDING: model.encode_text, IMAGE_EMBEDDING: model.encode_image,
-                       IMAGE_LOGITS: model.classify_image}[task]
+            forward = {TEXT_TOKENS: model.prepare_texts, TEXT_EMBEDDING: model.encode_text,
+                       IMAGE_EMBEDDING: model.encode_image, IMAGE_LOGITS: model.classify_image}[task]
             on_batch = None
-            if self.metrics is not None:
+            if self.metrics is not None and task != TEXT_TOKENS:  # tokenizing is not an inference
                 record = self.metrics.record_batch
                 on_batch = lambda size, ns: record(ref, task, size, ns)  # noqa: E731
-            batcher = Batcher(forward, self.forward_executor, max_batch=self.settings.max_batch_size,
+            executor = self.tokenize_executor if task == TEXT_TOKENS else self.forward_executor
+            batcher = Batcher(forward, executor, max_batch=self.settings.max_batch_size,
                               max_wait_s=self.settings.batch_wait_ms / 1000, merge=self.settings.dynamic_batching,
                               on_batch=on_batch)
             resident.batchers[task] = batcher
@@ -226,3 +231,4 @@ class ModelPool:
         for ref in list(self._resident):
             await self.unload(ref)
         self.forward_executor.shutdown(wait=False)
+        self.tokenize_executor.shutdown(wait=False)

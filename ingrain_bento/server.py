@@ -23,7 +23,7 @@ from ingrain_bento.families.base import IMAGE, TEXT, check_safetensors
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.media import ImageLoader
 from ingrain_bento.metrics import ModelMetrics
-from ingrain_bento.pool import IMAGE_EMBEDDING, IMAGE_LOGITS, TEXT_EMBEDDING, ModelPool, Resident
+from ingrain_bento.pool import IMAGE_EMBEDDING, IMAGE_LOGITS, TEXT_EMBEDDING, TEXT_TOKENS, ModelPool, Resident
 from ingrain_bento.refs import DISPLAY_SEPARATOR, Library, ModelRef, parse_library, split_display_id, validate_name, validate_tag
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel, staging_dir
@@ -280,7 +280,7 @@ class ModelServer:
         if TEXT not in resident.model.modalities:
             raise BadRequest(f"{resident.model.ref.display_id} is an image model: send 'image', not 'text'.")
         model = resident.model
-        prepared = await asyncio.to_thread(model.prepare_texts, texts) if model.prepares_texts else texts
+        prepared = await self.pool.batcher(resident, TEXT_TOKENS).submit(texts) if model.prepares_texts else texts
         return await self.pool.batcher(resident, TEXT_EMBEDDING).submit(list(prepared))
 
     async def _image_rows(self, resident: Resident, images: list[str], headers: dict[str, str] | None,

@@ -96,6 +96,20 @@ def test_a_request_larger_than_max_batch_is_split_and_reassembled():
     assert forward.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def test_a_forward_that_returns_lists_gets_its_chunks_joined_as_a_list():
+    """Tokenization batches through the same machinery and returns one list entry per text."""
+
+    async def main():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(lambda items: [f"tokens of {x}" for x in items], executor, max_batch=4, max_wait_s=0.001)
+            try:
+                return await batcher.submit(list(range(10)))
+            finally:
+                await batcher.close()
+
+    assert asyncio.run(main()) == [f"tokens of {x}" for x in range(10)]
+
+
 # ---- merging -----------------------------------------------------------------------------
 
 def test_concurrent_single_item_requests_are_merged():

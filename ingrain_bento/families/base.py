@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -36,7 +35,8 @@ METADATA_FILE = "ingrain.json"
 
 class LoadedModel(ABC):
     """A resident model. ``encode_*``/``classify_image`` run one batch on the device and
-    return float32 rows on the CPU; ``preprocess_images`` runs before batching, off the loop."""
+    return float32 rows on the CPU; ``prepare_texts`` and ``preprocess_images`` run before
+    batching, off the loop."""
 
     modalities: frozenset[str] = frozenset()
     labels: list[str] | None = None
@@ -53,9 +53,6 @@ class LoadedModel(ABC):
             module.half()
         self.module = module.to(device)
         self.memory_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-        # Requests tokenize in parallel threads; a Hugging Face fast tokenizer is one Rust object
-        # that must not be borrowed by two calls at once ("Already borrowed").
-        self.tokenizer_lock = threading.Lock()
 
     @property
     @abstractmethod
@@ -67,8 +64,8 @@ class LoadedModel(ABC):
         return self.embedding_size
 
     def prepare_texts(self, texts: Sequence[str]) -> Sequence[Any]:
-        """Per-request text preparation (tokenization), run in a thread before batching so it
-        never waits behind a forward; the identity when ``prepares_texts`` is False."""
+        """Tokenization, batched across requests on the pool's one tokenizer thread (so never two
+        calls at once) while the previous forward runs; unused when ``prepares_texts`` is False."""
         return texts
 
     def encode_text(self, texts: Sequence[Any]) -> "torch.Tensor":

@@ -99,8 +99,7 @@ class OpenClipModel(LoadedModel):
 
     def prepare_texts(self, texts: Sequence[str]) -> Sequence["torch.Tensor"]:
         """Fixed-length token rows, so requests tokenized apart stack into one batch."""
-        with self.tokenizer_lock:
-            return list(self.tokenizer(list(texts)))
+        return list(self.tokenizer(list(texts)))
 
     def encode_text(self, tokens: Sequence["torch.Tensor"]) -> "torch.Tensor":
         import torch

@@ -2,11 +2,11 @@
 
 Store format: the folder ``SentenceTransformer.save()`` writes, opened with
 ``SentenceTransformer(folder)``. Encoding follows the library's own ``encode`` in two steps so
-tokenization never waits behind a forward: each request is tokenized in a thread with the
-model's own ``preprocess`` (the configured default prompt included, as ``encode`` applies it),
-split into one unpadded row per text; a batch pads those rows the way the tokenizer pads
-and runs the model's own forward (pooling, ``prompt_length`` for ``include_prompt=False``,
-a ``Normalize`` module). A model whose tokenizer output cannot be split and re-padded
+tokenization never waits behind a forward: texts are tokenized (batched across requests, on
+the tokenizer thread) with the model's own ``preprocess`` (the configured default prompt
+included, as ``encode`` applies it) and split into one unpadded row per text; a forward batch
+pads those rows the way the tokenizer pads and runs the model's own forward (pooling,
+``prompt_length`` for ``include_prompt=False``, a ``Normalize`` module). A model whose tokenizer output cannot be split and re-padded
 exactly (checked once at load) is encoded with ``encode`` itself, tokenization included.
 """
 
@@ -153,8 +153,7 @@ class SentenceTransformerModel(LoadedModel):
     def prepare_texts(self, texts: Sequence[str]) -> Sequence[TokenizedText]:
         if not texts:
             return []
-        with self.tokenizer_lock:
-            features = self.module.preprocess(list(texts), prompt=self._prompt)
+        features = self.module.preprocess(list(texts), prompt=self._prompt)
         rows = split_rows(features, self._padding_side)
         if rows is None:
             raise RuntimeError(f"{self.ref.display_id}: the tokenizer's output changed shape since load")
