@@ -75,6 +75,41 @@ async def model_server() -> ModelServer:
 Server = Annotated[ModelServer, Depends(model_server)]
 
 
+# ---- inference: seed generation (ingrain 0.0.7) and current (0.2.3) share bodies ----
+# First: each request is matched against the routes in order, twice (BentoML's mount, then
+# FastAPI's router), so the busiest routes come first.
+
+@app.post("/infer_text", response_model=s.EmbeddingsResponse)
+@app.post("/embed_text", response_model=s.EmbeddingsResponse)
+async def embed_text(server: Server, request: s.TextRequest) -> Response:
+    return json_response(await server.embed_text(request))
+
+
+@app.post("/infer_image", response_model=s.EmbeddingsResponse)
+async def infer_image(server: Server, request: s.ImageRequest) -> Response:
+    return json_response(await server.embed_image(request, timm_output="probabilities"))
+
+
+@app.post("/embed_image", response_model=s.EmbeddingsResponse)
+async def embed_image(server: Server, request: s.ImageRequest) -> Response:
+    return json_response(await server.embed_image(request, timm_output="features"))
+
+
+@app.post("/infer", response_model=s.TextImageEmbeddingsResponse)
+async def infer(server: Server, request: s.TextImageRequest) -> Response:
+    return json_response(await server.embed(request, timm_output="probabilities"))
+
+
+@app.post("/embed", response_model=s.TextImageEmbeddingsResponse)
+async def embed(server: Server, request: s.TextImageRequest) -> Response:
+    return json_response(await server.embed(request, timm_output="features"))
+
+
+@app.post("/classify_image", response_model=s.ProbabilitiesResponse)
+async def classify_image(server: Server, request: s.ImageRequest) -> Response:
+    return json_response(await server.classify_image(request))
+
+
 # ---- model management (the seed's routes) ----------------------------------------
 
 @app.get("/health", response_model=s.MessageResponse)
@@ -137,39 +172,6 @@ async def model_embedding_size(server: Server, name: str = Query(min_length=1),
 async def model_classification_labels(server: Server, name: str = Query(min_length=1),
                                       pretrained: str | None = None) -> Response:
     return json_response(server.classification_labels(name, pretrained))
-
-
-# ---- inference: seed generation (ingrain 0.0.7) and current (0.2.3) share bodies ----
-
-@app.post("/infer_text", response_model=s.EmbeddingsResponse)
-@app.post("/embed_text", response_model=s.EmbeddingsResponse)
-async def embed_text(server: Server, request: s.TextRequest) -> Response:
-    return json_response(await server.embed_text(request))
-
-
-@app.post("/infer_image", response_model=s.EmbeddingsResponse)
-async def infer_image(server: Server, request: s.ImageRequest) -> Response:
-    return json_response(await server.embed_image(request, timm_output="probabilities"))
-
-
-@app.post("/embed_image", response_model=s.EmbeddingsResponse)
-async def embed_image(server: Server, request: s.ImageRequest) -> Response:
-    return json_response(await server.embed_image(request, timm_output="features"))
-
-
-@app.post("/infer", response_model=s.TextImageEmbeddingsResponse)
-async def infer(server: Server, request: s.TextImageRequest) -> Response:
-    return json_response(await server.embed(request, timm_output="probabilities"))
-
-
-@app.post("/embed", response_model=s.TextImageEmbeddingsResponse)
-async def embed(server: Server, request: s.TextImageRequest) -> Response:
-    return json_response(await server.embed(request, timm_output="features"))
-
-
-@app.post("/classify_image", response_model=s.ProbabilitiesResponse)
-async def classify_image(server: Server, request: s.ImageRequest) -> Response:
-    return json_response(await server.classify_image(request))
 
 
 @app.get(JSON_METRICS_PATH)
