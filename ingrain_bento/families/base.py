@@ -40,7 +40,7 @@ class LoadedModel(ABC):
 
     modalities: frozenset[str] = frozenset()
     labels: list[str] | None = None
-    prepares_texts = False  # True when prepare_texts does real work (worth a thread hop)
+    prepares_texts = False  # True: texts go through prepare_texts (the tokenizer thread) first
 
     def __init__(self, ref: ModelRef, module: "torch.nn.Module", device: "torch.device", half: bool) -> None:
         import torch

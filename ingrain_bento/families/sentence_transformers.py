@@ -6,8 +6,9 @@ tokenization never waits behind a forward: texts are tokenized (batched across r
 the tokenizer thread) with the model's own ``preprocess`` (the configured default prompt
 included, as ``encode`` applies it) and split into one unpadded row per text; a forward batch
 pads those rows the way the tokenizer pads and runs the model's own forward (pooling,
-``prompt_length`` for ``include_prompt=False``, a ``Normalize`` module). A model whose tokenizer output cannot be split and re-padded
-exactly (checked once at load) is encoded with ``encode`` itself, tokenization included.
+``prompt_length`` for ``include_prompt=False``, a ``Normalize`` module). A model whose
+tokenizer output cannot be split and re-padded exactly (checked once at load) is encoded with
+``encode`` itself, tokenization included.
 """
 
 from __future__ import annotations
