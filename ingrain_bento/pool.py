@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from ingrain_bento.batching import Batcher
 from ingrain_bento.errors import AtCapacity, ModelNotFound
 from ingrain_bento.families import family
-from ingrain_bento.families.base import LoadedModel
+from ingrain_bento.families.base import LoadedModel, freeze_heap
 from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import Settings
@@ -138,6 +138,7 @@ class ModelPool:
             self._reserved.pop(ref, None)
         resident = Resident(model=model, stored=stored)
         self._resident[ref] = resident
+        freeze_heap()
         self._report_resident()
         log.info("pool.load model=%s device=%s bytes=%d seconds=%.2f", ref.display_id, self.device,
                  model.memory_bytes, time.perf_counter() - started)

@@ -95,10 +95,21 @@ class LoadedModel(ABC):
         import torch
 
         self.module = None
-        gc.collect()
+        gc.unfreeze()  # let the collector reach the model's reference cycles again
+        freeze_heap()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         trim_heap()
+
+
+def freeze_heap() -> None:
+    """Collect, then move every object alive now (the libraries, resident models) to the
+    collector's permanent generation, so later full collections skip them. With torch,
+    transformers and one model loaded the heap holds ~640k tracked objects, and one full
+    collection took ~0.36 s with the GIL held, stalling the event loop and the forward alike
+    (timed with ``gc.callbacks`` under the text load; with the heap frozen: ~6 ms)."""
+    gc.collect()
+    gc.freeze()
 
 
 def trim_heap() -> None:
