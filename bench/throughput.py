@@ -10,7 +10,9 @@
 (d) CLIP ViT-B-32 (random weights, served as a custom checkpoint from a loopback file
     server) with 16 concurrent single-image base64 requests vs in-process batched
     ``encode_image`` including preprocessing.
-The load generator (bench/loadgen.py) runs in its own process. Prints each figure and the
+The in-process library runs on the GPU when there is one (as the server's models do; compare
+``--server-env FP16_ENABLED=false`` for fp32 against the default fp16 there). The load
+generator (bench/loadgen.py) runs in its own process. Prints each figure and the
 ratios; ``--json FILE`` writes them too.
 
 Where the CPU goes, for the text run: CPU milliseconds per text of the in-process library,
@@ -65,6 +67,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def library_device() -> str:
+    """Where the in-process library runs: the GPU when there is one, as the server's models do."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def loadgen(url: str, bodies: list[dict], concurrency: int) -> dict:
     payloads = WORK / "payloads.json"
     payloads.write_text(json.dumps(bodies))
@@ -79,7 +88,7 @@ def bench_text(server: Server, n: int, results: dict) -> None:
     from sentence_transformers import SentenceTransformer
 
     data = texts(n)
-    model = SentenceTransformer(MINILM, device="cpu")
+    model = SentenceTransformer(MINILM, device=library_device())
     model.encode(data[:64], batch_size=64)
     started, cpu_started = time.perf_counter(), time.process_time()
     model.encode(data, batch_size=64)
@@ -114,10 +123,10 @@ def bench_images(server: Server, n: int, results: dict) -> None:
     from PIL import Image
 
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
-    model.eval()
+    model.eval().to(library_device())
     files = WORK / "files"
     files.mkdir(exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+    safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
                                 str(files / "vit-b-32-random.safetensors"))
     images = []
     for i in range(n):
@@ -129,7 +138,9 @@ def bench_images(server: Server, n: int, results: dict) -> None:
         with torch.inference_mode():
             for start in range(0, n, 64):
                 pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[start:start + 64]])
-                model.encode_image(pixels)
+                model.encode_image(pixels.to(library_device()))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the GPU's queued work is part of the time
 
     encode_all()
     started = time.perf_counter()
@@ -162,7 +173,7 @@ def main() -> None:
                         help="environment for the server only, e.g. INGRAIN_TORCH_THREADS=1 (repeatable)")
     args = parser.parse_args()
     place_minilm()
-    results: dict = {"cpu_count": os.cpu_count()}
+    results: dict = {"cpu_count": os.cpu_count(), "library_device": library_device()}
     server_env = dict(item.split("=", 1) for item in args.server_env)
     results["server_env"] = " ".join(args.server_env) or "(defaults)"
     server = Server(WORK / "serve.log", extra_env=server_env)
