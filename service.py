@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Annotated
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import bentoml  # noqa: E402
-from typing import Annotated  # noqa: E402
-
 from fastapi import Body, Depends, Query  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 

@@ -4,6 +4,7 @@ huggingface_hub and BentoML read once per process."""
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import hashlib
 import os
@@ -20,6 +21,17 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_server_env_option(parser: argparse.ArgumentParser, example: str = "") -> None:
+    """``--server-env KEY=VALUE`` (repeatable): environment for the server process only."""
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the server process only (repeatable)" + example)
+
+
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--server-env`` items as a dict, for ``Server(extra_env=...)``."""
+    return dict(item.split("=", 1) for item in args.server_env)
 
 
 def offline_workdir(prefix: str) -> Path:

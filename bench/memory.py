@@ -33,7 +33,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import QuietHandler, Server, offline_workdir, proc_status  # noqa: E402
+from harness import QuietHandler, Server, add_server_env_option, offline_workdir, proc_status, server_env  # noqa: E402
 
 WORK = offline_workdir("ingrain-bench-memory-")
 
@@ -83,11 +83,10 @@ def cycle(server: Server, image: str, pid: int) -> tuple[dict[str, float], dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=20)
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the server process only (repeatable)")
+    add_server_env_option(parser)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    extra_env = dict(item.split("=", 1) for item in args.server_env)
+    extra_env = server_env(args)
 
     files = WORK / "files"
     files.mkdir(parents=True)

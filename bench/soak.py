@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Server, offline_workdir, place_minilm, proc_status  # noqa: E402
+from harness import Server, add_server_env_option, offline_workdir, place_minilm, proc_status, server_env  # noqa: E402
 
 WORK = offline_workdir("ingrain-bench-soak-")
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -164,11 +164,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=420.0, help="stop sending new requests after this")
     parser.add_argument("--request-timeout", type=float, default=60.0)
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the server process only (repeatable), e.g. MALLOC_ARENA_MAX=2")
+    add_server_env_option(parser, ", e.g. MALLOC_ARENA_MAX=2")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    extra_env = dict(item.split("=", 1) for item in args.server_env)
+    extra_env = server_env(args)
 
     begun = time.perf_counter()
     place_minilm()

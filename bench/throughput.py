@@ -40,7 +40,8 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, QuietHandler, Server, cpu_seconds, offline_workdir, place_minilm  # noqa: E402
+from harness import (  # noqa: E402
+    ROOT, QuietHandler, Server, add_server_env_option, cpu_seconds, offline_workdir, place_minilm, server_env)
 
 WORK = offline_workdir("ingrain-bench-")
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -122,8 +123,9 @@ def bench_images(server: Server, n: int, results: dict) -> None:
     import torch
     from PIL import Image
 
+    device = library_device()
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
-    model.eval().to(library_device())
+    model.eval().to(device)
     files = WORK / "files"
     files.mkdir(exist_ok=True)
     safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
@@ -138,8 +140,8 @@ def bench_images(server: Server, n: int, results: dict) -> None:
         with torch.inference_mode():
             for start in range(0, n, 64):
                 pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[start:start + 64]])
-                model.encode_image(pixels.to(library_device()))
-        if torch.cuda.is_available():
+                model.encode_image(pixels.to(device))
+        if device == "cuda":
             torch.cuda.synchronize()  # the GPU's queued work is part of the time
 
     encode_all()
@@ -169,14 +171,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--skip-images", action="store_true")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment for the server only, e.g. INGRAIN_TORCH_THREADS=1 (repeatable)")
+    add_server_env_option(parser, ", e.g. INGRAIN_TORCH_THREADS=1")
     args = parser.parse_args()
     place_minilm()
     results: dict = {"cpu_count": os.cpu_count(), "library_device": library_device()}
-    server_env = dict(item.split("=", 1) for item in args.server_env)
     results["server_env"] = " ".join(args.server_env) or "(defaults)"
-    server = Server(WORK / "serve.log", extra_env=server_env)
+    server = Server(WORK / "serve.log", extra_env=server_env(args))
     try:
         bench_text(server, args.texts, results)
         if not args.skip_images:

@@ -211,13 +211,16 @@ class ModelPool:
         batcher = resident.batchers.get(task)
         if batcher is None:
             model, ref = resident.model, resident.model.ref
-            forward = {TEXT_TOKENS: model.prepare_texts, TEXT_EMBEDDING: model.encode_text,
-                       IMAGE_EMBEDDING: model.encode_image, IMAGE_LOGITS: model.classify_image}[task]
+            forward, executor = {
+                TEXT_TOKENS: (model.prepare_texts, self.tokenize_executor),
+                TEXT_EMBEDDING: (model.encode_text, self.forward_executor),
+                IMAGE_EMBEDDING: (model.encode_image, self.forward_executor),
+                IMAGE_LOGITS: (model.classify_image, self.forward_executor),
+            }[task]
             on_batch = None
-            if self.metrics is not None and task != TEXT_TOKENS:  # tokenizing is not an inference
+            if self.metrics is not None and executor is self.forward_executor:  # tokenizing is not inference
                 record = self.metrics.record_batch
                 on_batch = lambda size, ns: record(ref, task, size, ns)  # noqa: E731
-            executor = self.tokenize_executor if task == TEXT_TOKENS else self.forward_executor
             batcher = Batcher(forward, executor, max_batch=self.settings.max_batch_size,
                               max_wait_s=self.settings.batch_wait_ms / 1000, merge=self.settings.dynamic_batching,
                               on_batch=on_batch)

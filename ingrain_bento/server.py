@@ -281,7 +281,7 @@ class ModelServer:
             raise BadRequest(f"{resident.model.ref.display_id} is an image model: send 'image', not 'text'.")
         model = resident.model
         prepared = await self.pool.batcher(resident, TEXT_TOKENS).submit(texts) if model.prepares_texts else texts
-        return await self.pool.batcher(resident, TEXT_EMBEDDING).submit(list(prepared))
+        return await self.pool.batcher(resident, TEXT_EMBEDDING).submit(prepared)
 
     async def _image_rows(self, resident: Resident, images: list[str], headers: dict[str, str] | None,
                           task: str) -> "torch.Tensor":

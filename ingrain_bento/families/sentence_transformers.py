@@ -152,8 +152,6 @@ class SentenceTransformerModel(LoadedModel):
         return self._size
 
     def prepare_texts(self, texts: Sequence[str]) -> Sequence[TokenizedText]:
-        if not texts:
-            return []
         features = self.module.preprocess(list(texts), prompt=self._prompt)
         rows = split_rows(features, self._padding_side)
         if rows is None:
