@@ -1,16 +1,19 @@
-"""Per-model dynamic batching: many small concurrent requests become few large forwards.
+"""Dynamic batching: many small concurrent requests become few large calls.
 
-The same machinery batches tokenization, on its own thread (see ``ModelPool.batcher``).
+The runner batches forwards per (model, task) with it (``ModelPool.batcher``); the front
+batches tokenization on its tokenizer thread and coalesces its requests into runner calls
+(``RunnerClient``) with the same class.
 
 A ``Batcher`` serves one (model, task) pair. ``submit(items)`` splits a request into
 chunks of at most ``max_batch`` items, queues them, and returns the rows in input order.
-One collector task per batcher takes the queued chunks, waits for more while the batch is not
-full and its oldest chunk has waited less than ``max_wait_s``, runs one forward on the shared
-forward thread (off the event loop), and hands each caller its rows. The wait counts from the
-oldest chunk's arrival (as Triton's queue delay does): chunks that queued up during the
-previous forward have waited already, so the next forward starts at once instead of after the
-event loop has answered the previous batch. If a merged forward fails, each chunk is retried
-alone, so one bad request never fails its batch neighbours.
+One collector task per batcher takes the queued chunks, waits for more while the batch is
+not full and its oldest chunk has waited less than ``max_wait_s``, runs one forward (an
+async callable; ``in_executor`` puts a blocking one on a thread) and hands each caller its
+rows. One forward is in flight at a time; what arrives meanwhile forms the next batch. The
+wait counts from the oldest chunk's arrival (as Triton's queue delay does): chunks that
+queued up during the previous forward have waited already, so the next forward starts at
+once. If a merged forward fails, each chunk is retried alone (``isolate_failures``), so one
+bad request never fails its batch neighbours.
 """
 
 from __future__ import annotations
@@ -21,14 +24,30 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from functools import partial
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 from ingrain_bento.errors import AtCapacity
 
 log = logging.getLogger("ingrain_bento.batching")
 
+__all__ = ["Batcher", "BatcherClosed", "in_executor"]
+
+
+class BatcherClosed(AtCapacity):
+    """A submit after ``close()``: the model was unloaded while the request waited."""
+
 Item = TypeVar("Item")
-Forward = Callable[[Sequence[Any]], Any]  # items -> one row per item (a tensor, or a list)
+Forward = Callable[[Sequence[Any]], Awaitable[Any]]  # items -> one row per item (a tensor, or a list)
+
+
+def in_executor(function: Callable[[Sequence[Any]], Any], executor: Executor) -> Forward:
+    """A blocking forward, run on ``executor`` so the event loop keeps serving meanwhile."""
+
+    async def forward(items: Sequence[Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(executor, partial(function, items))
+
+    return forward
 
 
 @dataclass
@@ -45,13 +64,13 @@ def _fail(chunks: list[_Chunk[Any]], exc: BaseException) -> None:
 
 
 class Batcher(Generic[Item]):
-    def __init__(self, forward: Forward, executor: Executor, *, max_batch: int, max_wait_s: float,
-                 merge: bool = True, on_batch: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, forward: Forward, *, max_batch: int, max_wait_s: float, merge: bool = True,
+                 isolate_failures: bool = True, on_batch: Callable[[int, int], None] | None = None) -> None:
         self.forward = forward
-        self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.merge = merge
+        self.isolate_failures = isolate_failures
         self.on_batch = on_batch  # (items, forward ns) after each forward: the metrics hook
         self._pending: deque[_Chunk[Item]] = deque()
         self._wakeup = asyncio.Event()
@@ -66,7 +85,7 @@ class Batcher(Generic[Item]):
         import torch
 
         if self._closed:
-            raise AtCapacity("The model was unloaded while this request waited: send it again.")
+            raise BatcherClosed("The model was unloaded while this request waited: send it again.")
         if self._task is None:
             self._task = asyncio.create_task(self._collect())
         now = time.monotonic()
@@ -96,7 +115,7 @@ class Batcher(Generic[Item]):
         except BaseException as exc:
             # Never leave a caller waiting on a dead collector: fail what is queued, and let
             # the next submit start a fresh collector.
-            _fail(list(self._pending), exc if isinstance(exc, Exception) else AtCapacity("The batcher stopped."))
+            _fail(list(self._pending), exc if isinstance(exc, Exception) else BatcherClosed("The batcher stopped."))
             self._pending.clear()
             self._task = None
             raise
@@ -127,16 +146,15 @@ class Batcher(Generic[Item]):
             await self._run(batch)
 
     async def _run(self, batch: list[_Chunk[Item]]) -> None:
-        loop = asyncio.get_running_loop()
         items = [item for chunk in batch for item in chunk.items]
         started = time.perf_counter_ns()
         try:
-            rows = await loop.run_in_executor(self.executor, self.forward, items)
+            rows = await self.forward(items)
             if len(rows) != len(items):
                 raise RuntimeError(f"forward returned {len(rows)} rows for {len(items)} items")
         except Exception as exc:
-            if len(batch) == 1:
-                _fail([batch[0]], exc)
+            if len(batch) == 1 or not self.isolate_failures:
+                _fail(batch, exc)
                 return
             for chunk in batch:  # isolate the failing request from its neighbours
                 await self._run([chunk])

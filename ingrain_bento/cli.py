@@ -13,15 +13,17 @@ from typing import Sequence
 
 from ingrain_bento.errors import IngrainError
 from ingrain_bento.model_list import read_model_list
-from ingrain_bento.refs import Library, ModelRef
-
+from ingrain_bento.refs import ModelRef
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ingrain_bento.families import families
+
+    libraries = sorted(families())
     parser = argparse.ArgumentParser(prog="ingrain-bento", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     pull = commands.add_parser("pull", help="download a model into the BentoML model store")
-    pull.add_argument("--library", choices=[lib.value for lib in Library])
+    pull.add_argument("--library", choices=libraries)
     pull.add_argument("--name", help="architecture, Hub id, or hf-hub:org/repo")
     pull.add_argument("--from", dest="model_list", help="pull every model of a models/*.yaml list instead")
     pull.add_argument("--pretrained", default=None, help="pretrained tag (open_clip), true/false (timm)")
@@ -29,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     rm = commands.add_parser("rm", help="remove a model from the store")
     rm.add_argument("--name", required=True)
     rm.add_argument("--pretrained", default=None)
-    rm.add_argument("--library", default=None, choices=[lib.value for lib in Library])
+    rm.add_argument("--library", default=None, choices=libraries)
     return parser
 
 
@@ -58,12 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "list":
             table = Table("id", "library", "pretrained", "store tag", "MB")
             for entry in store.entries():
-                table.add_row(entry.ref.display_id if entry.ref else entry.name, entry.library.value,
+                table.add_row(entry.ref.display_id if entry.ref else entry.name, entry.library,
                               str(entry.pretrained), entry.tag, f"{entry.size_bytes / 1e6:.1f}")
             console.print(table)
         else:
             matches = [e for e in store.entries()
-                       if (args.library in (None, e.library.value)) and e.name == args.name
+                       if (args.library in (None, e.library)) and e.name == args.name
                        and (args.pretrained is None or str(e.pretrained).lower() == args.pretrained.lower())]
             if len(matches) != 1:
                 console.print(f"[red]{len(matches)} stored models match {args.name!r}[/red]: "

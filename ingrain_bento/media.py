@@ -59,7 +59,7 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
 
 
 class ImageLoader:
-    """Turns the strings of a request into images, fetching URLs concurrently."""
+    """Turns the strings of a request into encoded image bytes, fetching URLs concurrently."""
 
     def __init__(self, fetcher: SafeFetcher, settings: Settings) -> None:
         self.fetcher = fetcher
@@ -77,9 +77,9 @@ class ImageLoader:
                 raise
         return _decode_base64(value, index, self.settings.max_image_bytes)
 
-    async def load(self, values: list[str], headers: dict[str, str] | None = None) -> list[Image.Image]:
-        """Decode every image of a request, in order; the first bad one fails the request."""
-        raw = await asyncio.gather(*(self._bytes(v, i, headers) for i, v in enumerate(values)))
-        return await asyncio.to_thread(
-            lambda: [decode_image(data, i, self.settings.max_image_pixels) for i, data in enumerate(raw)]
-        )
+    async def fetch(self, values: list[str], headers: dict[str, str] | None = None) -> list[bytes]:
+        """The encoded bytes of every image of a request, in order; the first bad one fails it."""
+        return list(await asyncio.gather(*(self._bytes(v, i, headers) for i, v in enumerate(values))))
+
+    def decode(self, data: bytes, index: int) -> Image.Image:
+        return decode_image(data, index, self.settings.max_image_pixels)

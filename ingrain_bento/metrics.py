@@ -1,13 +1,17 @@
 """Per-model metrics, in two forms on one ``GET /metrics``:
 
 - Prometheus series (``prometheus_client``, so BentoML's own ``/metrics`` exposes them beside
-  its request metrics, in its multiprocess mode): requests, items, errors, latency and
-  batch-size histograms, resident models and bytes;
+  its request metrics, in its multiprocess mode). Every process of one ``bentoml serve``
+  writes to the same multiprocess folder, so any front worker's ``/metrics`` sums them: the
+  front's ``RequestMetrics`` (requests and latency per route, runner-call retries) and the
+  runner's ``ModelMetrics`` (items, batch sizes, forward time, resident models and bytes,
+  runner starts);
 - the Ingrain JSON ``{"modelStats": [...]}`` (Triton's statistics shape) that the ``ingrain``
-  clients' ``metrics()`` parse. ``MetricsFormatMiddleware`` routes a request that does not
-  ask for Prometheus text to ``/ingrain_metrics``, which answers this form.
+  clients' ``metrics()`` parse, kept by the runner's ``ModelMetrics`` and fetched from it.
+  ``MetricsFormatMiddleware`` routes a request that does not ask for Prometheus text to
+  ``/ingrain_metrics``, which answers this form.
 
-prometheus_client is imported when ``ModelMetrics`` is built (in the worker), never at module
+prometheus_client is imported when a metrics object is built (in the worker), never at module
 import: BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` after importing the service module.
 """
 
@@ -58,6 +62,9 @@ def _series() -> SimpleNamespace:
 
     return SimpleNamespace(
         requests=prom.Counter("ingrain_requests", "Inference requests", ["model", "route", "status"]),
+        runner_retries=prom.Counter("ingrain_runner_retries", "Runner calls sent again after a connection error"),
+        runner_unavailable=prom.Counter("ingrain_runner_unavailable", "Requests answered 503 while the runner was down"),
+        runner_starts=prom.Counter("ingrain_runner_starts", "Runner processes started (restarts after a crash included)"),
         items=prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task"]),
         latency=prom.Histogram("ingrain_request_latency_seconds", "Inference request latency", ["model", "route"]),
         batch_size=prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task"],
@@ -69,17 +76,37 @@ def _series() -> SimpleNamespace:
     )
 
 
+class RequestMetrics:
+    """What a front worker counts: each inference request by model and route, and its runner calls."""
+
+    def __init__(self) -> None:
+        self.series = _series()
+
+    def record_request(self, model: str, route: str, ok: bool, seconds: float) -> None:
+        self.series.requests.labels(model, route, "ok" if ok else "error").inc()
+        self.series.latency.labels(model, route).observe(seconds)
+
+    def record_runner_retry(self) -> None:
+        self.series.runner_retries.inc()
+
+    def record_runner_unavailable(self) -> None:
+        self.series.runner_unavailable.inc()
+
+
 class ModelMetrics:
+    """What the runner counts per model: Ingrain's JSON statistics and the model series."""
+
     def __init__(self) -> None:
         self._stats: dict[str, _ModelStats] = {}
+        self._reported: set[str] = set()
         self.series = _series()
+        self.series.runner_starts.inc()
 
     def _model(self, ref: ModelRef) -> _ModelStats:
         return self._stats.setdefault(ref.display_id, _ModelStats())
 
-    def record_request(self, ref: ModelRef, route: str, ok: bool, seconds: float) -> None:
-        self.series.requests.labels(ref.display_id, route, "ok" if ok else "error").inc()
-        self.series.latency.labels(ref.display_id, route).observe(seconds)
+    def record_outcome(self, ref: ModelRef, ok: bool, seconds: float) -> None:
+        """One request's part of a runner call (Ingrain's success/fail counts and time)."""
         stats = self._model(ref)
         (stats.success if ok else stats.fail).add(int(seconds * 1e9))
         if ok:
@@ -96,10 +123,14 @@ class ModelMetrics:
         stats.batches.setdefault(size, _Duration()).add(ns)
 
     def record_resident(self, sizes: dict[str, int]) -> None:
+        """Bytes per resident model; a model that left reads 0 (multiprocess mode cannot remove
+        a label, and a stale value would count it as resident still)."""
         self.series.resident_models.set(len(sizes))
-        self.series.resident_bytes.clear()
+        for model in self._reported - sizes.keys():
+            self.series.resident_bytes.labels(model).set(0)
         for model, size in sizes.items():
             self.series.resident_bytes.labels(model).set(size)
+        self._reported = set(sizes)
 
     def ingrain_json(self) -> dict[str, Any]:
         """Ingrain's ``{"modelStats": [...]}``: counts and ns as strings, as Ingrain sends them."""

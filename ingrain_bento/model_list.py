@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from ingrain_bento.refs import ModelRef
+from ingrain_bento.settings import Settings
+
+__all__ = ["baked_model_tags", "preload_list", "read_model_list"]
 
 
 class ModelListEntry(BaseModel):
@@ -39,3 +42,17 @@ def read_model_list(path: str | Path) -> list[ModelRef]:
         return [ModelRef.parse(e.library, e.name, e.pretrained) for e in entries]
     except Exception as exc:
         raise ValueError(f"{path}: {exc}") from exc
+
+
+def preload_list(settings: Settings) -> list[ModelRef]:
+    """``INGRAIN_PRELOAD``'s models, or none."""
+    return read_model_list(settings.preload) if settings.preload else []
+
+
+def baked_model_tags(settings: Settings) -> list[str]:
+    """Store tags of the preload list's models that are stored here: what ``bentoml build``
+    bakes into a Bento (BentoML's own mechanism), so the Bento serves them with no network."""
+    from ingrain_bento.store import ModelStore
+
+    store = ModelStore()
+    return [entry.tag for entry in (store.find(ref) for ref in preload_list(settings)) if entry is not None]

@@ -11,34 +11,18 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from enum import Enum
 
 from ingrain_bento.errors import BadRequest
 
-
-class Library(str, Enum):
-    OPEN_CLIP = "open_clip"
-    SENTENCE_TRANSFORMERS = "sentence_transformers"
-    TIMM = "timm"
-
+__all__ = ["DISPLAY_SEPARATOR", "HF_HUB_PREFIX", "ModelRef", "split_display_id", "validate_name", "validate_tag"]
 
 HF_HUB_PREFIX = "hf-hub:"
 DISPLAY_SEPARATOR = "::"
 MAX_NAME_CHARS = 200
-TIMM_RANDOM_WEIGHTS = "false"
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
 _NAME_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})?$")
 _TAG_RE = re.compile(rf"^{_SEGMENT}$")
-
-
-def parse_library(value: str) -> Library:
-    """The library a client named, or a 400 listing the ones there are."""
-    try:
-        return Library(value)
-    except ValueError:
-        choices = ", ".join(lib.value for lib in Library)
-        raise BadRequest(f"Unknown library {value!r}: use one of {choices}.") from None
 
 
 def _check_plain(value: str, what: str, pattern: re.Pattern[str]) -> None:
@@ -84,21 +68,24 @@ def split_display_id(name: str, pretrained: str | bool | None) -> tuple[str, str
 class ModelRef:
     """One model: which library opens it, its name, and its weights.
 
-    ``pretrained`` is canonical per library: open_clip a tag or custom name (``None`` only
-    for ``hf-hub:`` names); sentence-transformers always ``None``; timm ``None`` for the
-    pretrained weights, ``"false"`` for random weights, else a custom checkpoint name.
+    ``pretrained`` is canonical per library (``Family.canonical_pretrained``): open_clip a
+    tag or custom name (``None`` only for ``hf-hub:`` names); sentence-transformers always
+    ``None``; timm ``None`` for the pretrained weights, ``"false"`` for random weights, else a
+    custom checkpoint name.
     """
 
-    library: Library
+    library: str
     name: str
     pretrained: str | None = None
 
     @classmethod
-    def parse(cls, library: Library | str, name: str, pretrained: str | bool | None = None) -> "ModelRef":
-        library = library if isinstance(library, Library) else parse_library(library)
+    def parse(cls, library: str, name: str, pretrained: str | bool | None = None) -> "ModelRef":
+        from ingrain_bento.families import family
+
+        entry = family(library)
         name, pretrained = split_display_id(name, pretrained)
         name = validate_name(name)
-        return cls(library, name, _canonical_pretrained(library, name, pretrained))
+        return cls(entry.name, name, entry.canonical_pretrained(name, pretrained))
 
     @property
     def is_hub_name(self) -> bool:
@@ -112,38 +99,17 @@ class ModelRef:
     @property
     def api_pretrained(self) -> str | bool | None:
         """``pretrained`` as the API shows it (timm: ``true``/``false``/custom name)."""
-        if self.library is Library.TIMM:
-            if self.pretrained is None:
-                return True
-            if self.pretrained == TIMM_RANDOM_WEIGHTS:
-                return False
-        return self.pretrained
+        from ingrain_bento.families import family
+
+        return family(self.library).api_pretrained(self.pretrained)
 
     @property
     def store_name(self) -> str:
         """A BentoML tag name (``[a-z0-9._-]``, at most 63 chars): readable slug + identity hash."""
-        identity = f"{self.library.value}\n{self.name}\n{self.pretrained}"
+        from ingrain_bento.families import family
+
+        identity = f"{self.library}\n{self.name}\n{self.pretrained}"
         digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
-        short = {"open_clip": "clip", "sentence_transformers": "st", "timm": "timm"}[self.library.value]
+        short = family(self.library).tag_prefix
         slug = re.sub(r"[^a-z0-9._]+", "-", self.display_id.lower()).strip("-.")
         return f"{short}-{slug[: 63 - len(short) - len(digest) - 2]}-{digest}"
-
-
-def _canonical_pretrained(library: Library, name: str, pretrained: str | bool | None) -> str | None:
-    if library is Library.SENTENCE_TRANSFORMERS:
-        return None
-    if library is Library.TIMM:
-        if pretrained is None or pretrained is True or str(pretrained).lower() == "true":
-            return None
-        if pretrained is False or str(pretrained).lower() == TIMM_RANDOM_WEIGHTS:
-            return TIMM_RANDOM_WEIGHTS
-        return validate_tag(str(pretrained))
-    if isinstance(pretrained, bool):
-        raise BadRequest("open_clip takes a pretrained tag (a string such as 'laion2b_s34b_b79k'), not true/false.")
-    if name.startswith(HF_HUB_PREFIX):
-        if pretrained is not None:
-            raise BadRequest(f"{name!r} carries its own weights: send pretrained as null.")
-        return None
-    if pretrained is None:
-        raise BadRequest(f"open_clip model {name!r} needs a pretrained tag (for example 'laion2b_s34b_b79k').")
-    return validate_tag(pretrained)

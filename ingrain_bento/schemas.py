@@ -142,12 +142,15 @@ class MessageResponse(ApiModel):
     message: str
 
 
+ModelState = Literal["READY", "UNAVAILABLE", "LOADING"]
+
+
 class ModelInfo(ApiModel):
     id: str
     name: str
     pretrained: Pretrained
     library: str
-    state: Literal["READY", "UNAVAILABLE", "LOADING"]
+    state: ModelState
     modalities: list[str] = []
     embedding_size: Optional[int] = None
     device: Optional[str] = None

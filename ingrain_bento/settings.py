@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+__all__ = ["Settings", "get_settings"]
+
 
 def _env(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
@@ -23,6 +25,11 @@ class Settings(BaseSettings):
 
     port: int = Field(8687, ge=1, le=65535, validation_alias=_env("INGRAIN_PORT"),
                       description="Default port of `bentoml serve` (`--port` overrides it).")
+    http_workers: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_HTTP_WORKERS"),
+                                     description="Front (HTTP) worker processes (default: chosen from the machine, "
+                                                 "see README Performance).")
+    restore: bool = Field(True, validation_alias=_env("INGRAIN_RESTORE"),
+                          description="A (re)started runner loads the models that were resident before.")
     max_loaded_models: int = Field(5, ge=1, validation_alias=_env("MAX_LOADED_MODELS"),
                                    description="Resident models at most (Ingrain's default 5).")
     max_batch_size: int = Field(64, ge=1, validation_alias=_env("MAX_BATCH_SIZE"),

@@ -24,7 +24,9 @@ import bentoml
 
 from ingrain_bento.errors import Conflict, ModelNotFound
 from ingrain_bento.families import family
-from ingrain_bento.refs import Library, ModelRef
+from ingrain_bento.refs import ModelRef
+
+__all__ = ["COMPLETE_MARKER", "ModelStore", "StoredModel", "bentoml_home", "custom_store_name", "staging_dir"]
 
 log = logging.getLogger("ingrain_bento.store")
 
@@ -39,7 +41,7 @@ class StoredModel:
 
     tag: str
     path: Path
-    library: Library
+    library: str
     ref: ModelRef | None
     custom_name: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -54,14 +56,15 @@ class StoredModel:
         return self.ref.api_pretrained if self.ref else self.custom_name
 
 
-def custom_store_name(library: Library, pretrained_name: str) -> str:
+def custom_store_name(library: str, pretrained_name: str) -> str:
     """Tag name of a custom checkpoint waiting to be bound to an architecture."""
-    digest = hashlib.sha256(f"{library.value}\n{pretrained_name}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{library}\n{pretrained_name}".encode()).hexdigest()[:10]
     slug = re.sub(r"[^a-z0-9._]+", "-", pretrained_name.lower()).strip("-.")[:38]
-    return f"custom-{library.value.replace('_', '-')[:9]}-{slug}-{digest}"
+    return f"custom-{library.replace('_', '-')[:9]}-{slug}-{digest}"
 
 
-def _home() -> Path:
+def bentoml_home() -> Path:
+    """``$BENTOML_HOME``, as BentoML resolved it for this process."""
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     return Path(BentoMLContainer.bentoml_home.get())
@@ -76,7 +79,7 @@ class ModelStore:
 
     @contextmanager
     def _lock(self, tag_name: str) -> Iterator[None]:
-        lock_dir = _home() / "ingrain-locks"
+        lock_dir = bentoml_home() / "ingrain-locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
         with open(lock_dir / f"{tag_name}.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -91,7 +94,7 @@ class ModelStore:
         labels = model.info.labels
         if not (path / COMPLETE_MARKER).is_file() or "library" not in labels:
             return None
-        library = Library(labels["library"])
+        library = labels["library"]
         meta = dict(model.info.metadata)
         if meta.get("unbound"):
             ref, custom = None, labels["pretrained"]
@@ -99,7 +102,8 @@ class ModelStore:
             ref, custom = ModelRef.parse(library, labels["name"], labels["pretrained"] or None), None
         return StoredModel(str(model.tag), path, library, ref, custom, meta, int(meta.get("size_bytes", 0)))
 
-    def _get(self, tag_name: str) -> StoredModel | None:
+    def by_tag(self, tag_name: str) -> StoredModel | None:
+        """The complete entry of a tag (``name`` or ``name:version``), if there is one."""
         try:
             return self._entry(bentoml.models.get(tag_name))
         except bentoml.exceptions.NotFound:
@@ -111,10 +115,10 @@ class ModelStore:
         return [entry for entry in found if entry is not None]
 
     def find(self, ref: ModelRef) -> StoredModel | None:
-        return self._get(ref.store_name)
+        return self.by_tag(ref.store_name)
 
-    def find_unbound(self, library: Library, pretrained_name: str) -> StoredModel | None:
-        return self._get(custom_store_name(library, pretrained_name))
+    def find_unbound(self, library: str, pretrained_name: str) -> StoredModel | None:
+        return self.by_tag(custom_store_name(library, pretrained_name))
 
     def _create(self, tag_name: str, labels: dict[str, str], write: Callable[[Path], dict[str, Any]],
                 extra_metadata: dict[str, Any] | None = None) -> StoredModel:
@@ -144,7 +148,7 @@ class ModelStore:
         existing = self.find(ref)
         if existing is not None:
             return existing
-        if ref.library is not Library.SENTENCE_TRANSFORMERS and ref.pretrained not in (None, "false"):
+        if ref.pretrained is not None:
             unbound = self.find_unbound(ref.library, ref.pretrained)
             if unbound is not None:
                 return self.bind(ref, unbound)
@@ -172,27 +176,29 @@ class ModelStore:
         self.delete_tag(unbound.tag)
         return entry
 
-    def import_custom(self, library: Library, pretrained_name: str, write: Callable[[Path], dict[str, Any]],
+    def import_custom(self, library: str, pretrained_name: str, write: Callable[[Path], dict[str, Any]],
                       options: dict[str, Any]) -> StoredModel:
-        """Store a downloaded custom checkpoint; 409 when ``pretrained_name`` is taken."""
-        if library is Library.SENTENCE_TRANSFORMERS:
+        """Store a downloaded custom model; 409 when ``pretrained_name`` is taken. A complete
+        model folder is stored under its own name; a bare checkpoint waits, unbound, for the
+        load that names its architecture (``bind``)."""
+        if family(library).custom_form == "folder":
             ref = ModelRef.parse(library, pretrained_name)
             tag_name, labels, extra = ref.store_name, self._labels(ref), {"custom": True}
         else:
             tag_name = custom_store_name(library, pretrained_name)
-            labels = {"library": library.value, "name": pretrained_name, "pretrained": pretrained_name}
+            labels = {"library": library, "name": pretrained_name, "pretrained": pretrained_name}
             extra = {"custom": True, "unbound": True, "options": options}
         with self._lock(tag_name):
             if self.is_taken(library, pretrained_name):
-                raise Conflict(f"A {library.value} model named {pretrained_name!r} is already stored: "
+                raise Conflict(f"A {library} model named {pretrained_name!r} is already stored: "
                                "delete it first or choose another pretrained_name.")
             self._remove_incomplete(tag_name)
             return self._create(tag_name, labels, write, extra)
 
-    def is_taken(self, library: Library, pretrained_name: str) -> bool:
+    def is_taken(self, library: str, pretrained_name: str) -> bool:
         """Whether a stored model of ``library`` already uses ``pretrained_name``."""
         for entry in self.entries():
-            if entry.library is library and pretrained_name in (entry.custom_name, entry.name,
+            if entry.library == library and pretrained_name in (entry.custom_name, entry.name,
                                                                 entry.ref and entry.ref.pretrained):
                 return True
         return False
@@ -200,9 +206,9 @@ class ModelStore:
     def delete(self, ref: ModelRef) -> StoredModel:
         """Remove ``ref`` (or the unbound custom checkpoint it names) from the store."""
         entry = self.find(ref)
-        if entry is None and ref.pretrained not in (None, "false"):
+        if entry is None and ref.pretrained is not None:
             entry = self.find_unbound(ref.library, ref.pretrained)
-        if entry is None and ref.library is not Library.SENTENCE_TRANSFORMERS:
+        if entry is None:
             entry = self.find_unbound(ref.library, ref.name)
         if entry is None:
             raise ModelNotFound(f"{ref.display_id} is not in the model store.")
@@ -227,7 +233,7 @@ class ModelStore:
     @staticmethod
     def _labels(ref: ModelRef) -> dict[str, str]:
         pretrained = "" if ref.pretrained is None else ref.pretrained
-        return {"library": ref.library.value, "name": ref.name, "pretrained": pretrained,
+        return {"library": ref.library, "name": ref.name, "pretrained": pretrained,
                 "id": ref.display_id, "source": "ingrain-bento"}
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from ingrain_bento.batching import Batcher
+from ingrain_bento.batching import Batcher, in_executor
 from ingrain_bento.errors import AtCapacity
 
 POISON = -1
@@ -61,7 +61,7 @@ def run(scenario, *, timeout: float = 5.0, **batcher_args):
 
     async def main():
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(forward, executor, **batcher_args)
+            batcher = Batcher(in_executor(forward, executor), **batcher_args)
             try:
                 return await asyncio.wait_for(scenario(batcher, forward), timeout)
             finally:
@@ -101,7 +101,8 @@ def test_a_forward_that_returns_lists_gets_its_chunks_joined_as_a_list():
 
     async def main():
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(lambda items: [f"tokens of {x}" for x in items], executor, max_batch=4, max_wait_s=0.001)
+            batcher = Batcher(in_executor(lambda items: [f"tokens of {x}" for x in items], executor), max_batch=4,
+                              max_wait_s=0.001)
             try:
                 return await batcher.submit(list(range(10)))
             finally:
@@ -288,26 +289,40 @@ def test_close_while_a_batch_waits_for_company_does_not_hang():
     assert elapsed < 2.0
 
 
-def test_a_failing_on_batch_callback_does_not_hang_requests():
+def test_a_failing_on_batch_callback_does_not_hang_or_fail_requests():
     def broken_metrics(size, ns):
         raise RuntimeError("metrics broke")
 
     async def main():
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(FakeForward(0.0), executor, max_batch=4, max_wait_s=0.001, on_batch=broken_metrics)
-            outcomes = []
-            for item in (1, 2):
-                try:
-                    outcomes.append(values(await asyncio.wait_for(batcher.submit([item]), 0.5)))
-                except TimeoutError:
-                    outcomes.append("hung")
-                except RuntimeError:
-                    outcomes.append("failed")
-            try:  # close() re-raises what killed the collector: retrieve it here, not at garbage collection
-                await asyncio.wait_for(batcher.close(), 1.0)
-            except Exception:
-                pass
+            batcher = Batcher(in_executor(FakeForward(0.0), executor), max_batch=4, max_wait_s=0.001,
+                              on_batch=broken_metrics)
+            outcomes = [values(await asyncio.wait_for(batcher.submit([item]), 0.5)) for item in (1, 2)]
+            await asyncio.wait_for(batcher.close(), 1.0)  # the collector survived the callback
             return outcomes
 
+    assert asyncio.run(main()) == [[1.0], [2.0]]
+
+
+# ---- an async forward without isolation (the front's coalescing of runner calls) ----------
+
+def test_without_isolation_a_failed_call_fails_every_request_in_it_once():
+    calls: list[list[int]] = []
+
+    async def runner_call(items):
+        calls.append(list(items))
+        await asyncio.sleep(0.01)
+        raise ConnectionError("runner gone")
+
+    async def main():
+        batcher = Batcher(runner_call, max_batch=64, max_wait_s=0.0, isolate_failures=False)
+        first = asyncio.create_task(batcher.submit([1]))
+        await asyncio.sleep(0)  # the first call is in flight: the next three queue behind it
+        rest = [asyncio.create_task(batcher.submit([i])) for i in (2, 3, 4)]
+        outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+        await batcher.close()
+        return outcomes
+
     outcomes = asyncio.run(main())
-    assert "hung" not in outcomes
+    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes)
+    assert calls == [[1], [2, 3, 4]], "one call in flight, the queued requests sent together, none alone again"

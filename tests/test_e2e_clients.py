@@ -223,8 +223,8 @@ def test_bad_requests_get_a_message_and_the_server_keeps_serving(server, hub_mod
     assert not any(p.name == "x" for p in server.home.parent.iterdir()), "a bad name wrote outside the store"
 
 
-def test_restart_keeps_the_store_and_serves_without_downloading(server, real_server_factory, hub_models,
-                                                                 session_dir, seed):
+def test_restart_keeps_the_store_restores_the_resident_models_and_serves_without_downloading(
+        server, real_server_factory, hub_models, session_dir, seed):
     import os
     import subprocess
     import sys
@@ -233,15 +233,19 @@ def test_restart_keeps_the_store_and_serves_without_downloading(server, real_ser
                              "--name", hub_models["st_prompt"]], env={**os.environ, "BENTOML_HOME": str(server.home)},
                             capture_output=True, text=True, timeout=300)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    seed.load_sentence_transformer_model(name=hub_models["st"])
     before = {(m["name"], m["pretrained"]) for m in seed.repository_models()["models"]}
     assert (hub_models["st_prompt"], None) in before, "the running server sees what the CLI pulled"
+    resident = {(m["name"], m["pretrained"]) for m in seed.loaded_models()["models"]}
+    assert (hub_models["st"], None) in resident
     server.stop()
     empty_cache = session_dir / "empty-hf-cache"
     empty_cache.mkdir(exist_ok=True)
     again = real_server_factory(server.home, env={"HF_HUB_CACHE": str(empty_cache)}).start()
     models = httpx.get(f"{again.url}/repository_models").json()["models"]
     assert {(m["name"], m["pretrained"]) for m in models} == before
-    assert all(m["state"] == "UNAVAILABLE" for m in models)
+    assert {(m["name"], m["pretrained"]) for m in models if m["state"] == "READY"} == resident
+    assert all(m["state"] == "UNAVAILABLE" for m in models if (m["name"], m["pretrained"]) not in resident)
     for name in (hub_models["st"], hub_models["st_prompt"]):
         response = httpx.post(f"{again.url}/embed_text", json={"name": name, "text": "x"}, timeout=120)
         assert response.status_code == 200, response.text

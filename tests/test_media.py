@@ -1,4 +1,4 @@
-"""Image inputs: ``ImageLoader.load`` and ``decode_image``.
+"""Image inputs: ``ImageLoader.fetch``/``decode`` and ``decode_image``.
 
 An image is a base64 string, a ``data:image/...;base64,`` URI or an http(s) URL. Whatever
 the format or mode, it comes back as an upright RGB ``PIL.Image``. Limits are checked
@@ -58,7 +58,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def load(values: list[str], headers: dict[str, str] | None = None, **settings) -> list[Image.Image]:
-    """``ImageLoader(...).load(values)`` on a fresh event loop (private URLs allowed by default).
+    """``ImageLoader(...).fetch(values)`` then ``.decode`` each, on a fresh event loop (private
+    URLs allowed by default).
 
     The limits are the documented defaults unless a test overrides one, whatever the environment says.
     """
@@ -69,7 +70,9 @@ def load(values: list[str], headers: dict[str, str] | None = None, **settings) -
     async def main():
         fetcher = SafeFetcher(allow_private=config.allow_private_urls)
         try:
-            return await asyncio.wait_for(ImageLoader(fetcher, config).load(values, headers), 10)
+            loader = ImageLoader(fetcher, config)
+            encoded = await asyncio.wait_for(loader.fetch(values, headers), 10)
+            return [loader.decode(data, index) for index, data in enumerate(encoded)]
         finally:
             await fetcher.aclose()
 

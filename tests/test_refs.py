@@ -12,35 +12,12 @@ import re
 import pytest
 
 from ingrain_bento.errors import BadRequest
-from ingrain_bento.refs import Library, ModelRef, parse_library
+from ingrain_bento.refs import ModelRef
 
 STORE_NAME_RE = re.compile(r"^[a-z0-9._-]{1,63}$")
 
 
-# ---- libraries ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("value, expected", [
-    ("open_clip", Library.OPEN_CLIP),
-    ("sentence_transformers", Library.SENTENCE_TRANSFORMERS),
-    ("timm", Library.TIMM),
-])
-def test_parse_library_accepts_the_three_library_names(value, expected):
-    assert parse_library(value) is expected
-
-
-def test_parse_library_rejects_an_unknown_library_and_lists_the_valid_ones():
-    with pytest.raises(BadRequest) as info:
-        parse_library("pytorch")
-    message = info.value.message
-    assert "'pytorch'" in message
-    for valid in ("open_clip", "sentence_transformers", "timm"):
-        assert valid in message
-    assert info.value.status_code == 400
-
-
-def test_parse_takes_the_library_as_a_string_or_an_enum():
-    assert ModelRef.parse("timm", "resnet18") == ModelRef.parse(Library.TIMM, "resnet18")
-
+# ---- libraries (the registry itself: tests/families/test_registry.py) -----------------------
 
 def test_parse_with_an_unknown_library_string_is_a_bad_request():
     with pytest.raises(BadRequest, match="Unknown library"):
@@ -51,7 +28,7 @@ def test_parse_with_an_unknown_library_string_is_a_bad_request():
 
 def test_open_clip_keeps_architecture_and_pretrained_tag():
     ref = ModelRef.parse("open_clip", "ViT-B-32", "laion2b_s34b_b79k")
-    assert ref == ModelRef(Library.OPEN_CLIP, "ViT-B-32", "laion2b_s34b_b79k")
+    assert ref == ModelRef("open_clip", "ViT-B-32", "laion2b_s34b_b79k")
     assert ref.display_id == "ViT-B-32::laion2b_s34b_b79k"
     assert ref.api_pretrained == "laion2b_s34b_b79k"
     assert not ref.is_hub_name
@@ -134,7 +111,7 @@ def test_timm_pretrained_true_and_default_are_the_same_model():
 @pytest.mark.parametrize("pretrained", [None, True, False, "anything", "x/y"])
 def test_sentence_transformers_ignores_pretrained(pretrained):
     ref = ModelRef.parse("sentence_transformers", "intfloat/e5-small-v2", pretrained)
-    assert ref == ModelRef(Library.SENTENCE_TRANSFORMERS, "intfloat/e5-small-v2", None)
+    assert ref == ModelRef("sentence_transformers", "intfloat/e5-small-v2", None)
     assert ref.display_id == "intfloat/e5-small-v2"
     assert ref.api_pretrained is None
 
@@ -143,7 +120,7 @@ def test_sentence_transformers_ignores_pretrained(pretrained):
 
 def test_display_id_in_the_name_field_sets_pretrained():
     ref = ModelRef.parse("open_clip", "ViT-B-32::laion2b_s34b_b79k")
-    assert ref == ModelRef(Library.OPEN_CLIP, "ViT-B-32", "laion2b_s34b_b79k")
+    assert ref == ModelRef("open_clip", "ViT-B-32", "laion2b_s34b_b79k")
 
 
 def test_display_id_round_trips_through_parse():

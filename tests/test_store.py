@@ -9,7 +9,7 @@ import bentoml
 import pytest
 
 from ingrain_bento.errors import BadRequest, Conflict, ModelNotFound
-from ingrain_bento.refs import Library, ModelRef
+from ingrain_bento.refs import ModelRef
 from ingrain_bento.store import COMPLETE_MARKER, ModelStore
 
 
@@ -62,16 +62,16 @@ def test_a_write_that_fails_midway_leaves_nothing(tmp_path: Path):
         raise BadRequest("interrupted")
 
     with pytest.raises(BadRequest):
-        store.import_custom(Library.TIMM, "interrupted-model", half_written, {})
-    assert not store.is_taken(Library.TIMM, "interrupted-model")
+        store.import_custom("timm", "interrupted-model", half_written, {})
+    assert not store.is_taken("timm", "interrupted-model")
 
 
 def test_custom_names_are_unique_per_library():
     store = ModelStore()
-    store.import_custom(Library.TIMM, "unique-name", lambda folder: {}, {"num_classes": 3})
+    store.import_custom("timm", "unique-name", lambda folder: {}, {"num_classes": 3})
     with pytest.raises(Conflict):
-        store.import_custom(Library.TIMM, "unique-name", lambda folder: {}, {"num_classes": 3})
-    entry = store.find_unbound(Library.TIMM, "unique-name")
+        store.import_custom("timm", "unique-name", lambda folder: {}, {"num_classes": 3})
+    entry = store.find_unbound("timm", "unique-name")
     assert entry is not None and entry.ref is None and entry.name == entry.pretrained == "unique-name"
     store.delete_tag(entry.tag)
 

@@ -1,48 +1,123 @@
-"""What every library family gives the rest of the server.
+"""What a library family is, and the two objects it builds from a stored model.
 
-A family module (``open_clip.py``, ``sentence_transformers.py``, ``timm.py``) offers:
+A family (``open_clip.py``, ``sentence_transformers.py``, ``timm.py``) is one module that
+registers one object satisfying ``Family``: how its names are read, how a checkpoint gets into
+the store (``fetch``, ``bind_custom``), and two ways to open a stored folder:
 
-- ``fetch(ref, folder)``: download ``ref`` through the library's own hub code and write it
-  into ``folder`` in the library's own ``local-dir`` format; return store metadata;
-- ``bind_custom(ref, weights, options, folder)``: build that folder from a custom
-  safetensors checkpoint (open_clip and timm, whose architecture is named at load time);
-- ``load(folder, ref, device, half)``: open the folder with the library's own loader and
-  return a ``LoadedModel``.
+- ``load`` (the runner): the weights on a device, a ``LoadedModel`` whose forwards take a batch
+  of prepared items and return rows;
+- ``load_preprocessor`` (the front): no weights at all, a ``Preprocessor`` that turns texts and
+  images into those items with the model's own tokenizer and transforms.
 
-Torch and the libraries are imported inside the families only, so the server starts fast.
+What a model can do is a set of capabilities (``EMBED_TEXT``, ``EMBED_IMAGE``, ``CLASSIFY``),
+never a library check. Torch and the libraries are imported inside the families only.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
 
 from ingrain_bento.errors import BadRequest
-from ingrain_bento.refs import ModelRef
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
+    from ingrain_bento.refs import ModelRef
+    from ingrain_bento.schemas import CustomModelRequest
+
+__all__ = [
+    "CLASSIFY", "EMBED_IMAGE", "EMBED_TEXT", "IMAGE", "TEXT", "Family", "ImagePipeline", "LoadedModel",
+    "Preprocessor", "check_safetensors", "freeze_heap", "modalities_of", "trim_heap",
+]
+
+# Capabilities: what a model can be asked to do. Each is also the name of a runner task.
+EMBED_TEXT = "embed_text"
+EMBED_IMAGE = "embed_image"
+CLASSIFY = "classify"
+
 TEXT = "text"
 IMAGE = "image"
-METADATA_FILE = "ingrain.json"
+
+TextItem = Any  # what a Preprocessor makes of one text: a small integer array, or the text itself
+ImageItem = Any  # what a Preprocessor makes of one image: a uint8 HWC array, or float CHW pixels
+
+
+def modalities_of(capabilities: Sequence[str]) -> list[str]:
+    """The input modalities (``text``, ``image``) a set of capabilities takes."""
+    found = {TEXT} if EMBED_TEXT in capabilities else set()
+    if EMBED_IMAGE in capabilities or CLASSIFY in capabilities:
+        found.add(IMAGE)
+    return sorted(found)
+
+
+class Family(Protocol):
+    """One library. ``name`` is the ``library`` value clients send."""
+
+    name: str
+    tag_prefix: str  # short prefix of its BentoML store tags ("clip")
+    # What /download_custom_model stores: a bare checkpoint bound to an architecture when first
+    # loaded ("checkpoint"), or a complete model folder that loads by its own name ("folder").
+    custom_form: Literal["checkpoint", "folder"]
+    custom_files: Mapping[str, str]  # request field -> file in the downloaded folder
+
+    def canonical_pretrained(self, name: str, pretrained: str | bool | None) -> str | None:
+        """``pretrained`` as the store keys it (a 400 when the library cannot take it)."""
+
+    def api_pretrained(self, pretrained: str | None) -> str | bool | None:
+        """``pretrained`` as the API shows it."""
+
+    def check_custom(self, request: CustomModelRequest) -> dict[str, Any]:
+        """Refuse a custom-model request missing what this library needs; return its options."""
+
+    def describe_custom(self, folder: Path) -> dict[str, Any]:
+        """Store metadata of a downloaded custom folder (400 when the files do not form a model)."""
+
+    def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:
+        """Download ``ref`` with the library's own hub code into ``folder``; return metadata."""
+
+    def bind_custom(self, ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """Build a loadable folder from a custom checkpoint, now that the architecture is named."""
+
+    def load(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> LoadedModel:
+        """Open a stored folder with the library's own loader, weights on ``device``."""
+
+    def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
+        """The model's tokenizer and image transforms, without its weights."""
+
+    def read_labels(self, folder: Path) -> list[str] | None:
+        """Class labels from the stored config alone, or None for a model that does not classify."""
+
+
+class Preprocessor(ABC):
+    """Turns a request's inputs into the items the model's forward takes, without weights.
+
+    ``prepare_texts`` runs on the front's one tokenizer thread, on the texts of many requests
+    at once; ``prepare_image`` runs per image in the front's image pool. Both return one item
+    per input, small numpy arrays the runner stacks into a batch."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def prepare_texts(self, texts: Sequence[str]) -> list[TextItem]:
+        raise BadRequest("This model takes images, not text.")
+
+    def prepare_image(self, image: Image.Image) -> ImageItem:
+        raise BadRequest("This model takes text, not images.")
 
 
 class LoadedModel(ABC):
-    """A resident model. ``encode_*``/``classify_image`` run one batch on the device and
-    return float32 rows on the CPU; ``prepare_texts`` and ``preprocess_images`` run before
-    batching, off the loop."""
+    """A resident model. ``forward(task, items)`` runs one batch of prepared items on the
+    device and returns one row per item on the CPU (float32, or float16 for a half model)."""
 
-    modalities: frozenset[str] = frozenset()
+    capabilities: frozenset[str] = frozenset()
     labels: list[str] | None = None
-    prepares_texts = False  # True: texts go through prepare_texts (the tokenizer thread) first
 
-    def __init__(self, ref: ModelRef, module: "torch.nn.Module", device: "torch.device", half: bool) -> None:
+    def __init__(self, ref: ModelRef, module: torch.nn.Module, device: torch.device, half: bool) -> None:
         import torch
 
         self.ref = ref
@@ -51,7 +126,7 @@ class LoadedModel(ABC):
         module.eval()
         if half:
             module.half()
-        self.module = module.to(device)
+        self.module: Any = module.to(device)
         self.memory_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
     @property
@@ -59,36 +134,22 @@ class LoadedModel(ABC):
     def embedding_size(self) -> int:
         """The size ``model_embedding_size`` reports (CLIP: the text tower's)."""
 
-    @property
-    def image_embedding_size(self) -> int:
-        return self.embedding_size
+    def forward(self, task: str, items: Sequence[Any]) -> torch.Tensor:
+        """One batch of ``task`` (a capability) on the device."""
+        if task not in self.capabilities:
+            raise BadRequest(f"{self.ref.display_id} cannot {task.replace('_', ' ')}.")
+        runs: dict[str, Callable[[Sequence[Any]], torch.Tensor]] = {
+            EMBED_TEXT: self.encode_text, EMBED_IMAGE: self.encode_image, CLASSIFY: self.classify_image}
+        return runs[task](items)
 
-    def prepare_texts(self, texts: Sequence[str]) -> Sequence[Any]:
-        """Tokenization, batched across requests on the pool's one tokenizer thread (so never two
-        calls at once) while the previous forward runs; unused when ``prepares_texts`` is False."""
-        return texts
+    def encode_text(self, items: Sequence[TextItem]) -> torch.Tensor:
+        raise NotImplementedError
 
-    def encode_text(self, texts: Sequence[Any]) -> "torch.Tensor":
-        raise BadRequest(f"{self.ref.display_id} has no text tower: send images instead.")
+    def encode_image(self, items: Sequence[ImageItem]) -> torch.Tensor:
+        raise NotImplementedError
 
-    def preprocess_images(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
-        raise BadRequest(f"{self.ref.display_id} has no image tower: send text instead.")
-
-    def encode_image(self, pixels: Sequence["torch.Tensor"]) -> "torch.Tensor":
-        raise BadRequest(f"{self.ref.display_id} has no image tower: send text instead.")
-
-    def classify_image(self, pixels: Sequence["torch.Tensor"]) -> "torch.Tensor":
-        raise BadRequest(
-            f"{self.ref.display_id} is not a classifier: /classify_image serves timm models."
-        )
-
-    def _pixels_to_device(self, pixels: Sequence["torch.Tensor"]) -> "torch.Tensor":
-        import torch
-
-        batch = torch.stack(list(pixels))
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.dtype)
+    def classify_image(self, items: Sequence[ImageItem]) -> torch.Tensor:
+        raise NotImplementedError
 
     def release(self) -> None:
         """Drop the weights and give the memory back (CUDA cache, glibc heap)."""
@@ -100,6 +161,50 @@ class LoadedModel(ABC):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         trim_heap()
+
+
+class ImagePipeline:
+    """A torchvision eval transform, split where the PIL steps end.
+
+    The front runs the PIL steps (resize, crop, mode) and sends uint8 HWC pixels, a quarter of
+    the bytes of float32; the runner runs ``ToTensor`` + ``Normalize`` on the whole batch, on
+    the device. That is the transform's own arithmetic (divide by 255, subtract the mean, divide
+    by the std, elementwise), so rows equal the library's. A transform of another shape runs
+    whole in the front and crosses as float32 CHW pixels."""
+
+    def __init__(self, transform: Any) -> None:
+        from torchvision import transforms as T
+
+        steps = list(getattr(transform, "transforms", [transform]))
+        cut = next((i for i, step in enumerate(steps) if isinstance(step, T.ToTensor)), None)
+        tail = steps[cut:] if cut is not None else []
+        split = len(tail) == 2 and isinstance(tail[1], T.Normalize) and not tail[1].inplace
+        self.transform = transform
+        self.pil_steps = T.Compose(steps[:cut]) if split else None
+        self.mean = tuple(float(v) for v in tail[1].mean) if split else None
+        self.std = tuple(float(v) for v in tail[1].std) if split else None
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The front's part: uint8 HWC pixels (or float32 CHW when the transform does not split)."""
+        import numpy as np
+
+        if self.pil_steps is None:
+            return self.transform(image).numpy()
+        return np.asarray(self.pil_steps(image), dtype=np.uint8)
+
+    def batch(self, items: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The runner's part: one (N, 3, H, W) batch on ``device`` in ``dtype``."""
+        import numpy as np
+        import torch
+        from torchvision.transforms import functional as F
+
+        pixels = torch.from_numpy(np.stack(items))
+        if device.type == "cuda":
+            pixels = pixels.pin_memory().to(device, non_blocking=True)
+        if self.mean is None:
+            return pixels.to(device=device, dtype=dtype)
+        scaled = pixels.permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255)
+        return F.normalize(scaled, list(self.mean), list(self.std)).to(dtype)
 
 
 def freeze_heap() -> None:
@@ -118,15 +223,6 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-
-
-def read_metadata(folder: Path) -> dict[str, Any]:
-    path = folder / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def check_safetensors(path: Path) -> None:

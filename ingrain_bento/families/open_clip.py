@@ -1,28 +1,37 @@
 """open_clip models: built-in architecture + pretrained tag, ``hf-hub:`` repos, custom checkpoints.
 
 Store format: the folder ``open_clip.create_model_and_transforms("local-dir:<folder>")``
-opens: ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``), the weights as
-``open_clip_model.safetensors``, and the HF tokenizer files when the model uses one.
+opens: ``open_clip_config.json`` (``model_cfg`` + the final ``preprocess_cfg``), the weights
+as ``open_clip_model.safetensors``, and the HF tokenizer files when the model uses one.
+The front tokenizes with ``open_clip.get_tokenizer("local-dir:<folder>")`` and builds the
+image transform from the stored ``preprocess_cfg`` exactly as ``create_model_and_transforms``
+does; neither needs the weights.
 """
 
 from __future__ import annotations
 
 import json
 from copy import deepcopy
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
-from ingrain_bento.families.base import IMAGE, TEXT, LoadedModel
-from ingrain_bento.refs import ModelRef
+from ingrain_bento.families import register
+from ingrain_bento.families.base import EMBED_IMAGE, EMBED_TEXT, ImagePipeline, LoadedModel, Preprocessor
+from ingrain_bento.refs import HF_HUB_PREFIX, ModelRef, validate_tag
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
+
+    from ingrain_bento.schemas import CustomModelRequest
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 PREPROCESS_OVERRIDES = ("mode", "mean", "std", "interpolation", "resize_mode")
+CAPABILITIES = frozenset({EMBED_TEXT, EMBED_IMAGE})
 
 
 def _save(model: Any, model_cfg: dict[str, Any], tokenizer: Any, folder: Path) -> dict[str, Any]:
@@ -41,84 +50,130 @@ def _save(model: Any, model_cfg: dict[str, Any], tokenizer: Any, folder: Path) -
     safetensors.torch.save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE)
     )
-    return {"embedding_size": int(model_cfg["embed_dim"]), "modalities": [TEXT, IMAGE]}
-
-
-def fetch(ref: ModelRef, folder: Path) -> dict[str, Any]:
-    """Download a built-in ``name`` + ``pretrained`` tag, or an ``hf-hub:`` repo, into ``folder``."""
-    import open_clip
-
-    if ref.is_hub_name:
-        model_cfg = open_clip.get_model_config(ref.name)
-        if model_cfg is None:
-            raise ModelNotFound(f"{ref.name} has no open_clip_config.json with a model_cfg.")
-    else:
-        if ref.name not in open_clip.list_models():
-            raise ModelNotFound(f"{ref.name!r} is not an open_clip architecture (see open_clip.list_models()).")
-        if ref.pretrained not in open_clip.list_pretrained_tags_by_model(ref.name):
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(ref.name)) or "none"
-            raise ModelNotFound(
-                f"{ref.pretrained!r} is not a pretrained tag of {ref.name} (known: {tags}); for a custom "
-                "checkpoint, call /download_custom_model first."
-            )
-        model_cfg = open_clip.get_model_config(ref.name)
-    model, _, _ = open_clip.create_model_and_transforms(ref.name, pretrained=None if ref.is_hub_name else ref.pretrained)
-    return _save(model, model_cfg, open_clip.get_tokenizer(ref.name), folder)
-
-
-def bind_custom(ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Build the local-dir folder for a custom checkpoint, now that the architecture is named."""
-    import open_clip
-
-    if ref.is_hub_name or ref.name not in open_clip.list_models():
-        raise BadRequest(f"{ref.name!r} is not an open_clip architecture to load {ref.pretrained!r} into.")
-    overrides = {k: v for k, v in options.items() if k in PREPROCESS_OVERRIDES and v is not None}
-    try:
-        model = open_clip.create_model(ref.name, pretrained=str(weights), force_preprocess_cfg=overrides)
-    except RuntimeError as exc:
-        raise BadRequest(f"The checkpoint {ref.pretrained!r} does not fit architecture {ref.name}: {exc}") from None
-    return _save(model, open_clip.get_model_config(ref.name), open_clip.get_tokenizer(ref.name), folder)
+    return {"embedding_size": int(model_cfg["embed_dim"]), "capabilities": sorted(CAPABILITIES)}
 
 
 class OpenClipModel(LoadedModel):
-    modalities = frozenset({TEXT, IMAGE})
-    prepares_texts = True
+    capabilities = CAPABILITIES
 
-    def __init__(self, folder: Path, ref: ModelRef, device: "torch.device", half: bool) -> None:
+    def __init__(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> None:
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
         super().__init__(ref, model, device, half)
-        self.preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        self.pixels = ImagePipeline(preprocess)
         self._embed_dim = int(json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"])
 
     @property
     def embedding_size(self) -> int:
         return self._embed_dim
 
-    def prepare_texts(self, texts: Sequence[str]) -> Sequence["torch.Tensor"]:
-        """Fixed-length token rows, so requests tokenized apart stack into one batch."""
-        return list(self.tokenizer(list(texts)))
-
-    def encode_text(self, tokens: Sequence["torch.Tensor"]) -> "torch.Tensor":
+    def encode_text(self, items: Sequence[np.ndarray]) -> torch.Tensor:
+        import numpy as np
         import torch
 
-        batch = torch.stack(list(tokens)).to(self.device)
+        tokens = torch.from_numpy(np.stack(items)).to(self.device, dtype=torch.long)
         with torch.inference_mode():
-            return self.module.encode_text(batch).float().cpu()
+            return self.module.encode_text(tokens).cpu()
 
-    def preprocess_images(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
-        import torch
-
-        return torch.stack([self.preprocess(image) for image in images])
-
-    def encode_image(self, pixels: Sequence["torch.Tensor"]) -> "torch.Tensor":
+    def encode_image(self, items: Sequence[np.ndarray]) -> torch.Tensor:
         import torch
 
         with torch.inference_mode():
-            return self.module.encode_image(self._pixels_to_device(pixels)).float().cpu()
+            return self.module.encode_image(self.pixels.batch(items, self.device, self.dtype)).cpu()
 
 
-def load(folder: Path, ref: ModelRef, device: "torch.device", half: bool) -> LoadedModel:
-    return OpenClipModel(folder, ref, device, half)
+class OpenClipPreprocessor(Preprocessor):
+    capabilities = CAPABILITIES
+
+    def __init__(self, folder: Path) -> None:
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+        stored = json.loads((folder / CONFIG_FILE).read_text()).get("preprocess_cfg", {})
+        # What create_model_and_transforms does with the stored (final) preprocess_cfg.
+        config = merge_preprocess_dict(asdict(PreprocessCfg()), stored)
+        self.pixels = ImagePipeline(image_transform_v2(PreprocessCfg(**config), is_train=False))
+        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+
+    def prepare_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Fixed-length token rows (int32 on the wire; the runner widens them back)."""
+        import numpy as np
+
+        return list(self.tokenizer(list(texts)).numpy().astype(np.int32))
+
+    def prepare_image(self, image: Image.Image) -> np.ndarray:
+        return self.pixels.prepare(image)
+
+
+class OpenClipFamily:
+    name = "open_clip"
+    tag_prefix = "clip"
+    custom_form: Literal["checkpoint", "folder"] = "checkpoint"
+    custom_files = {"safetensors_url": "custom.safetensors"}
+
+    def canonical_pretrained(self, name: str, pretrained: str | bool | None) -> str | None:
+        if isinstance(pretrained, bool):
+            raise BadRequest("open_clip takes a pretrained tag (a string such as 'laion2b_s34b_b79k'), not true/false.")
+        if name.startswith(HF_HUB_PREFIX):
+            if pretrained is not None:
+                raise BadRequest(f"{name!r} carries its own weights: send pretrained as null.")
+            return None
+        if pretrained is None:
+            raise BadRequest(f"open_clip model {name!r} needs a pretrained tag (for example 'laion2b_s34b_b79k').")
+        return validate_tag(pretrained)
+
+    def api_pretrained(self, pretrained: str | None) -> str | bool | None:
+        return pretrained
+
+    def check_custom(self, request: CustomModelRequest) -> dict[str, Any]:
+        """Preprocessing overrides, applied when the checkpoint is bound to an architecture."""
+        return {key: getattr(request, key) for key in PREPROCESS_OVERRIDES if getattr(request, key) is not None}
+
+    def describe_custom(self, folder: Path) -> dict[str, Any]:
+        return {"capabilities": sorted(CAPABILITIES)}
+
+    def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:
+        """Download a built-in ``name`` + ``pretrained`` tag, or an ``hf-hub:`` repo, into ``folder``."""
+        import open_clip
+
+        if ref.is_hub_name:
+            model_cfg = open_clip.get_model_config(ref.name)
+            if model_cfg is None:
+                raise ModelNotFound(f"{ref.name} has no open_clip_config.json with a model_cfg.")
+        else:
+            if ref.name not in open_clip.list_models():
+                raise ModelNotFound(f"{ref.name!r} is not an open_clip architecture (see open_clip.list_models()).")
+            if ref.pretrained not in open_clip.list_pretrained_tags_by_model(ref.name):
+                tags = ", ".join(open_clip.list_pretrained_tags_by_model(ref.name)) or "none"
+                raise ModelNotFound(
+                    f"{ref.pretrained!r} is not a pretrained tag of {ref.name} (known: {tags}); for a custom "
+                    "checkpoint, call /download_custom_model first."
+                )
+            model_cfg = open_clip.get_model_config(ref.name)
+        model, _, _ = open_clip.create_model_and_transforms(ref.name, pretrained=None if ref.is_hub_name else ref.pretrained)
+        return _save(model, model_cfg, open_clip.get_tokenizer(ref.name), folder)
+
+    def bind_custom(self, ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
+        import open_clip
+
+        if ref.is_hub_name or ref.name not in open_clip.list_models():
+            raise BadRequest(f"{ref.name!r} is not an open_clip architecture to load {ref.pretrained!r} into.")
+        overrides = {k: v for k, v in options.items() if k in PREPROCESS_OVERRIDES and v is not None}
+        try:
+            model = open_clip.create_model(ref.name, pretrained=str(weights), force_preprocess_cfg=overrides)
+        except RuntimeError as exc:
+            raise BadRequest(f"The checkpoint {ref.pretrained!r} does not fit architecture {ref.name}: {exc}") from None
+        return _save(model, open_clip.get_model_config(ref.name), open_clip.get_tokenizer(ref.name), folder)
+
+    def load(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> LoadedModel:
+        return OpenClipModel(folder, ref, device, half)
+
+    def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
+        return OpenClipPreprocessor(folder)
+
+    def read_labels(self, folder: Path) -> list[str] | None:
+        return None
+
+
+register(OpenClipFamily())

@@ -1,28 +1,41 @@
 """sentence-transformers models: Hub ids and custom checkpoints.
 
 Store format: the folder ``SentenceTransformer.save()`` writes, opened with
-``SentenceTransformer(folder)``. Encoding follows the library's own ``encode`` in two steps so
-tokenization never waits behind a forward: texts are tokenized (batched across requests, on
-the tokenizer thread) with the model's own ``preprocess`` (the configured default prompt
-included, as ``encode`` applies it) and split into one unpadded row per text; a forward batch
-pads those rows the way the tokenizer pads and runs the model's own forward (pooling,
-``prompt_length`` for ``include_prompt=False``, a ``Normalize`` module). A model whose
-tokenizer output cannot be split and re-padded exactly (checked once at load) is encoded with
-``encode`` itself, tokenization included.
+``SentenceTransformer(folder)``. Encoding follows the library's own ``encode`` in two halves:
+
+- the front opens the same folder with its weights on torch's meta device (``device_map``,
+  through accelerate: no memory, no reads of the weights) and tokenizes with the model's own
+  ``preprocess``, the configured default prompt included as ``encode`` applies it; each text
+  becomes one unpadded item, its token rows stacked into a small int32 array;
+- the runner pads a batch of items the way the tokenizer pads and runs the model's own
+  forward (pooling with ``prompt_length`` for ``include_prompt=False``, ``Normalize``,
+  ``truncate_dim``).
+
+Both halves read how a model's tokenizer output splits (``TextFormat``) from one probe, at
+load: a model whose output does not split and re-pad exactly (multimodal processors,
+flattened FA2 inputs) takes raw texts, and the runner calls ``encode`` itself.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Sequence
 
-from ingrain_bento.errors import ModelNotFound
-from ingrain_bento.families.base import TEXT, LoadedModel
+from ingrain_bento.errors import BadRequest, ModelNotFound
+from ingrain_bento.families import register
+from ingrain_bento.families.base import EMBED_TEXT, LoadedModel, Preprocessor
 from ingrain_bento.refs import ModelRef
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
+    from ingrain_bento.schemas import CustomModelRequest
+
+log = logging.getLogger("ingrain_bento.families.sentence_transformers")
+
+CAPABILITIES = frozenset({EMBED_TEXT})
 # download_custom_model field -> path inside the saved folder
 CUSTOM_FILES = {
     "safetensors_url": "model.safetensors",
@@ -35,56 +48,94 @@ CUSTOM_FILES = {
     "sentence_bert_config_json_url": "sentence_bert_config.json",
     "modules_json_url": "modules.json",
 }
+PROBE = ["a", "a longer text, to pad the first one"]
 
 
-class TokenizedText(NamedTuple):
-    """One text as the model's ``preprocess`` tokenized it: its own (unpadded) token rows, and
-    the non-tensor entries every row of a batch must share (``modality``, ``prompt_length``)."""
+class TextFormat(NamedTuple):
+    """How one model's ``preprocess`` output splits into one item per text: the token keys (in
+    order, one row of an item each) with their pad values and dtypes, the padding side, and the
+    non-tensor entries a whole batch shares (``modality``, ``prompt_length``)."""
 
-    tokens: dict[str, torch.Tensor]
+    keys: tuple[str, ...]
+    pad_values: tuple[int, ...]
+    dtypes: tuple[Any, ...]
+    padding_side: str
     shared: tuple[tuple[str, Any], ...]
 
 
-def split_rows(features: dict[str, Any], padding_side: str) -> list[TokenizedText] | None:
-    """``preprocess`` output -> one ``TokenizedText`` per text; None when the output is not
-    plain padded token rows (then the caller falls back to ``encode``)."""
+def split_rows(features: dict[str, Any], fmt: TextFormat) -> list[np.ndarray] | None:
+    """``preprocess`` output -> one int32 (keys, tokens) array per text, its padding removed;
+    None when the output is not plain padded token rows of this format."""
+    import numpy as np
     import torch
 
     mask = features.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or padding_side not in ("left", "right"):
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
         return None
-    sequences, shared = {}, []
-    for key, value in features.items():
-        if isinstance(value, torch.Tensor):
-            if value.shape != mask.shape:
-                return None
-            sequences[key] = value
-        else:
-            shared.append((key, value))
+    if tuple(k for k, v in features.items() if isinstance(v, torch.Tensor)) != fmt.keys:
+        return None
+    if any(features[key].shape != mask.shape for key in fmt.keys):
+        return None
+    stacked = np.stack([features[key].numpy() for key in fmt.keys]).astype(np.int32)
     width = mask.shape[1]
     rows = []
     for index, length in enumerate(mask.sum(dim=1).tolist()):
-        kept = slice(0, length) if padding_side == "right" else slice(width - length, width)
+        kept = slice(0, length) if fmt.padding_side == "right" else slice(width - length, width)
         if not bool(mask[index, kept].all()):
             return None
-        rows.append(TokenizedText({key: value[index, kept] for key, value in sequences.items()}, tuple(shared)))
+        rows.append(stacked[:, index, kept])
     return rows
 
 
-def pad_rows(rows: Sequence[TokenizedText], pad_values: dict[str, int], padding_side: str) -> dict[str, Any]:
+def pad_rows(rows: Sequence[np.ndarray], fmt: TextFormat) -> dict[str, Any]:
     """Texts tokenized apart -> one batch of features, padded as the tokenizer pads."""
-    from torch.nn.utils.rnn import pad_sequence
+    import numpy as np
+    import torch
 
-    shared = rows[0].shared
-    if any(row.shared != shared for row in rows[1:]):
-        raise ValueError("texts tokenized with different prompts cannot share one forward")
-    batch: dict[str, Any] = {
-        key: pad_sequence([row.tokens[key] for row in rows], batch_first=True,
-                          padding_value=pad_values.get(key, 0), padding_side=padding_side)
-        for key in rows[0].tokens
-    }
-    batch.update(shared)
+    width = max(row.shape[1] for row in rows)
+    out = np.empty((len(fmt.keys), len(rows), width), dtype=np.int64)
+    out[:] = np.asarray(fmt.pad_values, dtype=np.int64)[:, None, None]
+    for index, row in enumerate(rows):
+        if row.shape[0] != len(fmt.keys):
+            raise ValueError(f"a text item has {row.shape[0]} token rows, this model takes {len(fmt.keys)}")
+        columns = slice(0, row.shape[1]) if fmt.padding_side == "right" else slice(width - row.shape[1], width)
+        out[:, index, columns] = row
+    batch: dict[str, Any] = {key: torch.from_numpy(out[i]).to(fmt.dtypes[i]) for i, key in enumerate(fmt.keys)}
+    batch.update(fmt.shared)
     return batch
+
+
+def default_prompt(model: Any) -> str | None:
+    """The prompt ``encode`` applies when called with neither prompt nor prompt_name."""
+    return model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
+
+
+def text_format(model: Any, prompt: str | None) -> TextFormat | None:
+    """Probe once: the format when split + pad gives back exactly what ``preprocess`` batched."""
+    import torch
+
+    tokenizer = getattr(model, "tokenizer", None)
+    padding_side = getattr(tokenizer, "padding_side", "right")
+    pad_by_key = {"input_ids": getattr(tokenizer, "pad_token_id", None) or 0,
+                  "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    try:
+        features = model.preprocess(PROBE, prompt=prompt)
+        tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
+        fmt = TextFormat(tuple(tensors), tuple(int(pad_by_key.get(k, 0)) for k in tensors),
+                         tuple(v.dtype for v in tensors.values()), padding_side,
+                         tuple((k, v) for k, v in features.items() if k not in tensors))
+        if padding_side not in ("left", "right"):
+            return None
+        rows = split_rows(features, fmt)
+        if rows is None:
+            return None
+        again = pad_rows(rows, fmt)
+    except Exception:  # any surprise in the probe means: keep the library's encode()
+        return None
+    same = again.keys() == features.keys() and all(
+        value.equal(features[key]) if isinstance(value, torch.Tensor) else value == features[key]
+        for key, value in again.items())
+    return fmt if same else None
 
 
 def _dimension(model: Any) -> int:
@@ -93,87 +144,115 @@ def _dimension(model: Any) -> int:
 
 
 def _describe(model: Any) -> dict[str, Any]:
-    return {"embedding_size": int(_dimension(model)), "modalities": [TEXT]}
-
-
-def fetch(ref: ModelRef, folder: Path) -> dict[str, Any]:
-    """Download a Hub id through the library and save it into ``folder``."""
-    from sentence_transformers import SentenceTransformer
-
-    try:
-        model = SentenceTransformer(ref.name, device="cpu")
-    except OSError as exc:
-        raise ModelNotFound(f"{ref.name!r} could not be fetched as a sentence-transformers model: {exc}") from None
-    model.save(str(folder), safe_serialization=True)
-    return _describe(model)
-
-
-def describe_folder(folder: Path) -> dict[str, Any]:
-    """Open a custom folder once (proves the files form a model) and describe it."""
-    from sentence_transformers import SentenceTransformer
-
-    return _describe(SentenceTransformer(str(folder), device="cpu"))
+    return {"embedding_size": _dimension(model), "capabilities": sorted(CAPABILITIES)}
 
 
 class SentenceTransformerModel(LoadedModel):
-    modalities = frozenset({TEXT})
+    capabilities = CAPABILITIES
 
-    def __init__(self, folder: Path, ref: ModelRef, device: "torch.device", half: bool) -> None:
+    def __init__(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> None:
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(str(folder), device=str(device))
         super().__init__(ref, model, device, half)
-        self._size = int(_dimension(model))
-        # What encode() applies when called with neither prompt nor prompt_name.
-        self._prompt = model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
-        tokenizer = getattr(model, "tokenizer", None)
-        self._padding_side = getattr(tokenizer, "padding_side", "right")
-        self._pad_values = {"input_ids": getattr(tokenizer, "pad_token_id", None) or 0,
-                            "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
-        self.prepares_texts = self._round_trips(["a", "a longer text, to pad the first one"])
-
-    def _round_trips(self, probe: list[str]) -> bool:
-        """True when split_rows + pad_rows give back exactly what ``preprocess`` batched."""
-        try:
-            features = self.module.preprocess(probe, prompt=self._prompt)
-            rows = split_rows(features, self._padding_side)
-            if rows is None:
-                return False
-            again = pad_rows(rows, self._pad_values, self._padding_side)
-        except Exception:  # any surprise in the probe means: keep the library's encode()
-            return False
-        return again.keys() == features.keys() and all(
-            value.equal(features[key]) if hasattr(value, "equal") else value == features[key]
-            for key, value in again.items()
-        )
+        self._size = _dimension(model)
+        self.format = text_format(model, default_prompt(model))
 
     @property
     def embedding_size(self) -> int:
         return self._size
 
-    def prepare_texts(self, texts: Sequence[str]) -> Sequence[TokenizedText]:
-        features = self.module.preprocess(list(texts), prompt=self._prompt)
-        rows = split_rows(features, self._padding_side)
-        if rows is None:
-            raise RuntimeError(f"{self.ref.display_id}: the tokenizer's output changed shape since load")
-        return rows
-
-    def encode_text(self, texts: Sequence[Any]) -> "torch.Tensor":
+    def encode_text(self, items: Sequence[Any]) -> torch.Tensor:
+        """Token items (or, for a model without a ``TextFormat``, raw texts) -> rows."""
         import torch
 
         with torch.inference_mode():
-            if not self.prepares_texts:
-                rows = self.module.encode(list(texts), batch_size=max(len(texts), 1), convert_to_tensor=True,
+            if self.format is None or isinstance(items[0], str):
+                if not all(isinstance(item, str) for item in items):
+                    raise ValueError(f"{self.ref.display_id} takes raw texts, not token items")
+                rows = self.module.encode(list(items), batch_size=len(items), convert_to_tensor=True,
                                           show_progress_bar=False)
-                return rows.float().cpu()
-            features = pad_rows(texts, self._pad_values, self._padding_side)
+                return rows.cpu()
             features = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                        for key, value in features.items()}
+                        for key, value in pad_rows(items, self.format).items()}
             rows = self.module(features)["sentence_embedding"]
         if self.module.truncate_dim:
             rows = rows[:, :self.module.truncate_dim]
-        return rows.float().cpu()
+        return rows.cpu()
 
 
-def load(folder: Path, ref: ModelRef, device: "torch.device", half: bool) -> LoadedModel:
-    return SentenceTransformerModel(folder, ref, device, half)
+class SentenceTransformerPreprocessor(Preprocessor):
+    capabilities = CAPABILITIES
+
+    def __init__(self, folder: Path) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            model = SentenceTransformer(str(folder), model_kwargs={"device_map": "meta"})
+        except Exception as exc:  # a module that cannot be built without its weights
+            log.warning("preprocessor.load folder=%s without weights failed (%s): loading them on the CPU",
+                        folder.name, type(exc).__name__)
+            model = SentenceTransformer(str(folder), device="cpu")
+        self.model = model
+        self.prompt = default_prompt(model)
+        self.format = text_format(model, self.prompt)
+
+    def prepare_texts(self, texts: Sequence[str]) -> list[Any]:
+        """One token item per text; the texts themselves when the model has no ``TextFormat``."""
+        if self.format is None:
+            return list(texts)
+        rows = split_rows(self.model.preprocess(list(texts), prompt=self.prompt), self.format)
+        if rows is None:
+            raise RuntimeError("the tokenizer's output changed shape since load")
+        return rows
+
+
+class SentenceTransformersFamily:
+    name = "sentence_transformers"
+    tag_prefix = "st"
+    custom_form: Literal["checkpoint", "folder"] = "folder"
+    custom_files = CUSTOM_FILES
+
+    def canonical_pretrained(self, name: str, pretrained: str | bool | None) -> str | None:
+        return None  # a sentence-transformers model is its name; pretrained is ignored
+
+    def api_pretrained(self, pretrained: str | None) -> str | bool | None:
+        return None
+
+    def check_custom(self, request: CustomModelRequest) -> dict[str, Any]:
+        missing = [field for field in CUSTOM_FILES if not getattr(request, field)]
+        if missing:
+            raise BadRequest(f"sentence_transformers custom models need these URLs too: {', '.join(missing)}.")
+        return {}
+
+    def describe_custom(self, folder: Path) -> dict[str, Any]:
+        """Open the downloaded folder once (proves the files form a model) and describe it."""
+        from sentence_transformers import SentenceTransformer
+
+        return _describe(SentenceTransformer(str(folder), device="cpu"))
+
+    def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:
+        """Download a Hub id through the library and save it into ``folder``."""
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            model = SentenceTransformer(ref.name, device="cpu")
+        except OSError as exc:
+            raise ModelNotFound(f"{ref.name!r} could not be fetched as a sentence-transformers model: {exc}") from None
+        model.save(str(folder), safe_serialization=True)
+        return _describe(model)
+
+    def bind_custom(self, ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
+        raise BadRequest("sentence-transformers custom models load by their own name, not into an architecture.")
+
+    def load(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> LoadedModel:
+        return SentenceTransformerModel(folder, ref, device, half)
+
+    def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
+        return SentenceTransformerPreprocessor(folder)
+
+    def read_labels(self, folder: Path) -> list[str] | None:
+        return None
+
+
+register(SentenceTransformersFamily())

@@ -2,22 +2,30 @@
 
 Store format: the folder ``timm.models.save_for_hf`` writes (``config.json`` with the
 architecture, ``num_classes``, ``pretrained_cfg`` and label info, plus ``model.safetensors``),
-opened with ``timm.create_model("local-dir:<folder>", pretrained=True)``.
+opened with ``timm.create_model("local-dir:<folder>", pretrained=True)``. The front builds
+the model on torch's meta device (no weights, no memory) only to resolve its data config.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
-from ingrain_bento.families.base import IMAGE, LoadedModel
-from ingrain_bento.refs import TIMM_RANDOM_WEIGHTS, ModelRef
+from ingrain_bento.families import register
+from ingrain_bento.families.base import CLASSIFY, EMBED_IMAGE, ImagePipeline, LoadedModel, Preprocessor
+from ingrain_bento.refs import ModelRef, validate_tag
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
+
+    from ingrain_bento.schemas import CustomModelRequest
+
+RANDOM_WEIGHTS = "false"  # pretrained=false: the architecture with random weights
+CAPABILITIES = frozenset({EMBED_IMAGE, CLASSIFY})
 
 
 def _label_config(model: Any) -> dict[str, Any]:
@@ -34,90 +42,144 @@ def _label_config(model: Any) -> dict[str, Any]:
     return {"label_names": info.label_names(), "label_descriptions": info.label_descriptions(as_dict=True)}
 
 
+def _feature_size(model: Any) -> int:
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def _save(model: Any, folder: Path, with_labels: bool) -> dict[str, Any]:
     from timm.models import save_for_hf
 
     save_for_hf(model, str(folder), model_config=_label_config(model) if with_labels else None,
                 safe_serialization=True)
-    return {"embedding_size": int(getattr(model, "head_hidden_size", None) or model.num_features),
-            "modalities": [IMAGE], "num_classes": int(model.num_classes)}
+    return {"embedding_size": _feature_size(model), "capabilities": sorted(CAPABILITIES),
+            "num_classes": int(model.num_classes)}
 
 
-def fetch(ref: ModelRef, folder: Path) -> dict[str, Any]:
-    """Create ``ref.name`` through timm (downloading pretrained weights) and save it into ``folder``."""
-    import timm
+def _image_pipeline(model: Any) -> ImagePipeline:
+    from timm.data import create_transform, resolve_data_config
 
-    pretrained = ref.pretrained != TIMM_RANDOM_WEIGHTS
-    try:
-        model = timm.create_model(ref.name, pretrained=pretrained)
-    except RuntimeError as exc:
-        raise ModelNotFound(f"timm could not create {ref.name!r}: {exc}") from None
-    return _save(model, folder, with_labels=pretrained)
-
-
-def bind_custom(ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Build the local-dir folder for a custom checkpoint, now that the architecture is named."""
-    import safetensors.torch
-    import timm
-
-    if ref.is_hub_name or not timm.is_model(ref.name):
-        raise BadRequest(f"{ref.name!r} is not a timm architecture to load {ref.pretrained!r} into.")
-    model = timm.create_model(ref.name, pretrained=False, num_classes=int(options["num_classes"]))
-    try:
-        model.load_state_dict(safetensors.torch.load_file(str(weights)), strict=True)
-    except RuntimeError as exc:
-        raise BadRequest(f"The checkpoint {ref.pretrained!r} does not fit architecture {ref.name}: {exc}") from None
-    return _save(model, folder, with_labels=False)
-
-
-def read_labels(folder: Path) -> list[str]:
-    """Class labels of a stored model, from its config alone: descriptions, else names, else indices."""
-    config = json.loads((folder / "config.json").read_text())
-    num_classes = int(config.get("num_classes", 0))
-    names = config.get("label_names")
-    descriptions = config.get("label_descriptions") or {}
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names, key=int)]
-    if names and len(names) == num_classes:
-        return [descriptions.get(name, name) for name in names]
-    return [str(i) for i in range(num_classes)]
+    return ImagePipeline(create_transform(**resolve_data_config({}, model=model)))
 
 
 class TimmModel(LoadedModel):
-    modalities = frozenset({IMAGE})
+    capabilities = CAPABILITIES
 
-    def __init__(self, folder: Path, ref: ModelRef, device: "torch.device", half: bool) -> None:
+    def __init__(self, folder: Path, ref: ModelRef, device: torch.device, half: bool, labels: list[str]) -> None:
         import timm
-        from timm.data import create_transform, resolve_data_config
 
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
         super().__init__(ref, model, device, half)
-        self.transform = create_transform(**resolve_data_config({}, model=model))
-        self._size = int(getattr(model, "head_hidden_size", None) or model.num_features)
-        self.labels = read_labels(folder)
+        self.pixels = _image_pipeline(model)
+        self._size = _feature_size(model)
+        self.labels = labels
 
     @property
     def embedding_size(self) -> int:
         return self._size
 
-    def preprocess_images(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
-        import torch
-
-        return torch.stack([self.transform(image) for image in images])
-
-    def encode_image(self, pixels: Sequence["torch.Tensor"]) -> "torch.Tensor":
+    def encode_image(self, items: Sequence[np.ndarray]) -> torch.Tensor:
+        """The pooled pre-logits features."""
         import torch
 
         with torch.inference_mode():
-            features = self.module.forward_features(self._pixels_to_device(pixels))
-            return self.module.forward_head(features, pre_logits=True).float().cpu()
+            features = self.module.forward_features(self.pixels.batch(items, self.device, self.dtype))
+            return self.module.forward_head(features, pre_logits=True).cpu()
 
-    def classify_image(self, pixels: Sequence["torch.Tensor"]) -> "torch.Tensor":
+    def classify_image(self, items: Sequence[np.ndarray]) -> torch.Tensor:
+        """Logits, one column per label."""
         import torch
 
         with torch.inference_mode():
-            return self.module(self._pixels_to_device(pixels)).float().cpu()
+            return self.module(self.pixels.batch(items, self.device, self.dtype)).cpu()
 
 
-def load(folder: Path, ref: ModelRef, device: "torch.device", half: bool) -> LoadedModel:
-    return TimmModel(folder, ref, device, half)
+class TimmPreprocessor(Preprocessor):
+    capabilities = CAPABILITIES
+
+    def __init__(self, folder: Path) -> None:
+        import timm
+        import torch
+
+        with torch.device("meta"):
+            model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+        self.pixels = _image_pipeline(model)
+
+    def prepare_image(self, image: Image.Image) -> np.ndarray:
+        return self.pixels.prepare(image)
+
+
+class TimmFamily:
+    name = "timm"
+    tag_prefix = "timm"
+    custom_form: Literal["checkpoint", "folder"] = "checkpoint"
+    custom_files = {"safetensors_url": "custom.safetensors"}
+
+    def canonical_pretrained(self, name: str, pretrained: str | bool | None) -> str | None:
+        """``None`` for the pretrained weights, ``"false"`` for random ones, else a custom name."""
+        if pretrained is None or pretrained is True or str(pretrained).lower() == "true":
+            return None
+        if pretrained is False or str(pretrained).lower() == RANDOM_WEIGHTS:
+            return RANDOM_WEIGHTS
+        return validate_tag(str(pretrained))
+
+    def api_pretrained(self, pretrained: str | None) -> str | bool | None:
+        if pretrained is None:
+            return True
+        return False if pretrained == RANDOM_WEIGHTS else pretrained
+
+    def check_custom(self, request: CustomModelRequest) -> dict[str, Any]:
+        if request.num_classes is None:
+            raise BadRequest("timm custom models need 'num_classes' (the classifier's output size).")
+        if request.pretrained_name.lower() in ("true", "false"):
+            raise BadRequest("'true' and 'false' mean timm's own weights: give the checkpoint another name.")
+        return {"num_classes": request.num_classes}
+
+    def describe_custom(self, folder: Path) -> dict[str, Any]:
+        return {"capabilities": sorted(CAPABILITIES)}
+
+    def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:
+        """Create ``ref.name`` through timm (downloading pretrained weights) and save it into ``folder``."""
+        import timm
+
+        pretrained = ref.pretrained != RANDOM_WEIGHTS
+        try:
+            model = timm.create_model(ref.name, pretrained=pretrained)
+        except RuntimeError as exc:
+            raise ModelNotFound(f"timm could not create {ref.name!r}: {exc}") from None
+        return _save(model, folder, with_labels=pretrained)
+
+    def bind_custom(self, ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
+        import safetensors.torch
+        import timm
+
+        if ref.is_hub_name or not timm.is_model(ref.name):
+            raise BadRequest(f"{ref.name!r} is not a timm architecture to load {ref.pretrained!r} into.")
+        model = timm.create_model(ref.name, pretrained=False, num_classes=int(options["num_classes"]))
+        try:
+            model.load_state_dict(safetensors.torch.load_file(str(weights)), strict=True)
+        except RuntimeError as exc:
+            raise BadRequest(f"The checkpoint {ref.pretrained!r} does not fit architecture {ref.name}: {exc}") from None
+        return _save(model, folder, with_labels=False)
+
+    def load(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> LoadedModel:
+        labels = self.read_labels(folder)
+        assert labels is not None
+        return TimmModel(folder, ref, device, half, labels)
+
+    def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
+        return TimmPreprocessor(folder)
+
+    def read_labels(self, folder: Path) -> list[str] | None:
+        """Class labels from the config alone: descriptions, else names, else indices."""
+        config = json.loads((folder / "config.json").read_text())
+        num_classes = int(config.get("num_classes", 0))
+        names = config.get("label_names")
+        descriptions = config.get("label_descriptions") or {}
+        if isinstance(names, dict):
+            names = [names[k] for k in sorted(names, key=int)]
+        if names and len(names) == num_classes:
+            return [descriptions.get(name, name) for name in names]
+        return [str(i) for i in range(num_classes)]
+
+
+register(TimmFamily())

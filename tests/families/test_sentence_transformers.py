@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,62 +80,78 @@ def test_custom_checkpoint_from_urls(client, file_server, session_dir, files_dir
     assert client.request("DELETE", "/delete_model", json={"name": "my-st"}).status_code == 200
 
 
-# ---- tokenized per request, padded per batch (what the batcher merges) ------------------------
+# ---- tokenized in the front, padded per batch in the runner ----------------------------------
 
-def _loaded(name: str, folder: Path):
+def _halves(name: str, folder: Path):
+    """The front's preprocessor (no weights) and the runner's model, from one saved folder."""
     from sentence_transformers import SentenceTransformer
 
-    from ingrain_bento.families import sentence_transformers as st_family
-    from ingrain_bento.refs import Library, ModelRef
+    from ingrain_bento.families import family
+    from ingrain_bento.refs import ModelRef
 
     SentenceTransformer(name, device="cpu").save(str(folder))
-    ref = ModelRef.parse(Library.SENTENCE_TRANSFORMERS, name, None)
-    return st_family.load(folder, ref, torch.device("cpu"), half=False)
+    ref = ModelRef.parse("sentence_transformers", name, None)
+    st = family("sentence_transformers")
+    return st.load_preprocessor(folder, ref), st.load(folder, ref, torch.device("cpu"), half=False)
 
 
 @pytest.mark.parametrize("key", ["st", "st_prompt", "minilm"])
 def test_requests_tokenized_apart_and_batched_together_equal_encode(hub_models, tmp_path, key):
     """Rows from separately tokenized requests of different lengths, merged into one forward."""
-    model = _loaded(hub_models[key], tmp_path)
-    assert model.prepares_texts, "this model should take the tokenize-before-batching path"
+    preprocessor, model = _halves(hub_models[key], tmp_path)
+    assert preprocessor.format is not None and preprocessor.format == model.format, \
+        "this model should take the tokenize-before-batching path, in both halves alike"
     requests = [TEXTS[:1], ["a b c d e f g h i j k l m n o p"], TEXTS[1:3], ["x"]]
-    rows = [row for texts in requests for row in model.prepare_texts(texts)]
-    got = model.encode_text(rows)
+    rows = [row for texts in requests for row in preprocessor.prepare_texts(texts)]
+    got = model.forward("embed_text", rows)
     expected = _encode(hub_models[key], [text for texts in requests for text in texts])
     assert max_abs_diff(got, expected, "sentence_transformers text (batched apart)") <= MAX_ABS_DIFF
+
+
+def test_the_front_opens_the_model_without_its_weights(hub_models, tmp_path):
+    preprocessor, model = _halves(hub_models["minilm"], tmp_path)
+    assert {p.device.type for p in preprocessor.model.parameters()} == {"meta"}
+    assert {p.device.type for p in model.module.parameters()} == {"cpu"}
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_split_then_pad_gives_back_the_tokenizers_batch(hub_models, padding_side):
     from sentence_transformers import SentenceTransformer
 
-    from ingrain_bento.families.sentence_transformers import pad_rows, split_rows
+    from ingrain_bento.families.sentence_transformers import pad_rows, split_rows, text_format
 
     library = SentenceTransformer(hub_models["st"], device="cpu")
     library.tokenizer.padding_side = padding_side
+    fmt = text_format(library, None)
+    assert fmt is not None and fmt.padding_side == padding_side
     features = library.preprocess(["short", "a much longer text than the first", ""])
-    rows = split_rows(features, padding_side)
-    assert [len(row.tokens["input_ids"]) for row in rows] == features["attention_mask"].sum(dim=1).tolist()
-    again = pad_rows(rows, {"input_ids": library.tokenizer.pad_token_id}, padding_side)
+    rows = split_rows(features, fmt)
+    assert [row.shape[1] for row in rows] == features["attention_mask"].sum(dim=1).tolist()
+    again = pad_rows(rows, fmt)
     assert again.keys() == features.keys()
     for key, value in features.items():
         assert value.equal(again[key]) if isinstance(value, torch.Tensor) else value == again[key]
 
 
-def test_rows_with_different_prompts_never_share_a_forward(hub_models):
-    from ingrain_bento.families.sentence_transformers import TokenizedText, pad_rows
+def test_an_item_of_another_format_is_refused(hub_models):
+    from sentence_transformers import SentenceTransformer
 
-    ids = {"input_ids": torch.tensor([101, 102]), "attention_mask": torch.tensor([1, 1])}
-    with pytest.raises(ValueError, match="different prompts"):
-        pad_rows([TokenizedText(ids, (("prompt_length", 3),)), TokenizedText(ids, (("prompt_length", 4),))], {}, "right")
+    from ingrain_bento.families.sentence_transformers import pad_rows, text_format
+
+    fmt = text_format(SentenceTransformer(hub_models["st"], device="cpu"), None)
+    assert fmt is not None
+    with pytest.raises(ValueError, match="token rows"):
+        pad_rows([np.ones((len(fmt.keys) + 1, 3), dtype=np.int32)], fmt)
 
 
 def test_a_tokenizer_output_that_does_not_split_falls_back_to_encode(hub_models, tmp_path, monkeypatch):
     from ingrain_bento.families import sentence_transformers as st_family
 
-    monkeypatch.setattr(st_family, "split_rows", lambda features, padding_side: None)
-    model = _loaded(hub_models["st_prompt"], tmp_path)
-    assert not model.prepares_texts
-    got = model.encode_text(TEXTS[:2])
+    monkeypatch.setattr(st_family, "split_rows", lambda features, fmt: None)
+    preprocessor, model = _halves(hub_models["st_prompt"], tmp_path)
+    assert preprocessor.format is None and model.format is None
+    items = preprocessor.prepare_texts(TEXTS[:2])
+    assert items == TEXTS[:2], "without a format the front sends the texts themselves"
+    got = model.forward("embed_text", items)
     assert max_abs_diff(got, _encode(hub_models["st_prompt"], TEXTS[:2]), "sentence_transformers text (prompt)") \
         <= MAX_ABS_DIFF

@@ -1,4 +1,4 @@
-"""The FastAPI app the BentoML service mounts, and everything HTTP-shaped around the routes.
+"""The FastAPI app the front service mounts, and everything HTTP-shaped around the routes.
 
 - one error shape: ``{"message": ...}``, or OpenAI's ``{"error": {...}}`` under ``/v1/``;
   never BentoML's list body, an HTML page or a stack trace;
@@ -31,26 +31,17 @@ log = logging.getLogger("ingrain_bento.http")
 OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz"})
 
 
-def configure_logging() -> None:
-    """Send ``ingrain_bento.*`` key=value lines (management actions) through BentoML's handlers."""
-    ours = logging.getLogger("ingrain_bento")
-    ours.setLevel(logging.INFO)
-    if not ours.handlers:
-        for handler in logging.getLogger("bentoml").handlers or logging.getLogger().handlers:
-            ours.addHandler(handler)
-        ours.propagate = not ours.handlers
-
-
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
-def error_response(path: str, status_code: int, message: str, error_type: str = "invalid_request_error") -> JSONResponse:
+def error_response(path: str, status_code: int, message: str, error_type: str = "invalid_request_error",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     if path.startswith("/v1/"):
         body: dict[str, Any] = {"error": {"message": message, "type": error_type, "code": status_code}}
     else:
         body = {"message": message}
-    return JSONResponse(body, status_code=status_code)
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
 def create_app() -> FastAPI:
@@ -59,7 +50,7 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(IngrainError)
     async def _ingrain_error(request: Request, exc: IngrainError) -> Response:
-        return error_response(request.url.path, exc.status_code, exc.message, exc.error_type)
+        return error_response(request.url.path, exc.status_code, exc.message, exc.error_type, exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -147,3 +138,26 @@ class GuardMiddleware:
         await error_response(path, status, message, kind)(scope, receive, send)
 
 
+
+
+class WorkerHeaderMiddleware:
+    """``X-Ingrain-Worker: <n>`` on every response: which front worker answered (debugging a
+    load balance, and the tests that check every worker answers alike)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        from bentoml import server_context
+
+        self.app = app
+        self.header = (b"x-ingrain-worker", str(server_context.worker_index or 0).encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_worker(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_worker)

@@ -16,26 +16,26 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from ingrain_bento.batching import Batcher
+from ingrain_bento.batching import Batcher, BatcherClosed, in_executor
 from ingrain_bento.errors import AtCapacity, ModelNotFound
 from ingrain_bento.families import family
 from ingrain_bento.families.base import LoadedModel, freeze_heap
 from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.refs import ModelRef
+from ingrain_bento.runner.device import apply_torch_threads, pick_device
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel
 
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["ModelPool", "Resident"]
+
 log = logging.getLogger("ingrain_bento.pool")
 
-TEXT_TOKENS = "tokens"
-TEXT_EMBEDDING = "text"
-IMAGE_EMBEDDING = "image"
-IMAGE_LOGITS = "logits"
 UNLOAD_DRAIN_TIMEOUT_S = 120.0
 
 
@@ -54,32 +54,15 @@ class Resident:
         self.idle.set()
 
 
-def apply_torch_threads(settings: Settings) -> None:
-    """``INGRAIN_TORCH_THREADS``, if set: torch's intra-op threads for every forward."""
-    import torch
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-
-
-def pick_device(settings: Settings) -> "torch.device":
-    import torch
-
-    if settings.device:
-        return torch.device(settings.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class ModelPool:
-    def __init__(self, store: ModelStore, settings: Settings, metrics: ModelMetrics | None = None) -> None:
+    def __init__(self, store: ModelStore, settings: Settings, metrics: ModelMetrics | None = None,
+                 on_change: Callable[[list[ModelRef]], None] | None = None) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        # One forward at a time per process: torch already uses every core (or the GPU) per forward.
+        self.on_change = on_change  # the resident refs after each load, unload or eviction
+        # One forward at a time per device: torch already uses every core (or the GPU) per forward.
         self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
-        # Tokenization gets its own thread and its own batchers: the texts of concurrent requests
-        # are tokenized in one call while the previous forward runs.
-        self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-tokenize")
         self._device: "torch.device | None" = None
         self._resident: OrderedDict[ModelRef, Resident] = OrderedDict()
         self._loading: dict[ModelRef, asyncio.Task[Resident]] = {}
@@ -205,34 +188,31 @@ class ModelPool:
                 resident.idle.set()
 
     def batcher(self, resident: Resident, task: str) -> Batcher[Any]:
-        """The batcher of one model for one task (text tokens, text, image embedding, image logits)."""
+        """The batcher of one model for one task (a capability: embed_text, embed_image, classify)."""
         if self._resident.get(resident.model.ref) is not resident:
-            raise AtCapacity(f"{resident.model.ref.display_id} was unloaded while this request waited: send it again.")
+            raise BatcherClosed(f"{resident.model.ref.display_id} was unloaded while this request waited.")
         batcher = resident.batchers.get(task)
         if batcher is None:
             model, ref = resident.model, resident.model.ref
-            forward, executor = {
-                TEXT_TOKENS: (model.prepare_texts, self.tokenize_executor),
-                TEXT_EMBEDDING: (model.encode_text, self.forward_executor),
-                IMAGE_EMBEDDING: (model.encode_image, self.forward_executor),
-                IMAGE_LOGITS: (model.classify_image, self.forward_executor),
-            }[task]
             on_batch = None
-            if self.metrics is not None and executor is self.forward_executor:  # tokenizing is not inference
+            if self.metrics is not None:
                 record = self.metrics.record_batch
                 on_batch = lambda size, ns: record(ref, task, size, ns)  # noqa: E731
-            batcher = Batcher(forward, executor, max_batch=self.settings.max_batch_size,
-                              max_wait_s=self.settings.batch_wait_ms / 1000, merge=self.settings.dynamic_batching,
-                              on_batch=on_batch)
+            batcher = Batcher(in_executor(partial(model.forward, task), self.forward_executor),
+                              max_batch=self.settings.max_batch_size, max_wait_s=self.settings.batch_wait_ms / 1000,
+                              merge=self.settings.dynamic_batching, on_batch=on_batch)
             resident.batchers[task] = batcher
         return batcher
 
     def _report_resident(self) -> None:
         if self.metrics is not None:
             self.metrics.record_resident({ref.display_id: r.model.memory_bytes for ref, r in self._resident.items()})
+        if self.on_change is not None:
+            self.on_change(list(self._resident))
 
     async def close(self) -> None:
+        """Release every model; ``on_change`` is not told (what was resident stays recorded)."""
+        self.on_change = None
         for ref in list(self._resident):
             await self.unload(ref)
         self.forward_executor.shutdown(wait=False)
-        self.tokenize_executor.shutdown(wait=False)

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from ingrain_bento.errors import AtCapacity, ModelNotFound
-from ingrain_bento.pool import IMAGE_EMBEDDING, ModelPool
+from ingrain_bento.families.base import EMBED_IMAGE
+from ingrain_bento.runner.pool import ModelPool
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore
@@ -22,9 +23,10 @@ def _pool(**settings: object) -> ModelPool:
 
 
 def _pixels(count: int) -> list:
-    import torch
+    """Pixel items as the front sends them: uint8 HWC arrays (test_vit's 160x160 input)."""
+    import numpy as np
 
-    return [torch.zeros(3, 160, 160) for _ in range(count)]
+    return [np.zeros((160, 160, 3), dtype=np.uint8) for _ in range(count)]
 
 
 def test_a_storm_of_loads_loads_once():
@@ -86,7 +88,7 @@ def test_unload_lets_queued_requests_finish_and_later_ones_get_a_clean_error():
 
         async def infer() -> int:
             async with pool.use(A) as resident:
-                rows = await pool.batcher(resident, IMAGE_EMBEDDING).submit(_pixels(3))
+                rows = await pool.batcher(resident, EMBED_IMAGE).submit(_pixels(3))
                 return rows.shape[0]
 
         requests = [asyncio.create_task(infer()) for _ in range(6)]

@@ -1,0 +1,254 @@
+"""``ModelGateway``: what every route of a front worker calls.
+
+Management goes to the runner as it is (the runner holds the one model state) and comes back
+as the API's messages and lists. Inference is prepared here and computed there:
+
+    request -> handle (the runner resolves the name; cached per worker)
+            -> items (tokenized / decoded here, with the model's own preprocessing)
+            -> rows (one coalesced runner call per model and task)
+            -> Matryoshka truncation, normalization, the response schema
+
+Both API generations share these methods: the seed's ``/infer_image`` and the current
+``/embed_image`` differ only in what a classifier answers (``ImageOutput``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+from ingrain_bento import schemas as s
+from ingrain_bento.errors import BadRequest, TooLarge
+from ingrain_bento.families.base import CLASSIFY, EMBED_IMAGE, EMBED_TEXT
+from ingrain_bento.fetch import SafeFetcher
+from ingrain_bento.front.inputs import InputPreparer
+from ingrain_bento.front.runner_client import RunnerClient
+from ingrain_bento.metrics import RequestMetrics
+from ingrain_bento.runner.engine import StaleModel
+from ingrain_bento.settings import Settings
+from ingrain_bento.wire import ModelHandle
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["ImageOutput", "ModelGateway"]
+
+# What an image route answers for a model that classifies: the seed's /infer_image gives class
+# probabilities (logits with normalize=false), the current /embed_image its features.
+ImageOutput = Literal["probabilities", "features"]
+log = logging.getLogger("ingrain_bento.front")
+HandleKey = tuple[str, Any, Any]
+
+
+class ModelGateway:
+    def __init__(self, runner: Any, settings: Settings, metrics: RequestMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.runner = RunnerClient(runner, max_requests_per_call=settings.max_batch_size, metrics=metrics)
+        self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
+        self.inputs = InputPreparer(settings, self.fetcher)
+        self._handles: dict[HandleKey, ModelHandle] = {}
+        self._version: int | None = None
+
+    async def warm_up(self) -> None:
+        """Open the preprocessors of the models the runner holds (after a start, a restart, a
+        restore, a preload), so that their first requests pay no cold start in this worker."""
+        await self.runner.wait_ready()
+        for info in await self.runner.call("loaded_models"):
+            try:
+                reply = await self.runner.call("describe", name=info.id, library=info.library)
+                await self.inputs.preprocessor(ModelHandle.from_dict(reply))
+            except Exception:
+                log.exception("front.warm_up failed for model=%s", info.id)
+
+    async def close(self) -> None:
+        await self.runner.close()
+        await self.inputs.close()
+        await self.fetcher.aclose()
+
+    async def _forget(self) -> None:
+        """The runner's model state moved: handles and preprocessors are asked for again."""
+        self._handles.clear()
+        await self.inputs.clear()
+        await self.runner.forget()
+
+    async def _sync_version(self) -> None:
+        if self.runner.version != self._version:
+            if self._version is not None:
+                await self._forget()
+            self._version = self.runner.version
+
+    # ---- management ----------------------------------------------------------------------
+
+    async def load(self, request: s.ModelRequest, library: str | None = None) -> s.MessageResponse:
+        model_id, loaded = await self.runner.call("load", request=request, library=library)
+        state = "loaded successfully" if loaded else "already loaded"
+        return s.MessageResponse(message=f"Model {model_id} {state}.")
+
+    async def unload(self, request: s.ModelRequest) -> s.MessageResponse:
+        model_id = await self.runner.call("unload", request=request, idempotent=False)
+        await self._forget()
+        return s.MessageResponse(message=f"Model {model_id} unloaded successfully.")
+
+    async def delete(self, request: s.ModelRequest) -> s.MessageResponse:
+        model_id = await self.runner.call("delete", request=request, idempotent=False)
+        await self._forget()
+        return s.MessageResponse(message=f"Model {model_id} deleted successfully.")
+
+    async def download_custom(self, request: s.CustomModelRequest) -> s.MessageResponse:
+        name = await self.runner.call("download_custom", request=request, idempotent=False)
+        return s.MessageResponse(message=f"Custom model {name} downloaded successfully.")
+
+    async def loaded_models(self) -> s.ModelListResponse:
+        return s.ModelListResponse(models=await self.runner.call("loaded_models"))
+
+    async def repository_models(self) -> s.ModelListResponse:
+        return s.ModelListResponse(models=await self.runner.call("repository_models"))
+
+    async def served_models(self) -> list[tuple[str, str]]:
+        """(display id, library) of every model that serves now or after a load."""
+        return [(str(model_id), str(library)) for model_id, library in await self.runner.call("served_models")]
+
+    async def embedding_size(self, name: str, pretrained: str | None) -> s.EmbeddingSizeResponse:
+        size = await self.runner.call("embedding_size", name=name, pretrained=pretrained)
+        return s.EmbeddingSizeResponse(embedding_size=size)
+
+    async def classification_labels(self, name: str, pretrained: str | None) -> s.LabelsResponse:
+        labels = await self.runner.call("classification_labels", name=name, pretrained=pretrained)
+        return s.LabelsResponse(labels=labels)
+
+    async def ingrain_metrics(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.runner.call("ingrain_metrics")
+        return result
+
+    # ---- inference -----------------------------------------------------------------------
+
+    async def _handle(self, request: s.InferenceRequest) -> ModelHandle:
+        await self._sync_version()
+        key = (request.name, request.pretrained, request.library)
+        handle = self._handles.get(key)
+        if handle is None:
+            reply = await self.runner.call("describe", name=request.name, pretrained=request.pretrained,
+                                           library=request.library)
+            handle = self._handles[key] = ModelHandle.from_dict(reply)
+        return handle
+
+    async def _rows(self, request: s.InferenceRequest, handle: ModelHandle, task: str) -> np.ndarray:
+        """Prepare this request's inputs for ``task`` and have the runner compute their rows."""
+        if task not in handle.capabilities:
+            if task == EMBED_TEXT:
+                raise BadRequest(f"{handle.ref.display_id} is an image model: send 'image', not 'text'.")
+            raise BadRequest(f"{handle.ref.display_id} is a text model: send 'text', not 'image'.")
+        if task == EMBED_TEXT:
+            items = await self.inputs.texts(handle, request.texts)
+        else:
+            items = await self.inputs.images(handle, request.images, request.image_download_headers)
+        return await self.runner.infer(handle, task, items)
+
+    async def _serve(self, request: s.InferenceRequest, route: str, tasks: Sequence[str]) -> list[np.ndarray]:
+        """Rows for each task, for one request: counted in the metrics, sent again once when the
+        model was stored anew under this worker's cached handle."""
+        started, ok, model = time.perf_counter(), False, request.name
+        try:
+            for attempt in (1, 2):
+                handle = await self._handle(request)
+                model = handle.ref.display_id
+                try:
+                    rows = [await self._rows(request, handle, task) for task in tasks]
+                    ok = True
+                    return rows
+                except StaleModel:
+                    if attempt == 2:
+                        raise
+                    await self._forget()
+            raise AssertionError("unreachable")
+        finally:
+            if self.metrics is not None:
+                self.metrics.record_request(model, route, ok, time.perf_counter() - started)
+
+    def _check_items(self, request: s.InferenceRequest) -> None:
+        cap = self.settings.max_items_per_request
+        for items, what in ((request.texts, "texts"), (request.images, "images")):
+            if len(items) > cap:
+                raise TooLarge(f"{len(items)} {what} in one request, over the cap of {cap}: split the request.")
+        for index, text in enumerate(request.texts):
+            if len(text) > self.settings.max_text_chars:
+                raise TooLarge(f"Text {index} has {len(text)} characters, over the cap of "
+                               f"{self.settings.max_text_chars}.")
+
+    @staticmethod
+    def _embeddings(rows: np.ndarray, n_dims: int | None, normalize: bool) -> list[list[float]]:
+        """Matryoshka: truncate to ``n_dims`` first, then normalize, so rows are unit length."""
+        import torch
+        import torch.nn.functional as F
+
+        tensor = torch.from_numpy(rows).float()
+        if n_dims is not None:
+            if n_dims < 1 or n_dims > tensor.shape[1]:
+                raise BadRequest(f"n_dims must be between 1 and the model's size {tensor.shape[1]}, not {n_dims}.")
+            tensor = tensor[:, :n_dims]
+        if normalize:
+            tensor = F.normalize(tensor, dim=-1)
+        result: list[list[float]] = tensor.tolist()
+        return result
+
+    @staticmethod
+    def _probabilities(logits: np.ndarray, softmax: bool = True) -> list[list[float]]:
+        import torch
+
+        tensor = torch.from_numpy(logits).float()
+        result: list[list[float]] = (tensor.softmax(dim=-1) if softmax else tensor).tolist()
+        return result
+
+    def _image_task(self, handle: ModelHandle, request: s.InferenceRequest, output: ImageOutput) -> str:
+        if output == "probabilities" and CLASSIFY in handle.capabilities:
+            if request.n_dims is not None:
+                raise BadRequest("n_dims applies to embeddings; /infer_image on a classifier returns class "
+                                 "probabilities (use /embed_image for its features).")
+            return CLASSIFY
+        return EMBED_IMAGE
+
+    def _image_output(self, rows: np.ndarray, task: str, request: s.InferenceRequest) -> list[list[float]]:
+        if task == CLASSIFY:
+            return self._probabilities(rows, softmax=request.normalize)
+        return self._embeddings(rows, request.n_dims, request.normalize)
+
+    async def embed_text(self, request: s.InferenceRequest) -> s.EmbeddingsResponse:
+        started = time.perf_counter()
+        self._check_items(request)
+        (rows,) = await self._serve(request, "embed_text", [EMBED_TEXT])
+        return s.EmbeddingsResponse.model_construct(
+            embeddings=self._embeddings(rows, request.n_dims, request.normalize),
+            processing_time_ms=(time.perf_counter() - started) * 1000)
+
+    async def embed_image(self, request: s.InferenceRequest, output: ImageOutput) -> s.EmbeddingsResponse:
+        started = time.perf_counter()
+        self._check_items(request)
+        task = self._image_task(await self._handle(request), request, output)
+        (rows,) = await self._serve(request, "embed_image", [task])
+        return s.EmbeddingsResponse.model_construct(embeddings=self._image_output(rows, task, request),
+                                                    processing_time_ms=(time.perf_counter() - started) * 1000)
+
+    async def embed(self, request: s.InferenceRequest, output: ImageOutput) -> s.TextImageEmbeddingsResponse:
+        started = time.perf_counter()
+        self._check_items(request)
+        tasks = [EMBED_TEXT] if request.text is not None else []
+        image_task = self._image_task(await self._handle(request), request, output) if request.image is not None else None
+        rows = await self._serve(request, "embed", tasks + ([image_task] if image_task else []))
+        text_rows = self._embeddings(rows[0], request.n_dims, request.normalize) if request.text is not None else None
+        image_rows = self._image_output(rows[-1], image_task, request) if image_task else None
+        return s.TextImageEmbeddingsResponse.model_construct(
+            text_embeddings=text_rows, image_embeddings=image_rows,
+            processing_time_ms=(time.perf_counter() - started) * 1000)
+
+    async def classify_image(self, request: s.InferenceRequest) -> s.ProbabilitiesResponse:
+        started = time.perf_counter()
+        self._check_items(request)
+        handle = await self._handle(request)
+        if CLASSIFY not in handle.capabilities:
+            raise BadRequest(f"{handle.ref.display_id} is not a classifier: /classify_image serves models "
+                             "that classify (timm).")
+        (logits,) = await self._serve(request, "classify_image", [CLASSIFY])
+        return s.ProbabilitiesResponse.model_construct(probabilities=self._probabilities(logits),
+                                                       processing_time_ms=(time.perf_counter() - started) * 1000)

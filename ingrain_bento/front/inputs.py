@@ -1,0 +1,105 @@
+"""A front worker's preparation of inputs: texts to token items, images to pixel items.
+
+Each model's ``Preprocessor`` (tokenizer and image transforms, no weights) is opened from the
+BentoML store once per front worker, keyed by the store entry (tag and version), so a model
+deleted and stored again is never prepared with the old files; ``clear`` drops them when the
+runner's model state moves. Texts of concurrent requests are tokenized together, one call on
+the worker's tokenizer thread (a ``Batcher``); images are fetched concurrently, then decoded
+and preprocessed one at a time each in a small per-process pool (Pillow releases the GIL while
+it decodes and resizes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ingrain_bento.batching import Batcher, in_executor
+from ingrain_bento.errors import BadRequest, ModelNotFound
+from ingrain_bento.families import family
+from ingrain_bento.families.base import Preprocessor
+from ingrain_bento.fetch import SafeFetcher
+from ingrain_bento.media import ImageLoader
+from ingrain_bento.settings import Settings
+from ingrain_bento.store import ModelStore
+from ingrain_bento.wire import ModelHandle
+
+__all__ = ["InputPreparer"]
+
+log = logging.getLogger("ingrain_bento.front.inputs")
+
+
+class InputPreparer:
+    def __init__(self, settings: Settings, fetcher: SafeFetcher) -> None:
+        self.settings = settings
+        self.store = ModelStore()
+        self.loader = ImageLoader(fetcher, settings)
+        self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-tokenize")
+        self.image_executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                 thread_name_prefix="ingrain-image")
+        self._preprocessors: dict[str, asyncio.Task[Preprocessor]] = {}
+        self._tokenizers: dict[str, Batcher[Any]] = {}
+
+    async def preprocessor(self, handle: ModelHandle) -> Preprocessor:
+        """The model's preprocessor, opened once (concurrent requests wait for the same open)."""
+        task = self._preprocessors.get(handle.tag)
+        if task is None or (task.done() and task.exception() is not None):
+            task = asyncio.ensure_future(asyncio.to_thread(self._open, handle))
+            self._preprocessors[handle.tag] = task
+        return await asyncio.shield(task)
+
+    def _open(self, handle: ModelHandle) -> Preprocessor:
+        started = time.perf_counter()
+        entry = self.store.by_tag(handle.tag)
+        if entry is None:  # a front on another machine than the runner: its own copy of the store
+            entry = self.store.pull(handle.ref)
+        if entry.ref is None:
+            raise ModelNotFound(f"{handle.ref.display_id} is not a loadable store entry.")
+        preprocessor = family(handle.ref.library).load_preprocessor(entry.path, handle.ref)
+        log.info("front.preprocessor model=%s tag=%s seconds=%.2f", handle.ref.display_id, handle.tag,
+                 time.perf_counter() - started)
+        return preprocessor
+
+    async def texts(self, handle: ModelHandle, texts: list[str]) -> list[Any]:
+        """One item per text, tokenized with the texts of concurrent requests for this model."""
+        preprocessor = await self.preprocessor(handle)
+        batcher = self._tokenizers.get(handle.tag)
+        if batcher is None:
+            batcher = Batcher(in_executor(preprocessor.prepare_texts, self.tokenize_executor),
+                              max_batch=self.settings.max_batch_size, max_wait_s=self.settings.batch_wait_ms / 1000,
+                              merge=self.settings.dynamic_batching)
+            self._tokenizers[handle.tag] = batcher
+        return list(await batcher.submit(texts))
+
+    async def images(self, handle: ModelHandle, values: list[str], headers: dict[str, str] | None) -> list[Any]:
+        """One pixel item per image, in order; the first bad image fails the request (400 naming it)."""
+        preprocessor = await self.preprocessor(handle)
+        encoded = await self.loader.fetch(values, headers)
+        loop = asyncio.get_running_loop()
+
+        def prepare(data: bytes, index: int) -> Any:
+            image = self.loader.decode(data, index)
+            try:
+                return preprocessor.prepare_image(image)
+            except BadRequest:
+                raise
+            except Exception as exc:
+                raise BadRequest(f"Image {index} could not be preprocessed ({type(exc).__name__}: {exc}).") from None
+
+        return list(await asyncio.gather(*(loop.run_in_executor(self.image_executor, prepare, data, index)
+                                           for index, data in enumerate(encoded))))
+
+    async def clear(self) -> None:
+        """Forget every preprocessor (the runner's model state moved: unload, delete, store)."""
+        tokenizers, self._tokenizers = self._tokenizers, {}
+        self._preprocessors = {}
+        await asyncio.gather(*(batcher.close() for batcher in tokenizers.values()))
+
+    async def close(self) -> None:
+        await self.clear()
+        self.tokenize_executor.shutdown(wait=False)
+        self.image_executor.shutdown(wait=False)

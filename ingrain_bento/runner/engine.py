@@ -1,0 +1,324 @@
+"""``RunnerEngine``: the one owner of model state, behind the runner service.
+
+It resolves names, manages the store and the resident pool (load, unload, evict, delete,
+custom downloads), answers every listing, and runs inference on prepared items: it takes
+arrays and returns arrays, and knows nothing of HTTP or of the API's wire formats. Every
+front worker calls this one engine, so listings are the same from any of them. ``version``
+moves when a model stops being resident or stored and travels with every inference reply, so
+fronts know when to drop their cached handles and tokenizers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ingrain_bento import schemas as s
+from ingrain_bento.batching import BatcherClosed
+from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound
+from ingrain_bento.families import families, family
+from ingrain_bento.families.base import check_safetensors, modalities_of
+from ingrain_bento.fetch import SafeFetcher
+from ingrain_bento.metrics import ModelMetrics
+from ingrain_bento.refs import DISPLAY_SEPARATOR, ModelRef, split_display_id, validate_name, validate_tag
+from ingrain_bento.runner.pool import ModelPool, Resident
+from ingrain_bento.runner.state import ResidentState
+from ingrain_bento.settings import Settings
+from ingrain_bento.store import ModelStore, StoredModel, staging_dir
+from ingrain_bento.wire import ModelHandle, Packed, RowsReply, unpack
+
+__all__ = ["RunnerEngine", "StaleModel"]
+
+log = logging.getLogger("ingrain_bento.runner")
+
+UNLOAD_RETRIES = 3  # a request that meets an unload uses the model again (a reload) this often
+
+
+class StaleModel(Conflict):
+    """The front prepared its inputs for another store entry of this model (deleted and stored
+    again since): it drops its handle and asks again."""
+
+    error_type = "stale_model"
+
+
+class RunnerEngine:
+    def __init__(self, settings: Settings, metrics: ModelMetrics | None = None,
+                 state: ResidentState | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.state = state
+        self.version = 0  # moves when a model stops being resident or stored: fronts drop their caches
+        self._resident: set[ModelRef] = set()
+        self.store = ModelStore()
+        self.pool = ModelPool(self.store, settings, metrics, on_change=self._resident_changed)
+        self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
+
+    def _resident_changed(self, refs: list[ModelRef]) -> None:
+        if self._resident - set(refs):
+            self.version += 1
+        self._resident = set(refs)
+        if self.state is not None:
+            self.state.save(refs)
+
+    async def start(self, preload: list[ModelRef]) -> None:
+        """Load what was resident when this runner last ran, then the preload list; a failure
+        is logged, not fatal."""
+        restored = self.state.load() if self.state is not None else []
+        for ref in dict.fromkeys([*restored, *preload]):
+            try:
+                await self.pool.load(ref)
+            except Exception:
+                log.exception("runner.start failed to load model=%s", ref.display_id)
+        if restored:
+            log.info("runner.restore models=%s", ",".join(ref.display_id for ref in restored))
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.fetcher.aclose()
+
+    # ---- names ---------------------------------------------------------------------------
+
+    def resolve(self, name: str, pretrained: str | bool | None = None, library: str | None = None,
+                *, resident_only: bool = False) -> ModelRef:
+        """The one model a request names; 404 when the server does not know it, 409 when ambiguous."""
+        base, tag = split_display_id(name, pretrained)
+        validate_name(base)
+        if library:
+            return ModelRef.parse(library, base, tag)
+        candidates = []
+        for library_name in families():
+            try:
+                candidates.append(ModelRef.parse(library_name, base, tag))
+            except BadRequest:
+                continue
+        matches = [ref for ref in candidates if self.pool.get(ref) or self.pool.is_loading(ref)]
+        if not matches and not resident_only:
+            matches = [ref for ref in candidates if self.store.find(ref) is not None]
+        if len(matches) > 1:
+            libraries = ", ".join(ref.library for ref in matches)
+            raise Conflict(f"{name!r} names models of several libraries ({libraries}): send 'library' too.")
+        if not matches:
+            display = base if tag is None else f"{base}{DISPLAY_SEPARATOR}{tag}"
+            where = "loaded" if resident_only else "known to this server"
+            raise ModelNotFound(f"Model {display!r} is not {where}: load it first with /load_model "
+                                "(or /load_clip_model, /load_sentence_transformer_model, /load_timm_model).")
+        return matches[0]
+
+    def _stored_or_resident(self, name: str, pretrained: str | bool | None,
+                            library: str | None = None) -> tuple[ModelRef, StoredModel | None, Resident | None]:
+        ref = self.resolve(name, pretrained, library)
+        resident = self.pool.get(ref)
+        return ref, resident.stored if resident else self.store.find(ref), resident
+
+    # ---- management ----------------------------------------------------------------------
+
+    async def load(self, request: s.ModelRequest, library: str | None = None) -> tuple[str, bool]:
+        """Make a model resident: its display id, and whether this call loaded it."""
+        lib = library or request.library
+        if lib is None:
+            raise BadRequest(f"Send 'library': one of {', '.join(sorted(families()))}.")
+        ref = ModelRef.parse(lib, request.name, request.pretrained)
+        return ref.display_id, await self.pool.load(ref)
+
+    async def unload(self, request: s.ModelRequest) -> str:
+        ref = self.resolve(request.name, request.pretrained, request.library, resident_only=True)
+        await self.pool.unload(ref)
+        return ref.display_id
+
+    async def delete(self, request: s.ModelRequest) -> str:
+        ref = self._resolve_stored(request)
+        started = time.perf_counter()
+        if self.pool.get(ref) is not None:
+            await self.pool.unload(ref)
+        entry = await asyncio.to_thread(self.store.delete, ref)
+        self.version += 1
+        log.info("runner.delete model=%s tag=%s bytes=%d seconds=%.2f", ref.display_id, entry.tag, entry.size_bytes,
+                 time.perf_counter() - started)
+        return ref.display_id
+
+    def _resolve_stored(self, request: s.ModelRequest) -> ModelRef:
+        """Like ``resolve``, but also finds custom checkpoints not yet bound to an architecture."""
+        try:
+            return self.resolve(request.name, request.pretrained, request.library)
+        except ModelNotFound:
+            base, tag = split_display_id(request.name, request.pretrained)
+            for entry in self.store.entries():  # unbound entries: custom checkpoints awaiting an architecture
+                if entry.ref is None and entry.custom_name in (base, tag):
+                    return ModelRef(entry.library, base, entry.custom_name)
+            raise
+
+    def _info(self, entry: StoredModel | None, resident: Resident | None, ref: ModelRef | None,
+              state: s.ModelState) -> s.ModelInfo:
+        if ref is not None:
+            ident, name, pretrained, library = ref.display_id, ref.name, ref.api_pretrained, ref.library
+        else:
+            assert entry is not None  # an unbound custom checkpoint, listed by its store entry
+            ident, name, pretrained, library = entry.name, entry.name, entry.pretrained, entry.library
+        model = resident.model if resident else None
+        meta = entry.metadata if entry else {}
+        capabilities = sorted(model.capabilities) if model else meta.get("capabilities", [])
+        return s.ModelInfo(
+            id=ident, name=name, pretrained=pretrained, library=library, state=state,
+            modalities=modalities_of(capabilities),
+            embedding_size=model.embedding_size if model else meta.get("embedding_size"),
+            device=str(model.device) if model else None,
+            dtype=str(model.dtype).removeprefix("torch.") if model else None,
+            memory_bytes=model.memory_bytes if model else None,
+            last_used=resident.last_used if resident else None,
+            store_tag=entry.tag if entry else None,
+        )
+
+    def loaded_models(self) -> list[s.ModelInfo]:
+        return [self._info(r.stored, r, r.model.ref, "READY") for r in self.pool.resident()]
+
+    def repository_models(self) -> list[s.ModelInfo]:
+        infos, seen = [], set()
+        for entry in self.store.entries():
+            resident = self.pool.get(entry.ref) if entry.ref else None
+            state: s.ModelState = ("READY" if resident else "LOADING" if entry.ref and self.pool.is_loading(entry.ref)
+                                   else "UNAVAILABLE")
+            infos.append(self._info(entry, resident, entry.ref, state))
+            seen.add(entry.ref)
+        for ref in self.pool.loading():
+            if ref not in seen:
+                infos.append(self._info(None, None, ref, "LOADING"))
+        return infos
+
+    def served_models(self) -> list[tuple[str, str]]:
+        """(display id, library) of every model that can serve now or after a load, sorted."""
+        refs = {r.model.ref for r in self.pool.resident()}
+        refs.update(entry.ref for entry in self.store.entries() if entry.ref is not None)
+        return [(ref.display_id, ref.library) for ref in sorted(refs, key=lambda r: r.display_id)]
+
+    def embedding_size(self, name: str, pretrained: str | None = None) -> int:
+        ref, entry, resident = self._stored_or_resident(name, pretrained)
+        size = resident.model.embedding_size if resident else (entry.metadata.get("embedding_size") if entry else None)
+        if size is None:
+            raise ModelNotFound(f"The embedding size of {ref.display_id} is not known until it is loaded.")
+        return int(size)
+
+    def classification_labels(self, name: str, pretrained: str | None = None) -> list[str]:
+        ref, entry, resident = self._stored_or_resident(name, pretrained)
+        labels = resident.model.labels if resident else None
+        if labels is None and entry is not None:
+            labels = family(ref.library).read_labels(entry.path)
+        if labels is None:
+            raise BadRequest(f"{ref.display_id} is not a classifier: it has no class labels.")
+        return labels
+
+    async def download_custom(self, request: s.CustomModelRequest) -> str:
+        """Fetch a custom model's files (safetensors only) into the store; its name."""
+        entry_family = family(request.library)
+        library = entry_family.name
+        name = validate_tag(request.pretrained_name, "pretrained_name")
+        if await asyncio.to_thread(self.store.is_taken, library, name):
+            raise Conflict(f"A {library} model named {name!r} is already stored: delete it first "
+                           "or choose another pretrained_name.")
+        options = entry_family.check_custom(request)
+        files = {path: getattr(request, field) for field, path in entry_family.custom_files.items()}
+        started = time.perf_counter()
+        with staging_dir() as scratch:
+            root = Path(scratch)
+            sizes = await asyncio.gather(*(self._download(url, root / path) for path, url in files.items()))
+            await asyncio.to_thread(check_safetensors, root / entry_family.custom_files["safetensors_url"])
+
+            def write(folder: Path) -> dict[str, Any]:
+                shutil.copytree(root, folder, dirs_exist_ok=True)
+                try:
+                    return entry_family.describe_custom(folder)
+                except IngrainError:
+                    raise
+                except Exception as exc:
+                    raise BadRequest(f"The downloaded files do not form a {library} model: {exc}") from None
+
+            await asyncio.to_thread(self.store.import_custom, library, name, write, options)
+        log.info("runner.download_custom library=%s name=%s bytes=%d seconds=%.2f", library, name,
+                 sum(sizes), time.perf_counter() - started)
+        return name
+
+    async def _download(self, url: str, destination: Path) -> int:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        return await self.fetcher.download_to(url, destination, max_bytes=self.settings.max_download_bytes,
+                                              timeout=self.settings.download_timeout_s)
+
+    def ingrain_metrics(self) -> dict[str, Any]:
+        return self.metrics.ingrain_json() if self.metrics is not None else {"modelStats": []}
+
+    # ---- inference -----------------------------------------------------------------------
+
+    def _check_servable(self, ref: ModelRef, library_given: bool = True) -> None:
+        """A model that is neither resident nor loading: 400 with auto-loading off, 404 when
+        it is not stored either."""
+        if self.pool.get(ref) is not None or self.pool.is_loading(ref):
+            return
+        if not self.settings.autoload:
+            raise BadRequest(f"Model {ref.display_id} is not loaded (auto-loading is off): load it first.")
+        if library_given and self.store.find(ref) is None:
+            raise ModelNotFound(f"Model {ref.display_id} is not known to this server: load it first.")
+
+    async def describe(self, name: str, pretrained: str | bool | None, library: str | None) -> ModelHandle:
+        """The handle a front prepares a model's inputs with (resolving the name as inference does)."""
+        ref = self.resolve(name, pretrained, library)
+        self._check_servable(ref, library_given=bool(library))
+        resident = self.pool.get(ref)
+        entry = resident.stored if resident else self.store.find(ref)
+        if entry is None:  # still being pulled into the store: wait for that load
+            await self.pool.load(ref)
+            resident = self.pool.get(ref)
+            if resident is None:
+                raise ModelNotFound(f"Model {ref.display_id} was unloaded while it loaded: send the request again.")
+            entry = resident.stored
+        if resident is not None:
+            capabilities, size = tuple(sorted(resident.model.capabilities)), resident.model.embedding_size
+        else:
+            capabilities, size = tuple(entry.metadata.get("capabilities", ())), entry.metadata.get("embedding_size")
+        return ModelHandle(ref, entry.tag, capabilities, size)
+
+    @asynccontextmanager
+    async def _serving(self, ref: ModelRef, tag: str) -> AsyncIterator[Resident]:
+        self._check_servable(ref)
+        async with self.pool.use(ref) as resident:
+            if resident.stored.tag != tag:
+                raise StaleModel(f"{ref.display_id} was stored again since this request was prepared.")
+            yield resident
+
+    async def infer(self, ref: ModelRef, task: str, tag: str, payload: Packed) -> RowsReply:
+        """Rows for each request of a front's call, merged with other calls into few forwards.
+        A request that meets an unload uses the model again (a reload, when auto-loading is on)."""
+        requests = unpack(payload)
+        started = time.perf_counter()
+        results: list[Any] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        for attempt in range(UNLOAD_RETRIES):
+            async with self._serving(ref, tag) as resident:
+                batcher = self.pool.batcher(resident, task)
+                done = await asyncio.gather(*(batcher.submit(requests[i]) for i in pending), return_exceptions=True)
+            for index, outcome in zip(pending, done):
+                results[index] = outcome
+            pending = [i for i in pending if isinstance(results[i], BatcherClosed)]
+            if not pending:
+                break
+        return self._rows_reply(ref, results, time.perf_counter() - started)
+
+    def _rows_reply(self, ref: ModelRef, results: list[Any], seconds: float) -> RowsReply:
+        import torch
+
+        failed: dict[int, dict[str, Any]] = {}
+        rows = []
+        for index, outcome in enumerate(results):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, IngrainError):
+                    log.error("runner.infer model=%s failed", ref.display_id, exc_info=outcome)
+                    outcome = IngrainError(f"Inference failed ({type(outcome).__name__}); this is a bug, please "
+                                           "report it with the request that caused it.")
+                failed[index] = outcome.as_reply()
+            else:
+                rows.append(outcome)
+            if self.metrics is not None:
+                self.metrics.record_outcome(ref, index not in failed, seconds)
+        return {"rows": torch.cat(rows).numpy() if rows else None, "failed": failed, "version": self.version}
