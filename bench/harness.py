@@ -102,18 +102,20 @@ class Server:
             raise RuntimeError(f"POST {path} -> {response.status_code}: {response.text[:500]}")
         return response.json()
 
-    def worker_pid(self, timeout: float = 30.0) -> int:
-        """The descendant whose cmdline contains ``_bentoml_impl.worker`` (it holds the models)."""
+    def service_pids(self, service: str, timeout: float = 30.0) -> list[int]:
+        """The worker processes of one service: ``ingrain-bento`` (the front, one per HTTP
+        worker) or ``ingrain-runner`` (holds the models)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for pid in descendants(self.process.pid):
-                try:
-                    if b"_bentoml_impl.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                        return pid
-                except OSError:
-                    continue
+            found = [pid for pid in descendants(self.process.pid) if service_of(pid) == service]
+            if found:
+                return found
             time.sleep(0.2)
-        raise RuntimeError("no BentoML worker process found")
+        raise RuntimeError(f"no worker of {service} found")
+
+    def worker_pid(self) -> int:
+        """The runner's process: the one that holds the models."""
+        return self.service_pids("ingrain-runner")[0]
 
     def stop(self) -> None:
         """Stop the server and every worker (a worker busy in a slow load can outlive its arbiter)."""
@@ -128,6 +130,17 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def service_of(pid: int) -> str | None:
+    """The ``--service-name`` of a BentoML worker process, from its command line."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"_bentoml_impl.worker.service" not in args or b"--service-name" not in args:
+        return None
+    return args[args.index(b"--service-name") + 1].decode()
 
 
 def descendants(pid: int) -> list[int]:

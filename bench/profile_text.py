@@ -1,12 +1,13 @@
-"""Where the server's worker spends its time under the 64-client text load (py-spy).
+"""Where a server process spends its time under the 64-client text load (py-spy).
 
-    pip install py-spy && python bench/profile_text.py [--seconds 8] [--top 15]
+    pip install py-spy && python bench/profile_text.py [--service ingrain-runner] [--seconds 8] [--top 15]
 
 Starts the server as bench/throughput.py does, loads all-MiniLM-L6-v2, runs the load
-generator (64 clients, one text per request) and meanwhile samples the worker with
-``py-spy record --gil --threads`` (only the thread holding the GIL is sampled, so the shares
-say which Python code keeps the others waiting). Prints the top entries by own time and by
-total time, and the share of each thread.
+generator (64 clients, one text per request) and meanwhile samples one process (the runner,
+or ``--service ingrain-bento``: the first front worker) with ``py-spy record --gil
+--threads`` (only the thread holding the GIL is sampled, so the shares say which Python code
+keeps the others waiting). Prints the top entries by own time and by total time, and the
+share of each thread.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--service", default="ingrain-runner", choices=["ingrain-runner", "ingrain-bento"])
     args = parser.parse_args()
     if shutil.which("py-spy") is None:
         sys.exit("py-spy is not installed: pip install py-spy")
@@ -66,7 +68,7 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL)
         time.sleep(3)  # past start-up: the load is steady
         raw = WORK / "profile.txt"
-        subprocess.run(["py-spy", "record", "-p", str(server.worker_pid()), "-d", str(args.seconds), "-r", "250",
+        subprocess.run(["py-spy", "record", "-p", str(server.service_pids(args.service)[0]), "-d", str(args.seconds), "-r", "250",
                         "--gil", "--threads", "-f", "raw", "-o", str(raw)], check=True, capture_output=True)
         load.wait()
         summarize(raw, args.top)

@@ -106,6 +106,17 @@ class RealServer:
         self.stop()
         raise RuntimeError(f"bentoml serve did not become ready: {self.log.read_text()[-3000:]}")
 
+    def service_pids(self, service: str, timeout: float = 30.0) -> list[int]:
+        """The worker processes of one service: ``ingrain-bento`` (the front) or ``ingrain-runner``."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [pid for pid in _descendants(self.process.pid) if _service_of(pid) == service]
+            if found:
+                return sorted(found)
+            time.sleep(0.2)
+        raise RuntimeError(f"no worker of {service} found")
+
     def stop(self) -> None:
         import signal
 
@@ -121,6 +132,31 @@ class RealServer:
             except ProcessLookupError:
                 pass
         self.process = None
+
+
+def _service_of(pid: int) -> str | None:
+    """The ``--service-name`` of a BentoML worker process, from its command line."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"--service-name" not in args:
+        return None
+    return args[args.index(b"--service-name") + 1].decode()
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(kids)
+            todo.extend(kids)
+    return found
 
 
 @pytest.fixture(scope="session")

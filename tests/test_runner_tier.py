@@ -1,0 +1,220 @@
+"""The two tiers, on one real ``bentoml serve`` with two front workers and one runner.
+
+Every front worker answers from the runner's one model state, embeds alike, and holds no
+weights; requests that race an unload complete; the runner's dependency client keeps its
+connections; a killed runner is restarted by BentoML while the fronts answer 503 with
+``Retry-After``, and it comes back with its models; a killed front worker loses only its own
+requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fixtures.compare import MAX_ABS_DIFF, max_abs_diff
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def server(real_server_factory, session_dir, hub_models):
+    started = real_server_factory(session_dir / "bentoml-tier", env={"INGRAIN_HTTP_WORKERS": str(WORKERS)}).start()
+    for name in (hub_models["st"], hub_models["timm"]):
+        library = "timm" if name == hub_models["timm"] else "sentence_transformers"
+        httpx.post(f"{started.url}/load_model", json={"name": name, "library": library}, timeout=120).raise_for_status()
+    return started
+
+
+def _fresh(method: str, url: str, **kwargs) -> httpx.Response:
+    """One request on a new connection (the kernel hands each new connection to either worker)."""
+    return httpx.request(method, url, timeout=60, **kwargs)
+
+
+def _through_every_worker(method: str, url: str, tries: int = 300, **kwargs) -> dict[str, list[httpx.Response]]:
+    """Fresh-connection requests until every front worker has answered at least three."""
+    seen: dict[str, list[httpx.Response]] = {}
+    for _ in range(tries):
+        response = _fresh(method, url, **kwargs)
+        seen.setdefault(response.headers["x-ingrain-worker"], []).append(response)
+        if len(seen) == WORKERS and all(len(answers) >= 3 for answers in seen.values()):
+            return seen
+    raise AssertionError(f"only workers {sorted(seen)} answered in {tries} requests")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _metric(server, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name)
+
+
+def test_the_service_runs_two_front_workers_and_one_runner(server):
+    assert len(server.service_pids("ingrain-bento")) == WORKERS
+    assert len(server.service_pids("ingrain-runner")) == 1
+
+
+def test_every_front_worker_answers_from_the_one_model_state(server, hub_models):
+    httpx.post(f"{server.url}/unload_model", json={"name": hub_models["timm"]}, timeout=60).raise_for_status()
+    for path in ("/loaded_models", "/repository_models", "/v1/models", "/metrics"):
+        answers = _through_every_worker("GET", f"{server.url}{path}")
+        bodies = {response.text for responses in answers.values() for response in responses}
+        assert len(bodies) == 1, f"{path} differs between front workers: {bodies}"
+    loaded = httpx.get(f"{server.url}/loaded_models").json()["models"]
+    assert [m["name"] for m in loaded] == [hub_models["st"]]
+
+
+def test_the_same_text_embeds_identically_through_every_worker(server, hub_models):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["the same text", "through every worker"]
+    answers = _through_every_worker("POST", f"{server.url}/embed_text", json={"name": hub_models["st"], "text": texts})
+    rows = {str(response.json()["embeddings"]) for responses in answers.values() for response in responses}
+    assert len(rows) == 1
+    expected = SentenceTransformer(hub_models["st"], device="cpu").encode(texts, convert_to_tensor=True,
+                                                                          normalize_embeddings=True)
+    got = next(iter(answers.values()))[0].json()["embeddings"]
+    assert max_abs_diff(got, expected, "sentence_transformers text (served)") <= MAX_ABS_DIFF
+
+
+def test_the_weights_live_in_the_runner_process_only(server, hub_models):
+    """all-MiniLM-L6-v2 holds ~90 MB of weights: the runner grows by about that much; a front
+    worker only opens its tokenizer (weights on torch's meta device)."""
+    fronts, runner = server.service_pids("ingrain-bento"), server.service_pids("ingrain-runner")[0]
+    _through_every_worker("POST", f"{server.url}/embed_text", json={"name": hub_models["st"], "text": "warm"})
+    before = {pid: _rss_mb(pid) for pid in (*fronts, runner)}
+    name = hub_models["minilm"]
+    httpx.post(f"{server.url}/load_model", json={"name": name, "library": "sentence_transformers"},
+               timeout=120).raise_for_status()
+    _through_every_worker("POST", f"{server.url}/embed_text", json={"name": name, "text": "a query"})
+    grown = {pid: _rss_mb(pid) - before[pid] for pid in before}
+    assert grown[runner] > 60, grown
+    assert all(grown[pid] < 30 for pid in fronts), grown
+
+
+def test_no_runner_call_needs_a_second_connection_attempt(server, hub_models):
+    """BentoML's dependency client would close its connection pool every 100 calls, calls in
+    flight included (service.py: runner_connection); each failed call would be sent again, and
+    counted. Listings are not coalesced, so this burst keeps many calls in flight at once."""
+    before = _metric(server, "ingrain_runner_retries_total")
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+            embed = {"name": hub_models["st"], "text": "x"}
+            requests = [client.post(f"{server.url}/embed_text", json=embed) if i % 2 else
+                        client.get(f"{server.url}/repository_models") for i in range(400)]
+            return [response.status_code for response in await asyncio.gather(*requests)]
+
+    statuses = asyncio.run(burst())
+    assert Counter(statuses) == {200: 400}
+    assert _metric(server, "ingrain_runner_retries_total") == before
+
+
+def test_eight_clients_through_ten_unload_reload_cycles_get_no_server_error(server, hub_models):
+    name = hub_models["st"]
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                status = http.post(f"{server.url}/embed_text", json={"name": name, "text": "racing an unload"}).status_code
+                with lock:
+                    statuses[status] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(10):
+            time.sleep(0.3)
+            assert _fresh("POST", f"{server.url}/unload_model", json={"name": name}).status_code == 200
+            time.sleep(0.3)
+            _fresh("POST", f"{server.url}/load_model", json={"name": name, "library": "sentence_transformers"})
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert statuses[200] > 50 and set(statuses) == {200}, statuses
+
+
+def test_a_killed_front_worker_loses_only_its_own_requests(server, hub_models):
+    victim = server.service_pids("ingrain-bento")[0]
+    body = {"name": hub_models["st"], "text": "still served"}
+    os.kill(victim, signal.SIGKILL)
+    answered: Counter[str] = Counter()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and answered["200"] < 20:
+        try:
+            answered[str(_fresh("POST", f"{server.url}/embed_text", json=body).status_code)] += 1
+        except httpx.TransportError:
+            answered["connection error"] += 1  # only a connection the dead worker had accepted
+    assert answered["200"] >= 20 and set(answered) <= {"200", "connection error"}, answered
+    assert answered["connection error"] <= 1, answered
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(server.service_pids("ingrain-bento")) < WORKERS:
+        time.sleep(0.5)
+    assert victim not in server.service_pids("ingrain-bento") and len(server.service_pids("ingrain-bento")) == WORKERS
+
+
+def test_a_killed_runner_answers_503_with_retry_after_then_serves_its_models_again(server, hub_models):
+    loaded = sorted(m["id"] for m in httpx.get(f"{server.url}/loaded_models").json()["models"])
+    assert hub_models["st"] in loaded
+    victim = server.service_pids("ingrain-runner")[0]
+    answers: list[tuple[float, float, int, str]] = []  # (sent, seconds, status, retry-after)
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:  # a connection error would raise here and end the test
+            while not stop.is_set():
+                sent = time.monotonic()
+                response = http.post(f"{server.url}/embed_text", json={"name": hub_models["st"], "text": "a crash"})
+                with lock:
+                    answers.append((sent, time.monotonic() - sent, response.status_code,
+                                    response.headers.get("retry-after", "")))
+                if response.status_code == 503:
+                    time.sleep(0.2)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with lock:
+            back = [a for a in answers if a[0] > killed_at and a[2] == 200]
+        if len(back) >= 8:
+            break
+        time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    statuses = Counter(status for _, _, status, _ in answers)
+    assert set(statuses) == {200, 503}, statuses
+    assert all(int(retry) > 0 for _, _, status, retry in answers if status == 503)
+    assert max(seconds for _, seconds, _, _ in answers) < 15, "a request waited on the dead runner"
+    assert len([a for a in answers if a[0] > killed_at and a[2] == 200]) >= 8, "serving again after the restart"
+    assert server.service_pids("ingrain-runner") != [victim]
+    restored = sorted(m["id"] for m in httpx.get(f"{server.url}/loaded_models").json()["models"])
+    assert restored == loaded
+    assert _metric(server, "ingrain_runner_starts_total") >= 2
