@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -27,7 +27,12 @@ from starlette.responses import JSONResponse, Response  # noqa: E402
 from ingrain_bento import schemas as s  # noqa: E402
 from ingrain_bento.front.gateway import ModelGateway  # noqa: E402
 from ingrain_bento.front.http import (  # noqa: E402
-    GuardMiddleware, WorkerHeaderMiddleware, add_fallback_route, create_app, json_response)
+    GuardMiddleware,
+    WorkerHeaderMiddleware,
+    add_fallback_route,
+    create_app,
+    json_response,
+)
 from ingrain_bento.front.openai import openai_embeddings, openai_models  # noqa: E402
 from ingrain_bento.logs import configure_logging  # noqa: E402
 from ingrain_bento.machine import http_workers, runner_resources  # noqa: E402
@@ -292,9 +297,12 @@ async def v1_models(gw: Gateway) -> Response:
 
 add_fallback_route(app)
 
-# A Bento carries the preload list's store entries (only when INGRAIN_PRELOAD is set at build).
-IngrainRunner.models.extend(bentoml.models.BentoModel(tag) for tag in baked_model_tags(SETTINGS))
+# mypy does not apply class decorators: to it these names are still the plain classes.
+runner_service, front_service = cast(Any, IngrainRunner), cast(Any, IngrainBento)
 
-IngrainBento.add_asgi_middleware(MetricsFormatMiddleware)
-IngrainBento.add_asgi_middleware(GuardMiddleware)
-IngrainBento.add_asgi_middleware(WorkerHeaderMiddleware)
+# A Bento carries the preload list's store entries (only when INGRAIN_PRELOAD is set at build).
+runner_service.models.extend(bentoml.models.BentoModel(tag) for tag in baked_model_tags(SETTINGS))
+
+front_service.add_asgi_middleware(MetricsFormatMiddleware)
+front_service.add_asgi_middleware(GuardMiddleware)
+front_service.add_asgi_middleware(WorkerHeaderMiddleware)

@@ -68,7 +68,8 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL)
         time.sleep(3)  # past start-up: the load is steady
         raw = WORK / "profile.txt"
-        subprocess.run(["py-spy", "record", "-p", str(server.service_pids(args.service)[0]), "-d", str(args.seconds), "-r", "250",
+        pid = server.service_pids(args.service)[0]
+        subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(args.seconds), "-r", "250",
                         "--gil", "--threads", "-f", "raw", "-o", str(raw)], check=True, capture_output=True)
         load.wait()
         summarize(raw, args.top)

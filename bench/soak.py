@@ -43,7 +43,6 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TIMM = "test_resnet.r160_in1k"
 
 import httpx  # noqa: E402
-
 from loadgen import percentile  # noqa: E402
 
 

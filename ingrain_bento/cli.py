@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ingrain_bento.errors import IngrainError
 from ingrain_bento.model_list import read_model_list
@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             for ref in refs:
                 entry = store.pull(ref)
-                console.print(f"[green]Stored[/green] {ref.display_id} as {entry.tag} ({entry.size_bytes / 1e6:.1f} MB)")
+                size_mb = entry.size_bytes / 1e6
+                console.print(f"[green]Stored[/green] {ref.display_id} as {entry.tag} ({size_mb:.1f} MB)")
         elif args.command == "list":
             table = Table("id", "library", "pretrained", "store tag", "MB")
             for entry in store.entries():

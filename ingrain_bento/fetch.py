@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -96,7 +96,8 @@ class SafeFetcher:
                         url = target
                         continue
                     if response.status_code >= 400:
-                        raise UpstreamFailed(f"Fetching {url[:200]} failed: the server answered {response.status_code}.")
+                        raise UpstreamFailed(
+                            f"Fetching {url[:200]} failed: the server answered {response.status_code}.")
                     declared = response.headers.get("content-length")
                     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                         raise TooLarge(f"{url[:200]} is {declared} bytes, over the {max_bytes}-byte cap.")

@@ -43,13 +43,12 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
+            opened = Image.open(io.BytesIO(data))
+            width, height = opened.size
             if width * height > max_pixels:
                 raise BadRequest(f"Image {index} is {width}x{height} pixels, over the {max_pixels}-pixel cap.")
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            opened.load()
+            return ImageOps.exif_transpose(opened).convert("RGB")
     except IngrainError:
         raise
     except Image.DecompressionBombError:

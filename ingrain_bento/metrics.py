@@ -63,8 +63,8 @@ def _series() -> SimpleNamespace:
     return SimpleNamespace(
         requests=prom.Counter("ingrain_requests", "Inference requests", ["model", "route", "status"]),
         runner_retries=prom.Counter("ingrain_runner_retries", "Runner calls sent again after a connection error"),
-        runner_unavailable=prom.Counter("ingrain_runner_unavailable", "Requests answered 503 while the runner was down"),
-        runner_starts=prom.Counter("ingrain_runner_starts", "Runner processes started (restarts after a crash included)"),
+        runner_unavailable=prom.Counter("ingrain_runner_unavailable", "Requests answered 503, runner down"),
+        runner_starts=prom.Counter("ingrain_runner_starts", "Runner processes started (restarts included)"),
         items=prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task"]),
         latency=prom.Histogram("ingrain_request_latency_seconds", "Inference request latency", ["model", "route"]),
         batch_size=prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task"],

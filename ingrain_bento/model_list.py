@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -25,7 +24,7 @@ class ModelListEntry(BaseModel):
 
     library: str
     name: str
-    pretrained: Optional[Union[bool, str]] = None
+    pretrained: bool | str | None = None
 
 
 class ModelList(BaseModel):

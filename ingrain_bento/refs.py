@@ -79,7 +79,7 @@ class ModelRef:
     pretrained: str | None = None
 
     @classmethod
-    def parse(cls, library: str, name: str, pretrained: str | bool | None = None) -> "ModelRef":
+    def parse(cls, library: str, name: str, pretrained: str | bool | None = None) -> ModelRef:
         from ingrain_bento.families import family
 
         entry = family(library)

@@ -7,14 +7,14 @@ ones (``/embed_text``). Responses serialize by alias (camelCase), as Ingrain sen
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-Texts = Union[str, Annotated[list[str], Field(min_length=1)]]
-Pretrained = Union[bool, str, None]
+Texts = str | Annotated[list[str], Field(min_length=1)]
+Pretrained = bool | str | None
 NonEmptyName = Annotated[str, StringConstraints(min_length=1)]
 
 
@@ -40,7 +40,7 @@ class ModelRequest(ApiModel):
 
     name: NonEmptyName
     pretrained: Pretrained = None
-    library: Optional[str] = None
+    library: str | None = None
 
 
 class CustomModelRequest(ApiModel):
@@ -48,22 +48,22 @@ class CustomModelRequest(ApiModel):
     pretrained_name: NonEmptyName = Field(validation_alias="pretrained_name")
     safetensors_url: NonEmptyName
     # open_clip preprocessing overrides
-    mode: Optional[str] = None
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
-    interpolation: Optional[str] = None
-    resize_mode: Optional[str] = None
+    mode: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
+    resize_mode: str | None = None
     # sentence-transformers files
-    config_json_url: Optional[str] = None
-    tokenizer_json_url: Optional[str] = None
-    tokenizer_config_json_url: Optional[str] = None
-    vocab_txt_url: Optional[str] = None
-    special_tokens_map_json_url: Optional[str] = None
-    pooling_config_json_url: Optional[str] = None
-    sentence_bert_config_json_url: Optional[str] = None
-    modules_json_url: Optional[str] = None
+    config_json_url: str | None = None
+    tokenizer_json_url: str | None = None
+    tokenizer_config_json_url: str | None = None
+    vocab_txt_url: str | None = None
+    special_tokens_map_json_url: str | None = None
+    pooling_config_json_url: str | None = None
+    sentence_bert_config_json_url: str | None = None
+    modules_json_url: str | None = None
     # timm
-    num_classes: Optional[int] = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -82,16 +82,16 @@ class InferenceRequest(ApiModel):
 
     name: NonEmptyName
     pretrained: Pretrained = None
-    library: Optional[str] = None
-    text: Optional[Texts] = None
-    image: Optional[Texts] = None
+    library: str | None = None
+    text: Texts | None = None
+    image: Texts | None = None
     normalize: bool = True
-    n_dims: Optional[int] = None
-    image_download_headers: Optional[dict[str, str]] = None
+    n_dims: int | None = None
+    image_download_headers: dict[str, str] | None = None
 
     @field_validator("image_download_headers")
     @classmethod
-    def _plain_headers(cls, value: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+    def _plain_headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         for key, item in (value or {}).items():
             if not _HEADER_NAME.fullmatch(key) or "\r" in item or "\n" in item or not item.isascii():
                 raise ValueError(f"header {key!r} is not a valid HTTP header (ASCII name and value, no line breaks)")
@@ -121,7 +121,7 @@ class ImageRequest(InferenceRequest):
 
 class TextImageRequest(InferenceRequest):
     @model_validator(mode="after")
-    def _needs_input(self) -> "TextImageRequest":
+    def _needs_input(self) -> TextImageRequest:
         if self.text is None and self.image is None:
             raise ValueError("send at least one of 'text' and 'image'")
         return self
@@ -132,7 +132,7 @@ class OpenAIEmbeddingRequest(BaseModel):
 
     model: NonEmptyName
     input: Texts
-    dimensions: Optional[int] = None
+    dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
 
 
@@ -152,12 +152,12 @@ class ModelInfo(ApiModel):
     library: str
     state: ModelState
     modalities: list[str] = []
-    embedding_size: Optional[int] = None
-    device: Optional[str] = None
-    dtype: Optional[str] = None
-    memory_bytes: Optional[int] = None
-    last_used: Optional[float] = None
-    store_tag: Optional[str] = None
+    embedding_size: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    memory_bytes: int | None = None
+    last_used: float | None = None
+    store_tag: str | None = None
 
 
 class ModelListResponse(ApiModel):
@@ -178,8 +178,8 @@ class EmbeddingsResponse(ApiModel):
 
 
 class TextImageEmbeddingsResponse(ApiModel):
-    text_embeddings: Optional[list[list[float]]] = None
-    image_embeddings: Optional[list[list[float]]] = None
+    text_embeddings: list[list[float]] | None = None
+    image_embeddings: list[list[float]] | None = None
     processing_time_ms: float
 
 
@@ -191,7 +191,7 @@ class ProbabilitiesResponse(ApiModel):
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[list[float], str]
+    embedding: list[float] | str
 
 
 class OpenAIUsage(BaseModel):

@@ -46,8 +46,9 @@ class Settings(BaseSettings):
                                description="Force a torch device (`cpu`, `cuda:1`); default CUDA when present.")
     autoload: bool = Field(True, validation_alias=_env("INGRAIN_AUTOLOAD"),
                            description="Inference on a stored but not resident model loads it first.")
-    eviction: Literal["evict", "reject"] = Field("evict", validation_alias=_env("INGRAIN_EVICTION"),
-                                                 description="At capacity: unload the least recently used idle model, or answer 503.")
+    eviction: Literal["evict", "reject"] = Field(
+        "evict", validation_alias=_env("INGRAIN_EVICTION"),
+        description="At capacity: unload the least recently used idle model, or answer 503.")
     max_model_memory: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_MAX_MODEL_MEMORY"),
                                          description="Bytes of resident weights at most (unset: no budget).")
     api_key: str | None = Field(None, validation_alias=_env("INGRAIN_API_KEY"),

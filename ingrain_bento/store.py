@@ -15,10 +15,11 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import bentoml
 
@@ -157,7 +158,8 @@ class ModelStore:
             if existing is not None:
                 return existing
             self._remove_incomplete(ref.store_name)
-            return self._create(ref.store_name, self._labels(ref), lambda folder: family(ref.library).fetch(ref, folder))
+            fetch = family(ref.library).fetch
+            return self._create(ref.store_name, self._labels(ref), lambda folder: fetch(ref, folder))
 
     def bind(self, ref: ModelRef, unbound: StoredModel) -> StoredModel:
         """Turn a custom checkpoint into a loadable ``(architecture, pretrained_name)`` entry."""
@@ -181,6 +183,7 @@ class ModelStore:
         """Store a downloaded custom model; 409 when ``pretrained_name`` is taken. A complete
         model folder is stored under its own name; a bare checkpoint waits, unbound, for the
         load that names its architecture (``bind``)."""
+        extra: dict[str, Any]
         if family(library).custom_form == "folder":
             ref = ModelRef.parse(library, pretrained_name)
             tag_name, labels, extra = ref.store_name, self._labels(ref), {"custom": True}

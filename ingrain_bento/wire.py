@@ -14,8 +14,9 @@ pickle bodies on the public (entry) service.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Sequence, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from ingrain_bento.errors import IngrainError, from_reply
 from ingrain_bento.refs import ModelRef
@@ -81,7 +82,7 @@ def unpack(payload: Packed) -> list[list[Any]]:
         items = list(payload["stacked"])
     else:
         joined, ends = payload["joined"], np.cumsum(payload["lengths"]).tolist()
-        items = [joined[..., start:end] for start, end in zip([0, *ends[:-1]], ends)]
+        items = [joined[..., start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
     requests, offset = [], 0
     for count in payload["counts"]:
         requests.append(list(items[offset:offset + count]))

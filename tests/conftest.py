@@ -3,7 +3,8 @@ server, the in-process app, and one real ``bentoml serve`` process.
 
 The environment is set here, at import, before anything imports huggingface_hub or
 bentoml: both read their settings (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``BENTOML_HOME``)
-once per process.
+once per process. Never ``import conftest`` from a test: under ``--import-mode=importlib``
+that runs this module a second time, with a new session folder in the environment.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="ingrain-tests-"))
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +86,7 @@ class RealServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.log = home.parent / f"serve-{self.port}.log"
 
-    def start(self, timeout: float = 120.0) -> "RealServer":
+    def start(self, timeout: float = 120.0) -> RealServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", self.target, "--port", str(self.port), "--host", "127.0.0.1"],

@@ -182,7 +182,7 @@ def test_merged_batches_never_exceed_max_batch():
         return requests, results
 
     (requests, results), forward = run(scenario, max_batch=6)
-    for request, rows in zip(requests, results):
+    for request, rows in zip(requests, results, strict=True):
         assert values(rows) == [float(x) for x in request]
     assert max(forward.sizes) <= 6
     assert sum(forward.sizes) == sum(sizes)

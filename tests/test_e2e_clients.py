@@ -261,15 +261,14 @@ def test_an_offline_bento_build_bakes_the_preload_list_and_serves_it(server, rea
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT
-
     model_list = session_dir / "preload.yaml"
     model_list.write_text(f"models:\n  - {{library: sentence_transformers, name: {hub_models['st']}}}\n")
     empty_cache = session_dir / "empty-hf-cache"
     empty_cache.mkdir(exist_ok=True)
     env = {**os.environ, "BENTOML_HOME": str(server.home), "INGRAIN_PRELOAD": str(model_list),
            "HF_HUB_CACHE": str(empty_cache)}
-    build = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO_ROOT, env=env,
+    repo_root = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=repo_root, env=env,
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-2000:]
     tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")

@@ -206,19 +206,21 @@ def test_timm_pretrained_and_hf_hub(offline, smoke_cache):
 def test_timm_custom_file(smoke_files):
     import timm
 
-    model = timm.create_model("test_resnet", num_classes=om.TIMM_CUSTOM_CLASSES, checkpoint_path=str(smoke_files["timm"]))
+    model = timm.create_model("test_resnet", num_classes=om.TIMM_CUSTOM_CLASSES,
+                              checkpoint_path=str(smoke_files["timm"]))
     _same_weights(model, smoke_files["timm"])
     assert model.num_classes == 7
 
 
-# --------------------------------------------------------------------------------------------- sentence-transformers
+# ---------------------------------------------------------------------------------------- sentence-transformers
 
 
 def test_sentence_transformers(offline):
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(offline["st"], device="cpu")
-    assert getattr(st, "get_embedding_dimension", st.get_sentence_embedding_dimension)() == 32 and st.default_prompt_name is None
+    assert getattr(st, "get_embedding_dimension", st.get_sentence_embedding_dimension)() == 32
+    assert st.default_prompt_name is None
     assert st.encode(["hello world"]).shape == (1, 32)
 
     prompted = SentenceTransformer(offline["st_prompt"], device="cpu")
@@ -251,17 +253,18 @@ def test_sentence_transformers_custom_files(smoke_files, tmp_path):
 
 
 def test_bad_files(smoke_files):
+    import safetensors
     import safetensors.torch
     import torch
 
     assert zipfile.is_zipfile(smoke_files["not_pickle"])  # torch.save zip-pickle
     assert "fc.weight" in torch.load(smoke_files["not_pickle"], weights_only=True)  # loadable, so refusal is policy
-    with pytest.raises(Exception):
+    with pytest.raises(safetensors.SafetensorError):
         safetensors.torch.load_file(str(smoke_files["corrupt"]))
 
 
 def test_images(smoke_files):
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     def opened(key):
         return Image.open(smoke_files[key])
@@ -280,7 +283,7 @@ def test_images(smoke_files):
     assert r > 200 and b < 60
     r, _, b = upright.getpixel((16, 60))
     assert b > 200 and r < 60
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError):
         Image.open(smoke_files["not_image"])
 
 

@@ -23,7 +23,6 @@ from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.media import ImageLoader, decode_image
 from ingrain_bento.settings import Settings
 
-
 # ---- helpers -----------------------------------------------------------------------------
 
 def encode(image: Image.Image, fmt: str, **save_args) -> bytes:

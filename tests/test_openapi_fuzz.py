@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-
 import schemathesis  # noqa: F401  (a test dependency: pip install -e '.[test]')
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402

@@ -30,7 +30,8 @@ def server(real_server_factory, session_dir, hub_models):
     started = real_server_factory(session_dir / "bentoml-tier", env={"INGRAIN_HTTP_WORKERS": str(WORKERS)}).start()
     for name in (hub_models["st"], hub_models["timm"]):
         library = "timm" if name == hub_models["timm"] else "sentence_transformers"
-        httpx.post(f"{started.url}/load_model", json={"name": name, "library": library}, timeout=120).raise_for_status()
+        response = httpx.post(f"{started.url}/load_model", json={"name": name, "library": library}, timeout=120)
+        assert response.status_code == 200, response.text
     return started
 
 
@@ -94,8 +95,9 @@ def test_the_same_text_embeds_identically_through_every_worker(server, hub_model
 
 
 def test_the_weights_live_in_the_runner_process_only(server, hub_models):
-    """all-MiniLM-L6-v2 holds ~90 MB of weights: the runner grows by about that much; a front
-    worker only opens its tokenizer (weights on torch's meta device)."""
+    """all-MiniLM-L6-v2 holds ~90 MB of weights: the runner grows by most of that (it may reuse
+    heap an earlier unload freed); a front worker opens only its tokenizer (weights on torch's
+    meta device), a small part of it."""
     fronts, runner = server.service_pids("ingrain-bento"), server.service_pids("ingrain-runner")[0]
     _through_every_worker("POST", f"{server.url}/embed_text", json={"name": hub_models["st"], "text": "warm"})
     before = {pid: _rss_mb(pid) for pid in (*fronts, runner)}
@@ -103,9 +105,11 @@ def test_the_weights_live_in_the_runner_process_only(server, hub_models):
     httpx.post(f"{server.url}/load_model", json={"name": name, "library": "sentence_transformers"},
                timeout=120).raise_for_status()
     _through_every_worker("POST", f"{server.url}/embed_text", json={"name": name, "text": "a query"})
+    weights_mb = next(m["memoryBytes"] for m in httpx.get(f"{server.url}/loaded_models").json()["models"]
+                      if m["name"] == name) / 2**20
     grown = {pid: _rss_mb(pid) - before[pid] for pid in before}
-    assert grown[runner] > 60, grown
-    assert all(grown[pid] < 30 for pid in fronts), grown
+    assert weights_mb > 80 and grown[runner] > weights_mb / 2, (weights_mb, grown)
+    assert all(grown[pid] < weights_mb / 4 for pid in fronts), (weights_mb, grown)
 
 
 def test_no_runner_call_needs_a_second_connection_attempt(server, hub_models):
@@ -135,7 +139,8 @@ def test_eight_clients_through_ten_unload_reload_cycles_get_no_server_error(serv
     def client() -> None:
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
-                status = http.post(f"{server.url}/embed_text", json={"name": name, "text": "racing an unload"}).status_code
+                body = {"name": name, "text": "racing an unload"}
+                status = http.post(f"{server.url}/embed_text", json=body).status_code
                 with lock:
                     statuses[status] += 1
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import ctypes
 import gc
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ingrain_bento.errors import BadRequest
 
@@ -94,7 +95,7 @@ class Family(Protocol):
         """Class labels from the stored config alone, or None for a model that does not classify."""
 
 
-class Preprocessor(ABC):
+class Preprocessor:
     """Turns a request's inputs into the items the model's forward takes, without weights.
 
     ``prepare_texts`` runs on the front's one tokenizer thread, on the texts of many requests
@@ -203,6 +204,7 @@ class ImagePipeline:
             pixels = pixels.pin_memory().to(device, non_blocking=True)
         if self.mean is None:
             return pixels.to(device=device, dtype=dtype)
+        assert self.std is not None
         scaled = pixels.permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255)
         return F.normalize(scaled, list(self.mean), list(self.std)).to(dtype)
 

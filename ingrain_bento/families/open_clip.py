@@ -11,10 +11,11 @@ does; neither needs the weights.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import register
@@ -110,7 +111,7 @@ class OpenClipFamily:
     name = "open_clip"
     tag_prefix = "clip"
     custom_form: Literal["checkpoint", "folder"] = "checkpoint"
-    custom_files = {"safetensors_url": "custom.safetensors"}
+    custom_files: Mapping[str, str] = {"safetensors_url": "custom.safetensors"}
 
     def canonical_pretrained(self, name: str, pretrained: str | bool | None) -> str | None:
         if isinstance(pretrained, bool):
@@ -151,7 +152,8 @@ class OpenClipFamily:
                     "checkpoint, call /download_custom_model first."
                 )
             model_cfg = open_clip.get_model_config(ref.name)
-        model, _, _ = open_clip.create_model_and_transforms(ref.name, pretrained=None if ref.is_hub_name else ref.pretrained)
+        pretrained = None if ref.is_hub_name else ref.pretrained
+        model, _, _ = open_clip.create_model_and_transforms(ref.name, pretrained=pretrained)
         return _save(model, model_cfg, open_clip.get_tokenizer(ref.name), folder)
 
     def bind_custom(self, ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -19,8 +19,9 @@ flattened FA2 inputs) takes raw texts, and the runner calls ``encode`` itself.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import register
@@ -211,7 +212,7 @@ class SentenceTransformersFamily:
     name = "sentence_transformers"
     tag_prefix = "st"
     custom_form: Literal["checkpoint", "folder"] = "folder"
-    custom_files = CUSTOM_FILES
+    custom_files: Mapping[str, str] = CUSTOM_FILES
 
     def canonical_pretrained(self, name: str, pretrained: str | bool | None) -> str | None:
         return None  # a sentence-transformers model is its name; pretrained is ignored

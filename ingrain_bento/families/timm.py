@@ -9,8 +9,9 @@ the model on torch's meta device (no weights, no memory) only to resolve its dat
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import register
@@ -112,7 +113,7 @@ class TimmFamily:
     name = "timm"
     tag_prefix = "timm"
     custom_form: Literal["checkpoint", "folder"] = "checkpoint"
-    custom_files = {"safetensors_url": "custom.safetensors"}
+    custom_files: Mapping[str, str] = {"safetensors_url": "custom.safetensors"}
 
     def canonical_pretrained(self, name: str, pretrained: str | bool | None) -> str | None:
         """``None`` for the pretrained weights, ``"false"`` for random ones, else a custom name."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from ingrain_bento import schemas as s
 from ingrain_bento.errors import BadRequest, TooLarge
@@ -234,7 +235,9 @@ class ModelGateway:
         started = time.perf_counter()
         self._check_items(request)
         tasks = [EMBED_TEXT] if request.text is not None else []
-        image_task = self._image_task(await self._handle(request), request, output) if request.image is not None else None
+        image_task = None
+        if request.image is not None:
+            image_task = self._image_task(await self._handle(request), request, output)
         rows = await self._serve(request, "embed", tasks + ([image_task] if image_task else []))
         text_rows = self._embeddings(rows[0], request.n_dims, request.normalize) if request.text is not None else None
         image_rows = self._image_output(rows[-1], image_task, request) if image_task else None

@@ -7,11 +7,11 @@
   batch, not per request.
 - **Errors.** A runner reply that is an error is raised here as the same ``IngrainError``.
 - **Faults.** A connection error means a runner that died (or a stale keep-alive connection):
-  an idempotent call is sent once more if the runner still answers its readiness probe;
-  otherwise the runner is marked down and every call fails fast with a 503 and
-  ``Retry-After`` (calls in flight included) until a probe finds it ready again, restarted by
-  BentoML with its models restored. A heartbeat probe also notices a runner that died while
-  idle. Never a hang, never a reset connection.
+  an idempotent call is sent once more if the runner still answers its readiness probe, any
+  other call answers 503 with ``Retry-After``. A runner that does not answer is marked down:
+  every call fails fast with that 503 (calls in flight included) until a probe finds it
+  ready again, restarted by BentoML with its models restored. A heartbeat probe also notices
+  a runner that died while idle. Never a hang, never a reset connection.
 
 In-process (``Service.to_asgi()``, tests) the runner is a plain object: its methods are
 called directly and return an error as a response object, which is raised the same way.
@@ -23,8 +23,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 from ingrain_bento.batching import Batcher
 from ingrain_bento.errors import IngrainError, RunnerUnavailable, UpstreamTimeout, from_reply
@@ -45,6 +46,10 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     import aiohttp
 
     return (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)
+
+
+def _probe_errors() -> tuple[type[BaseException], ...]:
+    return (asyncio.TimeoutError, *_connection_errors())
 
 
 class RunnerClient:
@@ -80,14 +85,16 @@ class RunnerClient:
             except asyncio.TimeoutError:
                 raise UpstreamTimeout(f"The model runner did not answer {method} in time.") from None
             except _connection_errors() as exc:
-                if attempt == 1 and idempotent and await self._ready():
+                alive = await self._ready()
+                if alive and attempt == 1 and idempotent:
                     log.info("runner.retry method=%s after %s", method, type(exc).__name__)
                     if self.metrics is not None:
                         self.metrics.record_runner_retry()
                     continue
-                self._mark_down(f"{type(exc).__name__} on {method}")
-        self._check_up()
-        raise AssertionError("a runner marked down raises in _check_up")
+                if not alive:
+                    self._mark_down(f"{type(exc).__name__} on {method}")
+                raise self._unavailable() from None
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _send(self, method: str, arguments: dict[str, Any]) -> Any:
         """One call, failed at once when the runner is marked down meanwhile."""
@@ -142,14 +149,17 @@ class RunnerClient:
 
     def _check_up(self) -> None:
         if self.is_down:
-            if self.metrics is not None:
-                self.metrics.record_runner_unavailable()
-            raise RunnerUnavailable("The model runner is restarting: send the request again shortly.", RETRY_AFTER_S)
+            raise self._unavailable()
+
+    def _unavailable(self) -> RunnerUnavailable:
+        if self.metrics is not None:
+            self.metrics.record_runner_unavailable()
+        return RunnerUnavailable("The model runner is restarting: send the request again shortly.", RETRY_AFTER_S)
 
     async def _ready(self, timeout: float = PROBE_TIMEOUT_S) -> bool:
         try:
             return bool(await asyncio.wait_for(self.runner.is_ready(timeout=int(timeout)), timeout))
-        except (asyncio.TimeoutError, *_connection_errors()):
+        except _probe_errors():
             return False
 
     async def wait_ready(self) -> None:

@@ -14,9 +14,10 @@ import asyncio
 import logging
 import shutil
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ingrain_bento import schemas as s
 from ingrain_bento.batching import BatcherClosed
@@ -273,6 +274,7 @@ class RunnerEngine:
             if resident is None:
                 raise ModelNotFound(f"Model {ref.display_id} was unloaded while it loaded: send the request again.")
             entry = resident.stored
+        size: int | None
         if resident is not None:
             capabilities, size = tuple(sorted(resident.model.capabilities)), resident.model.embedding_size
         else:
@@ -294,11 +296,11 @@ class RunnerEngine:
         started = time.perf_counter()
         results: list[Any] = [None] * len(requests)
         pending = list(range(len(requests)))
-        for attempt in range(UNLOAD_RETRIES):
+        for _ in range(UNLOAD_RETRIES):
             async with self._serving(ref, tag) as resident:
                 batcher = self.pool.batcher(resident, task)
                 done = await asyncio.gather(*(batcher.submit(requests[i]) for i in pending), return_exceptions=True)
-            for index, outcome in zip(pending, done):
+            for index, outcome in zip(pending, done, strict=True):
                 results[index] = outcome
             pending = [i for i in pending if isinstance(results[i], BatcherClosed)]
             if not pending:

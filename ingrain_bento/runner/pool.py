@@ -13,11 +13,12 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from ingrain_bento.batching import Batcher, BatcherClosed, in_executor
 from ingrain_bento.errors import AtCapacity, ModelNotFound
@@ -63,14 +64,14 @@ class ModelPool:
         self.on_change = on_change  # the resident refs after each load, unload or eviction
         # One forward at a time per device: torch already uses every core (or the GPU) per forward.
         self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
-        self._device: "torch.device | None" = None
+        self._device: torch.device | None = None
         self._resident: OrderedDict[ModelRef, Resident] = OrderedDict()
         self._loading: dict[ModelRef, asyncio.Task[Resident]] = {}
         self._reserved: dict[ModelRef, int] = {}
         self._capacity_lock = asyncio.Lock()
 
     @property
-    def device(self) -> "torch.device":
+    def device(self) -> torch.device:
         if self._device is None:
             apply_torch_threads(self.settings)
             self._device = pick_device(self.settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,7 +113,8 @@ def test_unknown_tag_is_a_404_naming_known_tags(client, hub_models):
 
 def test_custom_checkpoint_downloads_then_binds_to_an_architecture(client, hub_models, file_server, files_dir):
     arch = hub_models["clip_custom_arch"]
-    body = {"library": "open_clip", "pretrained_name": "my-clip", "safetensors_url": f"{file_server.url}/clip.safetensors"}
+    body = {"library": "open_clip", "pretrained_name": "my-clip",
+            "safetensors_url": f"{file_server.url}/clip.safetensors"}
     response = client.post("/download_custom_model", json=body)
     assert response.status_code == 200, response.text
     assert response.json() == {"message": "Custom model my-clip downloaded successfully."}

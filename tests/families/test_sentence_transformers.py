@@ -58,7 +58,8 @@ def test_embedding_size_and_text_only(client, hub_models, files_dir):
 
 def test_custom_checkpoint_from_urls(client, file_server, session_dir, files_dir):
     files = {
-        "safetensors_url": "model.safetensors", "config_json_url": "config.json", "tokenizer_json_url": "tokenizer.json",
+        "safetensors_url": "model.safetensors", "config_json_url": "config.json",
+        "tokenizer_json_url": "tokenizer.json",
         "tokenizer_config_json_url": "tokenizer_config.json", "vocab_txt_url": "vocab.txt",
         "special_tokens_map_json_url": "special_tokens_map.json", "pooling_config_json_url": "pooling_config.json",
         "sentence_bert_config_json_url": "sentence_bert_config.json", "modules_json_url": "modules.json",

@@ -8,8 +8,8 @@ import pytest
 
 from ingrain_bento.errors import AtCapacity, ModelNotFound
 from ingrain_bento.families.base import EMBED_IMAGE
-from ingrain_bento.runner.pool import ModelPool
 from ingrain_bento.refs import ModelRef
+from ingrain_bento.runner.pool import ModelPool
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore
 

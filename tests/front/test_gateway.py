@@ -1,0 +1,50 @@
+"""``ModelGateway``: a front worker's caches follow the runner's one model state.
+
+Handles and preprocessors are cached per front worker; when another worker unloads or deletes
+a model, the runner's state version moves, every reply carries it, and this worker drops its
+caches and asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+from PIL import Image
+
+from ingrain_bento import schemas as s
+from ingrain_bento.front.gateway import ModelGateway
+from ingrain_bento.settings import Settings
+
+VIT = s.ModelRequest(name="test_vit.r160_in1k", pretrained=False)
+
+
+def _png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_an_unload_through_another_worker_clears_this_workers_caches():
+    import service
+
+    async def scenario() -> None:
+        runner = service.IngrainRunner()  # the in-process runner two gateways share, as two workers do
+        mine, other = ModelGateway(runner, Settings()), ModelGateway(runner, Settings())
+        request = s.ImageRequest(name="test_vit.r160_in1k::false", image=_png())
+        await mine.load(VIT, "timm")
+        first = await mine.embed_image(request, output="features")
+        opened = await mine.inputs.preprocessor(next(iter(mine._handles.values())))
+
+        await other.unload(s.ModelRequest(name="test_vit.r160_in1k::false"))
+        again = await mine.embed_image(request, output="features")  # auto-loads; its reply carries the new version
+        assert again.embeddings == first.embeddings
+        await mine.embed_image(request, output="features")
+        reopened = await mine.inputs.preprocessor(next(iter(mine._handles.values())))
+        assert reopened is not opened, "the preprocessor was opened again after the state moved"
+        for gateway in (mine, other):
+            await gateway.close()
+        await runner.engine.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))

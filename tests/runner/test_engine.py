@@ -1,0 +1,119 @@
+"""``RunnerEngine``: the one model state, and inference on prepared items.
+
+A request that meets an unload is served after a reload (or refused with a 400 when
+auto-loading is off); inputs prepared for another store entry are refused; what is resident is
+written to the store and loaded again by the next engine; the state version moves when a model
+leaves, not when one arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ingrain_bento import schemas as s
+from ingrain_bento.errors import BadRequest, ModelNotFound
+from ingrain_bento.runner.engine import RunnerEngine, StaleModel
+from ingrain_bento.runner.state import ResidentState
+from ingrain_bento.settings import Settings
+from ingrain_bento.wire import pack
+
+VIT = s.ModelRequest(name="test_vit.r160_in1k", pretrained=False)
+
+
+def _pixels(count: int) -> list[np.ndarray]:
+    return [np.full((160, 160, 3), i, dtype=np.uint8) for i in range(count)]
+
+
+def run(scenario, state: ResidentState | None = None, **settings):
+    async def main():
+        engine = RunnerEngine(Settings(**settings), state=state)
+        try:
+            return await asyncio.wait_for(scenario(engine), 120)
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def test_a_request_that_meets_an_unload_is_served_after_the_reload():
+    async def scenario(engine: RunnerEngine) -> None:
+        await engine.load(VIT, "timm")
+        handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
+        calls = [asyncio.create_task(engine.infer(handle.ref, "embed_image", handle.tag, pack([_pixels(3)])))
+                 for _ in range(6)]
+        await asyncio.sleep(0)
+        await engine.unload(VIT)
+        replies = await asyncio.gather(*calls)
+        assert all(not r["failed"] and r["rows"].shape[0] == 3 for r in replies), [r["failed"] for r in replies]
+        assert engine.pool.get(handle.ref) is not None, "the requests loaded it again"
+
+    run(scenario, max_batch_size=2)
+
+
+def test_without_auto_loading_an_unloaded_model_is_a_400():
+    async def scenario(engine: RunnerEngine) -> None:
+        await engine.load(VIT, "timm")
+        handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
+        await engine.unload(VIT)
+        with pytest.raises(BadRequest, match="auto-loading is off"):
+            await engine.infer(handle.ref, "embed_image", handle.tag, pack([_pixels(1)]))
+
+    run(scenario, autoload=False)
+
+
+def test_inputs_prepared_for_another_store_entry_are_refused():
+    async def scenario(engine: RunnerEngine) -> None:
+        await engine.load(VIT, "timm")
+        handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
+        with pytest.raises(StaleModel) as info:
+            await engine.infer(handle.ref, "embed_image", handle.tag + "-old", pack([_pixels(1)]))
+        assert info.value.status_code == 409
+
+    run(scenario)
+
+
+def test_describe_gives_the_store_entry_and_capabilities_and_404_for_a_stranger():
+    async def scenario(engine: RunnerEngine) -> None:
+        await engine.load(VIT, "timm")
+        handle = await engine.describe(f"{VIT.name}::false", None, None)
+        assert handle.tag == engine.pool.get(handle.ref).stored.tag
+        assert set(handle.capabilities) == {"embed_image", "classify"} and handle.embedding_size
+        with pytest.raises(ModelNotFound):
+            await engine.describe("never-seen", None, None)
+
+    run(scenario)
+
+
+def test_the_version_moves_when_a_model_leaves_not_when_one_arrives():
+    async def scenario(engine: RunnerEngine) -> None:
+        start = engine.version
+        await engine.load(VIT, "timm")
+        assert engine.version == start
+        await engine.unload(VIT)
+        assert engine.version == start + 1
+
+    run(scenario)
+
+
+def test_what_is_resident_is_kept_in_the_store_and_restored_by_the_next_runner(tmp_path):
+    state = ResidentState("test", tmp_path)
+
+    async def first(engine: RunnerEngine) -> None:
+        await engine.load(VIT, "timm")
+
+    async def second(engine: RunnerEngine) -> list[str]:
+        await engine.start(preload=[])
+        return [info.id for info in engine.loaded_models()]
+
+    run(first, state=state)  # closing the engine (a clean shutdown) keeps the list
+    assert [ref.display_id for ref in state.load()] == ["test_vit.r160_in1k::false"]
+    assert run(second, state=state) == ["test_vit.r160_in1k::false"]
+
+
+def test_an_unreadable_state_file_restores_nothing(tmp_path):
+    state = ResidentState("test", tmp_path)
+    state.path.write_text("{not json")
+    assert state.load() == []
