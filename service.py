@@ -42,7 +42,7 @@ from ingrain_bento.refs import ModelRef  # noqa: E402
 from ingrain_bento.runner.engine import RunnerEngine  # noqa: E402
 from ingrain_bento.runner.state import ResidentState  # noqa: E402
 from ingrain_bento.settings import get_settings  # noqa: E402
-from ingrain_bento.wire import answer  # noqa: E402
+from ingrain_bento.wire import answer, fix_media_types  # noqa: E402
 
 SETTINGS = get_settings()
 # BentoML's OpenTelemetry middleware costs ~10% of an event loop per request even with no
@@ -299,6 +299,8 @@ add_fallback_route(app)
 
 # mypy does not apply class decorators: to it these names are still the plain classes.
 runner_service, front_service = cast(Any, IngrainRunner), cast(Any, IngrainBento)
+
+fix_media_types(runner_service)
 
 # A Bento carries the preload list's store entries (only when INGRAIN_PRELOAD is set at build).
 runner_service.models.extend(bentoml.models.BentoModel(tag) for tag in baked_model_tags(SETTINGS))

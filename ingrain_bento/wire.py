@@ -24,9 +24,18 @@ from ingrain_bento.refs import ModelRef
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["ModelHandle", "RowsReply", "answer", "pack", "split_reply", "unpack"]
+__all__ = ["ModelHandle", "RowsReply", "answer", "fix_media_types", "pack", "split_reply", "unpack"]
 
 T = TypeVar("T")
+
+
+def fix_media_types(service: Any) -> None:
+    """Compute each API's response media type once. BentoML 1.4.40 derives it on every response
+    (``IOMixin.mime_type`` builds the output's whole JSON schema with a new pydantic
+    ``TypeAdapter``): 62% of the runner's CPU and ~3.5 ms of every runner call, measured with
+    py-spy. A preset ``media_type`` is what ``mime_type`` returns first."""
+    for method in service.apis.values():
+        method.output_spec.media_type = method.output_spec.mime_type()
 
 
 async def answer(call: Awaitable[T]) -> T:

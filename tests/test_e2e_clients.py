@@ -11,6 +11,7 @@ import torch
 
 from fixtures.clients import ingrain_007, ingrain_023
 from fixtures.compare import MAX_ABS_DIFF, b64, max_abs_diff
+from fixtures.dashboard import assert_dashboard_metrics_exist
 
 # Tight caps on this server so the limits can be crossed cheaply; none is in the way of the
 # client tests (their texts, batches and bodies are small, and they download nothing).
@@ -102,6 +103,7 @@ def test_both_clients_parse_metrics(seed, current, server, hub_models):
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}).text
+    assert_dashboard_metrics_exist(text)  # every series deploy/grafana/ingrain-bento.json queries
     families = {family.name: family for family in text_string_to_metric_families(text)}
     assert {"ingrain_requests", "ingrain_items", "ingrain_batch_size", "ingrain_request_latency_seconds",
             "ingrain_resident_models", "ingrain_resident_bytes", "bentoml_service_request"} <= set(families)

@@ -33,6 +33,15 @@ __all__ = ["InputPreparer"]
 log = logging.getLogger("ingrain_bento.front.inputs")
 
 
+def _one_torch_thread() -> None:
+    """A front worker's torch work is tiny (tokenizer output, normalizing rows): one thread. With
+    torch's default (a thread per core) every small op wakes a pool whose threads then spin, and
+    a front used ~4x the CPU per request, taken from the runner's forwards on the same cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class InputPreparer:
     def __init__(self, settings: Settings, fetcher: SafeFetcher) -> None:
         self.settings = settings
@@ -53,6 +62,7 @@ class InputPreparer:
         return await asyncio.shield(task)
 
     def _open(self, handle: ModelHandle) -> Preprocessor:
+        _one_torch_thread()
         started = time.perf_counter()
         entry = self.store.by_tag(handle.tag)
         if entry is None:  # a front on another machine than the runner: its own copy of the store
