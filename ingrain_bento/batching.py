@@ -45,8 +45,16 @@ Forward = Callable[[Sequence[Any]], Awaitable[Any]]  # items -> one row per item
 def in_executor(function: Callable[[Sequence[Any]], Any], executor: Executor) -> Forward:
     """A blocking forward, run on ``executor`` so the event loop keeps serving meanwhile."""
 
+    def guarded(items: Sequence[Any]) -> Any:
+        try:
+            return function(items)
+        except Exception:
+            raise
+        except BaseException as exc:  # a Rust extension's panic (PanicException): not an Exception
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+
     async def forward(items: Sequence[Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(executor, partial(function, items))
+        return await asyncio.get_running_loop().run_in_executor(executor, partial(guarded, items))
 
     return forward
 

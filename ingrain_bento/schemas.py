@@ -9,11 +9,34 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-Texts = str | Annotated[list[str], Field(min_length=1)]
+MAX_CLASSES = 100_000  # a classifier's outputs at most (ImageNet-22k has 21,843); the checkpoint is checked too
+
+
+def _utf8(text: str) -> str:
+    """JSON lets a string carry a lone UTF-16 surrogate (``"\\ud800"``), which no tokenizer can
+    take (the Rust tokenizers panicked, and the connection reset): refuse it here, a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds a lone surrogate {text[exc.start]!r} at character {exc.start}: "
+                         "send valid Unicode (a surrogate pair or the character itself)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+Texts = Text | Annotated[list[Text], Field(min_length=1)]
 Pretrained = bool | str | None
 NonEmptyName = Annotated[str, StringConstraints(min_length=1)]
 
@@ -63,7 +86,7 @@ class CustomModelRequest(ApiModel):
     sentence_bert_config_json_url: str | None = None
     modules_json_url: str | None = None
     # timm
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
 
     @model_validator(mode="before")
     @classmethod

@@ -242,3 +242,10 @@ def test_validation_message_keeps_at_most_five_errors():
     message = validation_message(errors)
     assert "f4" in message
     assert "f5" not in message
+
+
+@pytest.mark.parametrize("body", [{"text": "a \ud800 b"}, {"text": ["fine", "\udfff"]}])
+def test_a_text_with_a_lone_surrogate_is_refused(body):
+    """JSON can carry a lone UTF-16 surrogate; no tokenizer can take one (the Rust tokenizer panicked)."""
+    with pytest.raises(ValidationError, match="lone surrogate"):
+        TextRequest.model_validate({"name": "m", **body})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from ingrain_bento.errors import BadRequest, Conflict, ModelNotFound
 from ingrain_bento.refs import ModelRef
-from ingrain_bento.store import COMPLETE_MARKER, ModelStore
+from ingrain_bento.store import COMPLETE_MARKER, ModelStore, custom_store_name
 
 
 def test_pull_writes_a_labelled_local_dir_folder_once():
@@ -63,7 +64,11 @@ def test_a_write_that_fails_midway_leaves_nothing(tmp_path: Path):
 
     with pytest.raises(BadRequest):
         store.import_custom("timm", "interrupted-model", half_written, {})
-    assert not store.is_taken("timm", "interrupted-model")
+    tag = custom_store_name("timm", "interrupted-model")
+    with pytest.raises(bentoml.exceptions.NotFound):
+        bentoml.models.get(tag)
+    folder = Path(os.environ["BENTOML_HOME"]) / "models" / tag
+    assert not folder.exists() or not any(p.is_dir() for p in folder.iterdir()), "a half-written entry was left"
 
 
 def test_custom_names_are_unique_per_library():

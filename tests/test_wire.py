@@ -75,3 +75,11 @@ def test_answer_turns_an_ingrain_error_into_a_reply_with_its_status():
 def test_a_handle_survives_its_trip_as_a_dict():
     handle = ModelHandle(ModelRef("open_clip", "ViT-B-32", "laion2b"), "clip-x:v1", ("embed_image", "embed_text"), 512)
     assert ModelHandle.from_dict(handle.as_dict()) == handle
+
+
+def test_every_runner_api_computes_its_response_media_type_once():
+    """service.py presets it (``fix_media_types``): BentoML otherwise rebuilds the output's JSON
+    schema on every response, ~3.5 ms of CPU per runner call."""
+    import service
+
+    assert all(method.output_spec.media_type for method in service.IngrainRunner.apis.values())

@@ -76,8 +76,9 @@ class Family(Protocol):
     def check_custom(self, request: CustomModelRequest) -> dict[str, Any]:
         """Refuse a custom-model request missing what this library needs; return its options."""
 
-    def describe_custom(self, folder: Path) -> dict[str, Any]:
-        """Store metadata of a downloaded custom folder (400 when the files do not form a model)."""
+    def describe_custom(self, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
+        """Store metadata of a downloaded custom folder (400 when the files do not form a model
+        or do not fit ``options``)."""
 
     def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:
         """Download ``ref`` with the library's own hub code into ``folder``; return metadata."""

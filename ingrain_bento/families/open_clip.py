@@ -54,6 +54,22 @@ def _save(model: Any, model_cfg: dict[str, Any], tokenizer: Any, folder: Path) -
     return {"embedding_size": int(model_cfg["embed_dim"]), "capabilities": sorted(CAPABILITIES)}
 
 
+def _require_safetensors(repo: str) -> None:
+    """A 400 unless the repo's weights, as open_clip itself picks them, are safetensors: open_clip
+    would otherwise unpickle ``open_clip_pytorch_model.bin`` (code a repo's author chose), or, with
+    no weights at all, serve random ones without a word. Built-in pretrained tags come from
+    open_clip's own curated list and load with ``torch.load(weights_only=True)``."""
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        weights = download_pretrained_from_hf(repo)
+    except FileNotFoundError:
+        raise ModelNotFound(f"hf-hub:{repo} has no open_clip weights to download.") from None
+    if not str(weights).endswith(".safetensors"):
+        raise BadRequest(f"hf-hub:{repo} has only pickled weights ({Path(weights).name}): only safetensors "
+                         "weights are loaded (open_clip_model.safetensors).")
+
+
 class OpenClipModel(LoadedModel):
     capabilities = CAPABILITIES
 
@@ -131,7 +147,7 @@ class OpenClipFamily:
         """Preprocessing overrides, applied when the checkpoint is bound to an architecture."""
         return {key: getattr(request, key) for key in PREPROCESS_OVERRIDES if getattr(request, key) is not None}
 
-    def describe_custom(self, folder: Path) -> dict[str, Any]:
+    def describe_custom(self, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
         return {"capabilities": sorted(CAPABILITIES)}
 
     def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:
@@ -142,6 +158,7 @@ class OpenClipFamily:
             model_cfg = open_clip.get_model_config(ref.name)
             if model_cfg is None:
                 raise ModelNotFound(f"{ref.name} has no open_clip_config.json with a model_cfg.")
+            _require_safetensors(ref.name.removeprefix("hf-hub:"))
         else:
             if ref.name not in open_clip.list_models():
                 raise ModelNotFound(f"{ref.name!r} is not an open_clip architecture (see open_clip.list_models()).")

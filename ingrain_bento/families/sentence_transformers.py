@@ -50,6 +50,30 @@ CUSTOM_FILES = {
     "modules_json_url": "modules.json",
 }
 PROBE = ["a", "a longer text, to pad the first one"]
+# Files a Hub download leaves out: pickles (never loaded) and other runtimes' exports.
+UNSAFE_OR_UNUSED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.onnx", "*.ot",
+                    "onnx/*", "openvino/*", "*.gguf"]
+MODULE_PACKAGE = "sentence_transformers."
+
+
+def check_modules(folder: Path) -> None:
+    """A 400 unless every module ``modules.json`` names is one of the library's own classes:
+    older sentence-transformers imported any class a local ``modules.json`` named (code from a
+    client's download); this holds whatever version is installed."""
+    import json
+
+    path = folder / "modules.json"
+    if not path.is_file():
+        return
+    try:
+        modules = json.loads(path.read_text())
+        types = [str(module["type"]) for module in modules]
+    except (ValueError, KeyError, TypeError):
+        raise BadRequest("modules.json is not a list of sentence-transformers modules.") from None
+    foreign = [name for name in types if not name.startswith(MODULE_PACKAGE)]
+    if foreign:
+        raise BadRequest(f"modules.json names modules outside sentence-transformers ({', '.join(foreign)}): "
+                         "only the library's own module classes are loaded.")
 
 
 class TextFormat(NamedTuple):
@@ -226,20 +250,33 @@ class SentenceTransformersFamily:
             raise BadRequest(f"sentence_transformers custom models need these URLs too: {', '.join(missing)}.")
         return {}
 
-    def describe_custom(self, folder: Path) -> dict[str, Any]:
-        """Open the downloaded folder once (proves the files form a model) and describe it."""
+    def describe_custom(self, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
+        """Open a downloaded custom folder once (proves the files form a model) and describe it;
+        its ``modules.json`` may name the library's own module classes only."""
         from sentence_transformers import SentenceTransformer
 
+        check_modules(folder)
         return _describe(SentenceTransformer(str(folder), device="cpu"))
 
     def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:
-        """Download a Hub id through the library and save it into ``folder``."""
+        """Download a Hub id (never a folder of the server's that happens to have its name) with
+        huggingface_hub, as the library does, safetensors only, and save it into ``folder``."""
+        from huggingface_hub import snapshot_download
         from sentence_transformers import SentenceTransformer
 
         try:
-            model = SentenceTransformer(ref.name, device="cpu")
-        except OSError as exc:
-            raise ModelNotFound(f"{ref.name!r} could not be fetched as a sentence-transformers model: {exc}") from None
+            snapshot = Path(snapshot_download(ref.name, ignore_patterns=UNSAFE_OR_UNUSED))
+        except Exception as exc:  # not found, offline and not cached, gated: no server paths in the message
+            raise ModelNotFound(f"{ref.name!r} could not be fetched from the Hugging Face Hub "
+                                f"({type(exc).__name__}).") from None
+        if not any(snapshot.rglob("*.safetensors")):
+            raise BadRequest(f"{ref.name!r} has no safetensors weights: only safetensors are loaded, never "
+                             "pickled .bin files.")
+        check_modules(snapshot)
+        try:
+            model = SentenceTransformer(str(snapshot), device="cpu")
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"{ref.name!r} is not a sentence-transformers model ({type(exc).__name__}).") from None
         model.save(str(folder), safe_serialization=True)
         return _describe(model)
 

@@ -135,7 +135,18 @@ class TimmFamily:
             raise BadRequest("'true' and 'false' mean timm's own weights: give the checkpoint another name.")
         return {"num_classes": request.num_classes}
 
-    def describe_custom(self, folder: Path) -> dict[str, Any]:
+    def describe_custom(self, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint whose classifier has ``num_classes`` outputs: some tensor of it (the head's
+        weight or bias) must lead with that size, read from the safetensors header alone."""
+        from safetensors import safe_open
+
+        num_classes = int(options["num_classes"])
+        with safe_open(str(folder / self.custom_files["safetensors_url"]), framework="pt") as handle:
+            leading = {handle.get_slice(key).get_shape()[0] for key in handle.keys()
+                       if handle.get_slice(key).get_shape()}
+        if num_classes not in leading:
+            raise BadRequest(f"num_classes={num_classes} fits no classifier in the checkpoint: no tensor has "
+                             f"{num_classes} outputs. Send the checkpoint's own number of classes.")
         return {"capabilities": sorted(CAPABILITIES)}
 
     def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:

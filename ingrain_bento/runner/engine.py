@@ -231,7 +231,7 @@ class RunnerEngine:
             def write(folder: Path) -> dict[str, Any]:
                 shutil.copytree(root, folder, dirs_exist_ok=True)
                 try:
-                    return entry_family.describe_custom(folder)
+                    return entry_family.describe_custom(folder, options)
                 except IngrainError:
                     raise
                 except Exception as exc:

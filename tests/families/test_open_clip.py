@@ -131,3 +131,10 @@ def test_custom_checkpoint_downloads_then_binds_to_an_architecture(client, hub_m
     listed = {(m["name"], m["pretrained"]) for m in client.get("/repository_models").json()["models"]}
     assert (arch, "my-clip") in listed and ("my-clip", "my-clip") not in listed
     assert client.request("DELETE", "/delete_model", json={"name": arch, "pretrained": "my-clip"}).status_code == 200
+
+
+def test_an_hf_hub_repo_with_only_pickled_weights_is_refused(client, hub_models):
+    name = hub_models["clip_hub_pickled"]
+    response = client.post("/load_clip_model", json={"name": name})
+    assert response.status_code == 400 and "safetensors" in response.json()["message"], response.text
+    assert name not in {m["name"] for m in client.get("/repository_models").json()["models"]}

