@@ -71,6 +71,8 @@ class Settings(BaseSettings):
                                     description="Bytes of one custom-model file at most (413 above).")
     download_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("INGRAIN_DOWNLOAD_TIMEOUT_S"),
                                       description="Timeout for one custom-model file download.")
+    download_deadline_s: float = Field(1800.0, gt=0, validation_alias=_env("INGRAIN_DOWNLOAD_DEADLINE_S"),
+                                       description="Total time one custom-model file download may take (504 above).")
     access_log: bool = Field(False, validation_alias=_env("INGRAIN_ACCESS_LOG"),
                              description="BentoML's per-request access log (management actions are always logged).")
     tracing: bool = Field(False, validation_alias=_env("INGRAIN_TRACING"),

@@ -245,7 +245,8 @@ class RunnerEngine:
     async def _download(self, url: str, destination: Path) -> int:
         destination.parent.mkdir(parents=True, exist_ok=True)
         return await self.fetcher.download_to(url, destination, max_bytes=self.settings.max_download_bytes,
-                                              timeout=self.settings.download_timeout_s)
+                                              timeout=self.settings.download_timeout_s,
+                                              deadline=self.settings.download_deadline_s)
 
     def ingrain_metrics(self) -> dict[str, Any]:
         return self.metrics.ingrain_json() if self.metrics is not None else {"modelStats": []}
