@@ -55,7 +55,7 @@ class Settings(BaseSettings):
                                 description="When set, required as `Authorization: Bearer <key>`.")
     allow_private_urls: bool = Field(False, validation_alias=_env("INGRAIN_ALLOW_PRIVATE_URLS"),
                                      description="Let URL fetches reach loopback/private/link-local addresses.")
-    max_request_bytes: int = Field(512 * 1024 * 1024, ge=1, validation_alias=_env("INGRAIN_MAX_REQUEST_BYTES"),
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, validation_alias=_env("INGRAIN_MAX_REQUEST_BYTES"),
                                    description="Bytes of one request body at most (413 above).")
     max_items_per_request: int = Field(2048, ge=1, validation_alias=_env("INGRAIN_MAX_ITEMS"),
                                        description="Texts or images in one request at most (413 above).")
@@ -65,6 +65,9 @@ class Settings(BaseSettings):
                                  description="Encoded bytes of one image at most (413 above).")
     max_image_pixels: int = Field(50_000_000, ge=1, validation_alias=_env("INGRAIN_MAX_IMAGE_PIXELS"),
                                   description="Decoded pixels of one image at most (400 above).")
+    max_request_pixels: int = Field(400_000_000, ge=1, validation_alias=_env("INGRAIN_MAX_REQUEST_PIXELS"),
+                                    description="Decoded pixels of all the images of one request at most (413 "
+                                                "above), read from the image headers before any is decoded.")
     image_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("INGRAIN_IMAGE_TIMEOUT_S"),
                                    description="Timeout for fetching one image URL.")
     max_download_bytes: int = Field(8 * 1024**3, ge=1, validation_alias=_env("INGRAIN_MAX_DOWNLOAD_BYTES"),

@@ -63,7 +63,7 @@ def load(values: list[str], headers: dict[str, str] | None = None, **settings) -
     The limits are the documented defaults unless a test overrides one, whatever the environment says.
     """
     defaults = {"allow_private_urls": True, "max_image_bytes": 20 * 1024 * 1024,
-                "max_image_pixels": 50_000_000, "image_timeout_s": 10.0}
+                "max_image_pixels": 50_000_000, "max_request_pixels": 400_000_000, "image_timeout_s": 10.0}
     config = Settings(**{**defaults, **settings})
 
     async def main():
@@ -71,6 +71,7 @@ def load(values: list[str], headers: dict[str, str] | None = None, **settings) -
         try:
             loader = ImageLoader(fetcher, config)
             encoded = await asyncio.wait_for(loader.fetch(values, headers), 10)
+            loader.check_pixels(encoded)
             return [loader.decode(data, index) for index, data in enumerate(encoded)]
         finally:
             await fetcher.aclose()
@@ -210,7 +211,7 @@ def test_a_url_image_over_max_image_bytes_is_too_large(server):
 
 def test_a_url_body_that_is_not_an_image_is_a_bad_request(server):
     server.files["/page.html"] = b"<html>not an image</html>"
-    with pytest.raises(BadRequest, match="Image 0 could not be decoded"):
+    with pytest.raises(BadRequest, match="Image 0 is not an image in a format this server reads"):
         load([server.base + "/page.html"])
 
 
@@ -232,7 +233,7 @@ def test_a_data_uri_that_is_not_base64_is_refused():
 def test_bytes_that_are_not_an_image_are_a_bad_request():
     with pytest.raises(BadRequest) as info:
         load([b64(b"hello, this is plain text and not an image at all")])
-    assert "Image 0 could not be decoded" in info.value.message
+    assert "Image 0 is not an image in a format this server reads" in info.value.message
 
 
 def test_a_truncated_png_is_a_bad_request():
@@ -252,8 +253,10 @@ def test_a_decompression_bomb_is_refused_before_decoding():
     assert Settings.model_fields["max_image_pixels"].default == 50_000_000
     with pytest.raises(BadRequest) as info:
         load([b64(bomb)], max_image_pixels=50_000_000)
-    assert "20000x20000 pixels" in info.value.message
-    assert "50000000-pixel cap" in info.value.message
+    assert "50000000-pixel cap" in info.value.message  # Pillow's guard, past twice its limit
+    with pytest.raises(BadRequest) as info:
+        load([b64(png_header_only(10_000, 6_000))], max_image_pixels=50_000_000)
+    assert "10000x6000 pixels, over the 50000000-pixel cap" in info.value.message
 
 
 def test_the_pixel_cap_is_a_setting():
@@ -289,5 +292,32 @@ def test_decode_image_converts_to_rgb():
 
 
 def test_decode_image_names_the_index_it_is_given():
-    with pytest.raises(BadRequest, match="^Image 7 could not be decoded"):
+    with pytest.raises(BadRequest, match="^Image 7 is not an image"):
         decode_image(b"\x89PNG not really", 7, max_pixels=100)
+
+
+# ---- formats and bombs -------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["ICO", "PCX", "TGA"])
+def test_formats_people_do_not_send_are_not_opened(fmt):
+    with pytest.raises(BadRequest, match="not an image in a format this server reads"):
+        load([b64(encode(sample("RGB", (16, 16)), fmt))])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_the_formats_people_send_are_opened(fmt):
+    assert load([b64(encode(sample("RGB", (16, 16)), fmt))])[0].size == (16, 16)
+
+
+def test_the_images_of_one_request_share_a_pixel_cap_read_from_their_headers():
+    """Three 20-megapixel images, each under the per-image cap: 413 before any is decoded."""
+    bombs = [b64(png_header_only(5000, 4000)) for _ in range(3)]
+    with pytest.raises(TooLarge) as info:
+        load(bombs, max_request_pixels=50_000_000)
+    assert info.value.status_code == 413 and "60000000 pixels" in info.value.message
+
+
+def test_pillows_own_bomb_guard_stays_on():
+    import ingrain_bento.media  # noqa: F401
+
+    assert Image.MAX_IMAGE_PIXELS is not None

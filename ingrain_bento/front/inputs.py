@@ -90,6 +90,7 @@ class InputPreparer:
         preprocessor = await self.preprocessor(handle)
         encoded = await self.loader.fetch(values, headers)
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.image_executor, self.loader.check_pixels, encoded)
 
         def prepare(data: bytes, index: int) -> Any:
             image = self.loader.decode(data, index)

@@ -60,9 +60,9 @@ class RunnerClient:
         self.metrics = metrics
         self.version: int | None = None  # the runner's model-state version, as last seen
         self._coalescers: dict[tuple[Any, str, str], Batcher[Any]] = {}
-        self._down = asyncio.Event()
         self._up = asyncio.Event()
         self._up.set()
+        self._in_flight: set[asyncio.Future[Any]] = set()
         self._watch: asyncio.Task[None] | None = None
 
     @property
@@ -97,19 +97,20 @@ class RunnerClient:
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _send(self, method: str, arguments: dict[str, Any]) -> Any:
-        """One call, failed at once when the runner is marked down meanwhile."""
+        """One call, failed at once when the runner is marked down meanwhile (``_mark_down``
+        cancels the calls in flight)."""
         if not self.remote:
             return await getattr(self.runner, method)(**arguments)
         call = asyncio.ensure_future(getattr(self.runner, method)(**arguments))
-        down = asyncio.ensure_future(self._down.wait())
+        self._in_flight.add(call)
         try:
-            await asyncio.wait({call, down}, return_when=asyncio.FIRST_COMPLETED)
+            return await call
+        except asyncio.CancelledError:
+            if call.cancelled() and self.is_down:
+                raise self._unavailable() from None
+            raise
         finally:
-            down.cancel()
-        if not call.done():
-            call.cancel()
-            self._check_up()
-        return call.result()
+            self._in_flight.discard(call)
 
     @staticmethod
     def _unwrap(result: Any) -> Any:
@@ -171,12 +172,12 @@ class RunnerClient:
         if not self.is_down:
             log.warning("runner.down %s: answering 503 until it is ready again", why)
             self._up.clear()
-            self._down.set()
+            for call in self._in_flight:
+                call.cancel()
 
     def _mark_up(self) -> None:
         if self.is_down:
             log.info("runner.up")
-            self._down.clear()
             self._up.set()
 
     def _start_watch(self) -> None:

@@ -16,7 +16,8 @@ KEY = "s3cret-test-key"
 def keyed_url(real_server_factory, session_dir) -> Iterator[str]:
     """A real server with INGRAIN_API_KEY set (the pycurl-based ingrain clients need a socket)."""
     server = real_server_factory(session_dir / "bentoml-keyed",
-                                 env={"INGRAIN_API_KEY": KEY, "INGRAIN_MAX_REQUEST_BYTES": "100000"}).start()
+                                 env={"INGRAIN_API_KEY": KEY, "INGRAIN_MAX_REQUEST_BYTES": "100000",
+                                      "INGRAIN_ALLOW_PRIVATE_URLS": "false"}).start()
     yield server.url
     server.stop()
 
@@ -79,3 +80,19 @@ def test_unknown_routes_and_methods_get_a_json_message(keyed_url):
     assert missing.status_code == 404 and "No route" in missing.json()["message"]
     wrong = httpx.get(f"{keyed_url}/load_model", headers=AUTH)
     assert wrong.status_code == 405 and "not allowed" in wrong.json()["message"]
+
+
+def test_the_fetch_guard_holds_at_route_level(keyed_url, file_server, hub_models):
+    """The other server tests allow private URLs (their files are on 127.0.0.1); this one does not."""
+    timm_name = hub_models["timm"]
+    assert httpx.post(f"{keyed_url}/load_timm_model", headers=AUTH, json={"name": timm_name},
+                      timeout=120).status_code == 200
+    for url in (f"{file_server.url}/red.png", "http://169.254.169.254/latest/meta-data/", "http://[::127.0.0.1]/x"):
+        response = httpx.post(f"{keyed_url}/embed_image", headers=AUTH, json={"name": timm_name, "image": url})
+        assert response.status_code == 400 and "Refusing" in response.json()["message"], response.text
+    custom = {"library": "timm", "pretrained_name": "from-loopback", "num_classes": 7,
+              "safetensors_url": f"{file_server.url}/timm.safetensors"}
+    response = httpx.post(f"{keyed_url}/download_custom_model", headers=AUTH, json=custom, timeout=60)
+    assert response.status_code == 400 and "Refusing" in response.json()["message"], response.text
+    stored = httpx.get(f"{keyed_url}/repository_models", headers=AUTH).json()["models"]
+    assert "from-loopback" not in {m["name"] for m in stored}
