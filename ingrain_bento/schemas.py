@@ -246,7 +246,10 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
         return "The request body is not valid JSON: send a JSON object."
     parts = []
     for error in errors[:5]:
-        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "body"
-        parts.append(f"{location}: {error.get('msg', 'invalid')}")
-    return "Invalid request: " + "; ".join(parts) + "."
+        # pydantic names the validator and union branch it tried ("function-after[_utf8(), str]",
+        # "list[...]"): a client needs the field and the index only
+        steps = [str(p) for p in error.get("loc", ()) if p != "body" and not re.search(r"[\[(]", str(p))]
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(steps) or 'body'}: {message}")
+    return "Invalid request: " + "; ".join(dict.fromkeys(parts)) + "."
 
