@@ -228,8 +228,7 @@ def test_validation_message_for_a_nested_field():
 
 def test_validation_message_for_the_whole_body():
     errors = [{"type": "value_error", "loc": ("body",), "msg": "Value error, send at least one of 'text' and 'image'"}]
-    assert validation_message(errors) == ("Invalid request: body: Value error, send at least one of "
-                                          "'text' and 'image'.")
+    assert validation_message(errors) == "Invalid request: body: send at least one of 'text' and 'image'."
 
 
 def test_validation_message_for_invalid_json():
