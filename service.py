@@ -143,6 +143,9 @@ app = create_app()
 
 @bentoml.service(
     name="ingrain-bento",
+    # The Bento's Python packages: pyproject.toml's [project].dependencies, the one list (bentofile.yaml
+    # holds the rest of the container: base image, Python version).
+    image=bentoml.images.Image().pyproject_toml("pyproject.toml"),
     http={"port": SETTINGS.port},
     workers=http_workers(SETTINGS),  # stateless: tokenizers, images, HTTP and JSON (README Performance)
     traffic={"timeout": 600, "concurrency": 256},

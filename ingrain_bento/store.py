@@ -23,7 +23,7 @@ from typing import Any
 
 import bentoml
 
-from ingrain_bento.errors import Conflict, ModelNotFound
+from ingrain_bento.errors import Conflict, IngrainError, ModelNotFound, UpstreamFailed
 from ingrain_bento.families import family
 from ingrain_bento.refs import ModelRef
 
@@ -158,8 +158,21 @@ class ModelStore:
             if existing is not None:
                 return existing
             self._remove_incomplete(ref.store_name)
-            fetch = family(ref.library).fetch
-            return self._create(ref.store_name, self._labels(ref), lambda folder: fetch(ref, folder))
+            return self._create(ref.store_name, self._labels(ref), lambda folder: self._fetch(ref, folder))
+
+    @staticmethod
+    def _fetch(ref: ModelRef, folder: Path) -> dict[str, Any]:
+        """The library's own download; what it raises that is not ours (no network, not in the
+        offline cache, a gated repo) is a 502 that says what to check."""
+        try:
+            return family(ref.library).fetch(ref, folder)
+        except IngrainError:
+            raise
+        except Exception as exc:
+            log.warning("store.fetch model=%s failed: %s", ref.display_id, exc)
+            raise UpstreamFailed(f"{ref.display_id} could not be fetched through {ref.library} "
+                                 f"({type(exc).__name__}): check the name and that the Hugging Face Hub can be "
+                                 "reached (or that HF_HUB_CACHE holds it, with HF_HUB_OFFLINE=1).") from None
 
     def bind(self, ref: ModelRef, unbound: StoredModel) -> StoredModel:
         """Turn a custom checkpoint into a loadable ``(architecture, pretrained_name)`` entry."""

@@ -278,6 +278,7 @@ def test_an_offline_bento_build_bakes_the_preload_list_and_serves_it(server, rea
                           capture_output=True, text=True, check=True)
     baked = [m["tag"] for service in json.loads(info.stdout)["services"] for m in service["models"]]
     assert len(baked) == 1 and baked[0].startswith("st-intfloat-e5-small-v2-")
+    _assert_the_bento_runs_on_a_gpu_with_the_projects_packages(server.home, tag)
 
     bento = real_server_factory(server.home, env={"INGRAIN_PRELOAD": str(model_list),
                                                   "HF_HUB_CACHE": str(empty_cache)}, target=tag).start()
@@ -286,3 +287,26 @@ def test_an_offline_bento_build_bakes_the_preload_list_and_serves_it(server, rea
     response = httpx.post(f"{bento.url}/embed_text", json={"name": hub_models["st"], "text": "baked"})
     assert response.status_code == 200 and len(response.json()["embeddings"][0]) > 0
     bento.stop()
+
+
+def _assert_the_bento_runs_on_a_gpu_with_the_projects_packages(home: Path, tag: str) -> None:
+    """The built Bento's container: a CUDA base matching torch's CUDA build, the project's Python,
+    ``bentoml serve`` as its entrypoint, and exactly pyproject.toml's dependencies (plus BentoML's
+    own pin)."""
+    import tomllib
+
+    import torch
+
+    name, version = tag.split(":")
+    bento = home / "bentos" / name / version
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    cuda = torch.version.cuda or "13.0"
+    assert f"FROM nvidia/cuda:{cuda}." in dockerfile, "the base image's CUDA is torch's"
+    assert "uv venv --python 3.11 " in dockerfile
+    entrypoint = (bento / "env" / "docker" / "entrypoint.sh").read_text()
+    assert 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]' in dockerfile
+    assert 'set -- bentoml serve "$@" "$BENTO_PATH"' in entrypoint
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    wanted = {dep.replace("'", '"') for dep in project["project"]["dependencies"]}
+    packed = [line for line in (bento / "env" / "python" / "requirements.txt").read_text().splitlines() if line]
+    assert set(packed) - {line for line in packed if line.startswith("bentoml==")} == wanted

@@ -24,6 +24,7 @@ well-formed loopback URLs) that once made the server answer 500: each must now b
 from __future__ import annotations
 
 import base64
+import copy
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -40,7 +41,20 @@ MAX_EXAMPLES = 25
 TIMM_MODEL = "test_resnet.r160_in1k"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost"}
 
-schema = schemathesis.openapi.from_dict(service.app.openapi())
+def without_examples(spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema less the API page's examples (ingrain_bento/front/docs.py): they name real Hub
+    models that this offline test cannot download, and schemathesis sends them and variants of them."""
+    spec = copy.deepcopy(spec)
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                media.pop("example", None)
+            for parameter in operation.get("parameters", []):
+                parameter.pop("example", None)
+    return spec
+
+
+schema = schemathesis.openapi.from_dict(without_examples(service.app.openapi()))
 
 # Operations with a real server bug found by this fuzzer (label -> bug); they xfail(strict=False).
 KNOWN_BUGS: dict[str, str] = {}

@@ -4,7 +4,7 @@
   never BentoML's list body, an HTML page or a stack trace;
 - the API key check and the request-size cap, as one ASGI middleware on the whole service
   (BentoML's own ``/metrics`` and ``/docs.json`` included; ``/health``, ``/livez``,
-  ``/readyz`` stay open);
+  ``/readyz`` and the API reference, ``/docs`` with its files and ``/openapi.json``, stay open);
 - ``json_response``: pydantic's Rust serializer straight to bytes (re-validating a large float
   matrix through FastAPI's response model is the slowest part of a response otherwise).
 """
@@ -23,12 +23,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingrain_bento.errors import IngrainError, TooLarge
+from ingrain_bento.front.docs import DOCS_OPEN_PATHS, DOCS_STATIC_PREFIX, DOCS_URL, OPENAPI_URL, add_api_docs
 from ingrain_bento.schemas import validation_message
 from ingrain_bento.settings import Settings, get_settings
 
 log = logging.getLogger("ingrain_bento.http")
 
-OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz"})
+OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz", *DOCS_OPEN_PATHS})
+
+
+def is_open(path: str) -> bool:
+    """Whether a path answers without the API key: the probes and the API reference page."""
+    return path in OPEN_PATHS or path.startswith(DOCS_STATIC_PREFIX)
 
 
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
@@ -46,7 +52,8 @@ def error_response(path: str, status_code: int, message: str, error_type: str = 
 
 def create_app() -> FastAPI:
     app = FastAPI(title="ingrain-bento", description="Ingrain-compatible model server on BentoML.",
-                  docs_url=None, redoc_url=None)
+                  openapi_url=OPENAPI_URL, docs_url=None, redoc_url=None)  # add_api_docs serves /docs
+    add_api_docs(app, OPEN_PATHS)
 
     @app.exception_handler(IngrainError)
     async def _ingrain_error(request: Request, exc: IngrainError) -> Response:
@@ -60,7 +67,7 @@ def create_app() -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if isinstance(exc.__cause__, IngrainError):  # FastAPI wraps errors raised while reading the body
             return await _ingrain_error(request, exc.__cause__)
-        message = {404: f"No route {request.method} {request.url.path}: see the API docs.",
+        message = {404: f"No route {request.method} {request.url.path}: see the API docs at {DOCS_URL}.",
                    405: f"{request.method} is not allowed on {request.url.path}."}.get(exc.status_code, str(exc.detail))
         return error_response(request.url.path, exc.status_code, message)
 
@@ -107,7 +114,7 @@ class GuardMiddleware:
             return
         path: str = scope["path"]
         headers = dict(scope["headers"])
-        if self.expected is not None and path not in OPEN_PATHS:
+        if self.expected is not None and not is_open(path):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 await self._reject(scope, receive, send, path, 401,

@@ -82,7 +82,7 @@ class RunnerClient:
                 return self._unwrap(await self._send(method, arguments))
             except BentoMLException as exc:  # a remote runner's error reply
                 raise _runner_error(method, exc) from None
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise UpstreamTimeout(f"The model runner did not answer {method} in time.") from None
             except _connection_errors() as exc:
                 alive = await self._ready()
