@@ -2,6 +2,10 @@
 
 One request class per shape, shared by the seed routes (``/infer_text``) and the current
 ones (``/embed_text``). Responses serialize by alias (camelCase), as Ingrain sends them.
+
+The size caps (``INGRAIN_MAX_ITEMS``, ``INGRAIN_MAX_TEXT_CHARS``, ``INGRAIN_MAX_IMAGE_BYTES``) are
+in the schemas, read from the settings when this module is imported: a request over them stops
+at validation (a 413, front/http.py), and the API page shows them.
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -20,23 +24,31 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from ingrain_bento.settings import get_settings
+
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 MAX_CLASSES = 100_000  # a classifier's outputs at most (ImageNet-22k has 21,843); the checkpoint is checked too
 
 
-def _utf8(text: str) -> str:
+def _utf8(text: Any) -> Any:
     """JSON lets a string carry a lone UTF-16 surrogate (``"\\ud800"``), which no tokenizer can
     take (the Rust tokenizers panicked, and the connection reset): refuse it here, a 400."""
     try:
-        text.encode("utf-8")
+        if isinstance(text, str):
+            text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"the text holds a lone surrogate {text[exc.start]!r} at character {exc.start}: "
                          "send valid Unicode (a surrogate pair or the character itself)") from None
     return text
 
 
-Text = Annotated[str, AfterValidator(_utf8)]
-Texts = Text | Annotated[list[Text], Field(min_length=1)]
+_LIMITS = get_settings()
+_MAX_ITEMS = _LIMITS.max_items_per_request
+Text = Annotated[str, StringConstraints(max_length=_LIMITS.max_text_chars), BeforeValidator(_utf8)]
+Texts = Text | Annotated[list[Text], Field(min_length=1, max_length=_MAX_ITEMS)]
+# an image: a URL, base64 or a data: URI of at most INGRAIN_MAX_IMAGE_BYTES (4/3 of it in base64)
+Image = Annotated[str, StringConstraints(max_length=_LIMITS.max_image_bytes * 4 // 3 + 4096)]
+Images = Image | Annotated[list[Image], Field(min_length=1, max_length=_MAX_ITEMS)]
 Pretrained = bool | str | None
 NonEmptyName = Annotated[str, StringConstraints(min_length=1)]
 
@@ -107,7 +119,7 @@ class InferenceRequest(ApiModel):
     pretrained: Pretrained = None
     library: str | None = None
     text: Texts | None = None
-    image: Texts | None = None
+    image: Images | None = None
     normalize: bool = True
     n_dims: int | None = None
     image_download_headers: dict[str, str] | None = None
@@ -139,7 +151,7 @@ class TextRequest(InferenceRequest):
 
 
 class ImageRequest(InferenceRequest):
-    image: Texts
+    image: Images
 
 
 class TextImageRequest(InferenceRequest):

@@ -248,3 +248,17 @@ def test_a_text_with_a_lone_surrogate_is_refused(body):
     """JSON can carry a lone UTF-16 surrogate; no tokenizer can take one (the Rust tokenizer panicked)."""
     with pytest.raises(ValidationError, match="lone surrogate"):
         TextRequest.model_validate({"name": "m", **body})
+
+
+def test_the_size_caps_are_in_the_schemas_from_the_settings():
+    """A request over a cap stops at validation (a 413, before the texts reach a tokenizer); the
+    API page shows the caps. tests/test_e2e_clients.py crosses lowered caps on a real server."""
+    from ingrain_bento.settings import Settings
+
+    defaults = Settings()
+    schema = json.dumps(TextRequest.model_json_schema())
+    assert f'"maxItems": {defaults.max_items_per_request}' in schema
+    assert f'"maxLength": {defaults.max_text_chars}' in schema
+    with pytest.raises(ValidationError) as info:
+        TextRequest.model_validate({"name": "m", "text": ["x"] * (defaults.max_items_per_request + 1)})
+    assert {error["type"] for error in info.value.errors()} <= {"too_long", "string_type"}

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from ingrain_bento import schemas as s
-from ingrain_bento.errors import BadRequest, TooLarge
+from ingrain_bento.errors import BadRequest
 from ingrain_bento.families.base import CLASSIFY, EMBED_IMAGE, EMBED_TEXT
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.front.inputs import InputPreparer
@@ -168,16 +168,6 @@ class ModelGateway:
             if self.metrics is not None:
                 self.metrics.record_request(model, route, ok, time.perf_counter() - started)
 
-    def _check_items(self, request: s.InferenceRequest) -> None:
-        cap = self.settings.max_items_per_request
-        for items, what in ((request.texts, "texts"), (request.images, "images")):
-            if len(items) > cap:
-                raise TooLarge(f"{len(items)} {what} in one request, over the cap of {cap}: split the request.")
-        for index, text in enumerate(request.texts):
-            if len(text) > self.settings.max_text_chars:
-                raise TooLarge(f"Text {index} has {len(text)} characters, over the cap of "
-                               f"{self.settings.max_text_chars}.")
-
     @staticmethod
     def _embeddings(rows: np.ndarray, n_dims: int | None, normalize: bool) -> list[list[float]]:
         """Matryoshka: truncate to ``n_dims`` first, then normalize, so rows are unit length."""
@@ -217,7 +207,6 @@ class ModelGateway:
 
     async def embed_text(self, request: s.InferenceRequest) -> s.EmbeddingsResponse:
         started = time.perf_counter()
-        self._check_items(request)
         (rows,) = await self._serve(request, "embed_text", [EMBED_TEXT])
         return s.EmbeddingsResponse.model_construct(
             embeddings=self._embeddings(rows, request.n_dims, request.normalize),
@@ -225,7 +214,6 @@ class ModelGateway:
 
     async def embed_image(self, request: s.InferenceRequest, output: ImageOutput) -> s.EmbeddingsResponse:
         started = time.perf_counter()
-        self._check_items(request)
         task = self._image_task(await self._handle(request), request, output)
         (rows,) = await self._serve(request, "embed_image", [task])
         return s.EmbeddingsResponse.model_construct(embeddings=self._image_output(rows, task, request),
@@ -233,7 +221,6 @@ class ModelGateway:
 
     async def embed(self, request: s.InferenceRequest, output: ImageOutput) -> s.TextImageEmbeddingsResponse:
         started = time.perf_counter()
-        self._check_items(request)
         tasks = [EMBED_TEXT] if request.text is not None else []
         image_task = None
         if request.image is not None:
@@ -247,7 +234,6 @@ class ModelGateway:
 
     async def classify_image(self, request: s.InferenceRequest) -> s.ProbabilitiesResponse:
         started = time.perf_counter()
-        self._check_items(request)
         handle = await self._handle(request)
         if CLASSIFY not in handle.capabilities:
             raise BadRequest(f"{handle.ref.display_id} is not a classifier: /classify_image serves models "

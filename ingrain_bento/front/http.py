@@ -29,6 +29,7 @@ from ingrain_bento.settings import Settings, get_settings
 
 log = logging.getLogger("ingrain_bento.http")
 
+TOO_LONG = frozenset({"too_long", "string_too_long"})  # pydantic's error types of a size cap
 OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz", *DOCS_OPEN_PATHS})
 
 
@@ -61,7 +62,10 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request.url.path, 400, validation_message(list(exc.errors())))
+        errors = list(exc.errors())
+        # a size cap of the schemas (the other branch of a text|list union fails on its type beside it)
+        too_large = any(error.get("type") in TOO_LONG for error in errors)
+        return error_response(request.url.path, 413 if too_large else 400, validation_message(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
