@@ -33,6 +33,8 @@ EXPECTED_IDS = {
     "st_prompt": "ingrain-test/tiny-st-prompt",
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",
     "clip_custom_arch": "ViT-S-32-alt",
+    "clip_hub_pickled": "hf-hub:ingrain-test/tiny-clip-pickled",
+    "st_pickled": "ingrain-test/tiny-st-pickled",
 }
 
 
@@ -96,6 +98,8 @@ def test_cache_layout(smoke_cache):
         "intfloat/e5-small-v2",
         "ingrain-test/tiny-st-prompt",
         "sentence-transformers/all-MiniLM-L6-v2",
+        "ingrain-test/tiny-clip-pickled",
+        "ingrain-test/tiny-st-pickled",
     }
     for repo in repos.values():
         (revision,) = repo.revisions
