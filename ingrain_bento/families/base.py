@@ -104,12 +104,15 @@ class Preprocessor:
     per input, small numpy arrays the runner stacks into a batch."""
 
     capabilities: frozenset[str] = frozenset()
+    pixels: ImagePipeline | None = None  # the model's image transform, for a model that takes images
 
     def prepare_texts(self, texts: Sequence[str]) -> list[TextItem]:
         raise BadRequest("This model takes images, not text.")
 
     def prepare_image(self, image: Image.Image) -> ImageItem:
-        raise BadRequest("This model takes text, not images.")
+        if self.pixels is None:
+            raise BadRequest("This model takes text, not images.")
+        return self.pixels.prepare(image)
 
 
 class LoadedModel(ABC):

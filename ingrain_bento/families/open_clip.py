@@ -25,7 +25,6 @@ from ingrain_bento.refs import HF_HUB_PREFIX, ModelRef, validate_tag
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from PIL import Image
 
     from ingrain_bento.schemas import CustomModelRequest
 
@@ -118,9 +117,6 @@ class OpenClipPreprocessor(Preprocessor):
         import numpy as np
 
         return list(self.tokenizer(list(texts)).numpy().astype(np.int32))
-
-    def prepare_image(self, image: Image.Image) -> np.ndarray:
-        return self.pixels.prepare(image)
 
 
 class OpenClipFamily:

@@ -21,7 +21,6 @@ from ingrain_bento.refs import ModelRef, validate_tag
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from PIL import Image
 
     from ingrain_bento.schemas import CustomModelRequest
 
@@ -104,9 +103,6 @@ class TimmPreprocessor(Preprocessor):
         with torch.device("meta"):
             model = timm.create_model(f"local-dir:{folder}", pretrained=False)
         self.pixels = _image_pipeline(model)
-
-    def prepare_image(self, image: Image.Image) -> np.ndarray:
-        return self.pixels.prepare(image)
 
 
 class TimmFamily:
