@@ -44,7 +44,6 @@ HandleKey = tuple[str, Any, Any]
 
 class ModelGateway:
     def __init__(self, runner: Any, settings: Settings, metrics: RequestMetrics | None = None) -> None:
-        self.settings = settings
         self.metrics = metrics
         self.runner = RunnerClient(runner, max_requests_per_call=settings.max_batch_size, metrics=metrics)
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
