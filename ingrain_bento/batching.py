@@ -32,7 +32,7 @@ from ingrain_bento.errors import AtCapacity
 
 log = logging.getLogger("ingrain_bento.batching")
 
-__all__ = ["Batcher", "BatcherClosed", "in_executor"]
+__all__ = ["Batcher", "BatcherClosed", "call_guarded", "in_executor"]
 
 
 class BatcherClosed(AtCapacity):
@@ -42,19 +42,22 @@ Item = TypeVar("Item")
 Forward = Callable[[Sequence[Any]], Awaitable[Any]]  # items -> one row per item (a tensor, or a list)
 
 
+def call_guarded(function: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> Any:
+    """``function(items)``, with a Rust extension's panic (``PanicException``, not an
+    ``Exception``) raised as a ``RuntimeError`` that the callers' error handling knows."""
+    try:
+        return function(items)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+
+
 def in_executor(function: Callable[[Sequence[Any]], Any], executor: Executor) -> Forward:
     """A blocking forward, run on ``executor`` so the event loop keeps serving meanwhile."""
 
-    def guarded(items: Sequence[Any]) -> Any:
-        try:
-            return function(items)
-        except Exception:
-            raise
-        except BaseException as exc:  # a Rust extension's panic (PanicException): not an Exception
-            raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
-
     async def forward(items: Sequence[Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(executor, partial(guarded, items))
+        return await asyncio.get_running_loop().run_in_executor(executor, partial(call_guarded, function, items))
 
     return forward
 
@@ -85,8 +88,15 @@ class Batcher(Generic[Item]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._busy = False  # a batch is being gathered or run
         self._last_arrival = 0.0
         self._arrival_gap = float("inf")  # moving average of the time between submits
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch gathering or running: a request sent now would be a
+        batch of its own."""
+        return not self._busy and not self._pending
 
     async def submit(self, items: Sequence[Item]) -> Any:
         """Rows for ``items``, in order, concatenated across chunks (a tensor, or a list when the
@@ -136,23 +146,31 @@ class Batcher(Generic[Item]):
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = [self._pending.popleft()]
-            size = len(batch[0].items)
-            # Wait for company only while requests arrive faster than the wait window: a lone
-            # client gets its forward at once instead of paying max_wait on every call.
-            under_load = self._arrival_gap < self.max_wait_s
-            deadline = batch[0].queued_at + (self.max_wait_s if under_load else 0.0)
-            while self.merge and size < self.max_batch:
-                if self._pending:
-                    if size + len(self._pending[0].items) > self.max_batch:
-                        break
-                    batch.append(self._pending.popleft())
-                    size += len(batch[-1].items)
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed or not await self._wait_for_more(remaining):
+            self._busy = True
+            try:
+                await self._gather_and_run()
+            finally:
+                self._busy = False
+
+    async def _gather_and_run(self) -> None:
+        """One batch: the oldest chunk, and what joins it within the wait window."""
+        batch = [self._pending.popleft()]
+        size = len(batch[0].items)
+        # Wait for company only while requests arrive faster than the wait window: a lone
+        # client gets its forward at once instead of paying max_wait on every call.
+        under_load = self._arrival_gap < self.max_wait_s
+        deadline = batch[0].queued_at + (self.max_wait_s if under_load else 0.0)
+        while self.merge and size < self.max_batch:
+            if self._pending:
+                if size + len(self._pending[0].items) > self.max_batch:
                     break
-            await self._run(batch)
+                batch.append(self._pending.popleft())
+                size += len(batch[-1].items)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed or not await self._wait_for_more(remaining):
+                break
+        await self._run(batch)
 
     async def _run(self, batch: list[_Chunk[Item]]) -> None:
         items = [item for chunk in batch for item in chunk.items]

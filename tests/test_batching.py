@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from ingrain_bento.batching import Batcher, in_executor
+from ingrain_bento.batching import Batcher, call_guarded, in_executor
 from ingrain_bento.errors import AtCapacity
 
 POISON = -1
@@ -326,3 +326,36 @@ def test_without_isolation_a_failed_call_fails_every_request_in_it_once():
     outcomes = asyncio.run(main())
     assert all(isinstance(outcome, ConnectionError) for outcome in outcomes)
     assert calls == [[1], [2, 3, 4]], "one call in flight, the queued requests sent together, none alone again"
+
+
+# ---- idle: what a caller may do instead of queueing -----------------------------------------
+
+def test_idle_is_true_only_while_nothing_is_queued_gathering_or_running():
+    async def scenario(batcher, forward):
+        seen = [batcher.idle]
+        first = asyncio.create_task(batcher.submit([1]))
+        await asyncio.sleep(0)  # queued, or already picked up by the collector
+        seen.append(batcher.idle)
+        await asyncio.sleep(0.01)  # its forward runs (20 ms)
+        seen.append(batcher.idle)
+        await first
+        await asyncio.sleep(0)
+        seen.append(batcher.idle)
+        return seen
+
+    seen, forward = run(scenario, delay_s=0.02)
+    assert seen == [True, False, False, True]
+    assert forward.calls == [[1]]
+
+
+def test_call_guarded_turns_a_panic_into_a_runtime_error():
+    class PanicException(BaseException):  # what a Rust extension raises: not an Exception
+        pass
+
+    def panics(items):
+        raise PanicException("tokenizer panicked")
+
+    with pytest.raises(RuntimeError, match="PanicException: tokenizer panicked"):
+        call_guarded(panics, ["x"])
+    with pytest.raises(ValueError):
+        call_guarded(lambda items: int("nope"), ["x"])

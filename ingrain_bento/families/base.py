@@ -66,6 +66,9 @@ class Family(Protocol):
     # loaded ("checkpoint"), or a complete model folder that loads by its own name ("folder").
     custom_form: Literal["checkpoint", "folder"]
     custom_files: Mapping[str, str]  # request field -> file in the downloaded folder
+    # The modules ``load_preprocessor`` imports: a front worker imports them once it is ready
+    # (``InputPreparer.import_libraries``), so a model's first request there does not wait for it.
+    library_modules: tuple[str, ...]
 
     def canonical_pretrained(self, name: str, pretrained: str | bool | None) -> str | None:
         """``pretrained`` as the store keys it (a 400 when the library cannot take it)."""

@@ -122,6 +122,7 @@ class OpenClipPreprocessor(Preprocessor):
 class OpenClipFamily:
     name = "open_clip"
     tag_prefix = "clip"
+    library_modules: tuple[str, ...] = ("open_clip",)
     custom_form: Literal["checkpoint", "folder"] = "checkpoint"
     custom_files: Mapping[str, str] = {"safetensors_url": "custom.safetensors"}
 

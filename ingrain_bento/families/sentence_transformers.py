@@ -235,6 +235,7 @@ class SentenceTransformerPreprocessor(Preprocessor):
 class SentenceTransformersFamily:
     name = "sentence_transformers"
     tag_prefix = "st"
+    library_modules: tuple[str, ...] = ("sentence_transformers",)
     custom_form: Literal["checkpoint", "folder"] = "folder"
     custom_files: Mapping[str, str] = CUSTOM_FILES
 

@@ -108,6 +108,7 @@ class TimmPreprocessor(Preprocessor):
 class TimmFamily:
     name = "timm"
     tag_prefix = "timm"
+    library_modules: tuple[str, ...] = ("timm",)
     custom_form: Literal["checkpoint", "folder"] = "checkpoint"
     custom_files: Mapping[str, str] = {"safetensors_url": "custom.safetensors"}
 

@@ -14,6 +14,7 @@ Both API generations share these methods: the seed's ``/infer_image`` and the cu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -50,10 +51,13 @@ class ModelGateway:
         self.inputs = InputPreparer(settings, self.fetcher)
         self._handles: dict[HandleKey, ModelHandle] = {}
         self._version: int | None = None
+        self._importing: asyncio.Task[None] | None = None
+        self._in_flight = 0  # inference requests in flight in this worker
 
     async def warm_up(self) -> None:
         """Open the preprocessors of the models the runner holds (after a start, a restart, a
-        restore, a preload), so that their first requests pay no cold start in this worker."""
+        restore, a preload), so that their first requests pay no cold start in this worker;
+        then import the other libraries in the background, not awaited (the worker is ready)."""
         await self.runner.wait_ready()
         for info in await self.runner.call("loaded_models"):
             try:
@@ -61,6 +65,7 @@ class ModelGateway:
                 await self.inputs.preprocessor(ModelHandle.from_dict(reply))
             except Exception:
                 log.exception("front.warm_up failed for model=%s", info.id)
+        self._importing = asyncio.create_task(self.inputs.import_libraries())
 
     async def close(self) -> None:
         await self.runner.close()
@@ -141,7 +146,7 @@ class ModelGateway:
                 raise BadRequest(f"{handle.ref.display_id} is an image model: send 'image', not 'text'.")
             raise BadRequest(f"{handle.ref.display_id} is a text model: send 'text', not 'image'.")
         if task == EMBED_TEXT:
-            items = await self.inputs.texts(handle, request.texts)
+            items = await self.inputs.texts(handle, request.texts, alone=self._in_flight == 1)
         else:
             items = await self.inputs.images(handle, request.images, request.image_download_headers)
         return await self.runner.infer(handle, task, items)
@@ -150,6 +155,7 @@ class ModelGateway:
         """Rows for each task, for one request: counted in the metrics, sent again once when the
         model was stored anew under this worker's cached handle."""
         started, ok, model = time.perf_counter(), False, request.name
+        self._in_flight += 1
         try:
             for attempt in (1, 2):
                 handle = await self._handle(request)
@@ -164,6 +170,7 @@ class ModelGateway:
                     await self._forget()
             raise AssertionError("unreachable")
         finally:
+            self._in_flight -= 1
             if self.metrics is not None:
                 self.metrics.record_request(model, route, ok, time.perf_counter() - started)
 

@@ -35,6 +35,7 @@ def test_a_registered_family_is_found_with_nothing_else_changed(monkeypatch):
         tag_prefix = "toy"
         custom_form = "folder"
         custom_files = {"safetensors_url": "model.safetensors"}
+        library_modules = ()
 
         def canonical_pretrained(self, name, pretrained):
             return None

@@ -1,0 +1,118 @@
+"""``InputPreparer``: a front worker's tokenizers and image transforms, without weights.
+
+Texts of concurrent requests are tokenized together on the worker's tokenizer thread; a short
+request alone in its worker is tokenized at once on the event loop, sparing two thread hops.
+Either way each text becomes the same token item. Once the worker is ready it imports every
+family's library in the background, so no request waits for an import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+import ingrain_bento.families as registry
+from ingrain_bento import schemas as s
+from ingrain_bento.front.gateway import ModelGateway
+from ingrain_bento.front.inputs import INLINE_TEXT_CHARS
+from ingrain_bento.settings import Settings
+
+
+def test_a_lone_short_request_is_tokenized_on_the_loop_and_concurrent_ones_together_on_the_thread(hub_models):
+    import service
+
+    name = hub_models["st"]
+    threads: list[str] = []
+
+    async def embed(gateway: ModelGateway, *texts: str) -> list[list[list[float]]]:
+        replies = await asyncio.gather(*(gateway.embed_text(s.TextRequest(name=name, text=text)) for text in texts))
+        return [reply.embeddings for reply in replies]
+
+    async def main() -> None:
+        runner = service.IngrainRunner()
+        gateway = ModelGateway(runner, Settings())
+        try:
+            await gateway.load(s.ModelRequest(name=name), "sentence_transformers")
+            handle = await gateway._handle(s.TextRequest(name=name, text="x"))
+            preprocessor = await gateway.inputs.preprocessor(handle)
+            tokenize = preprocessor.prepare_texts
+
+            def recording(texts):
+                threads.append(threading.current_thread().name)
+                return tokenize(texts)
+
+            preprocessor.prepare_texts = recording  # type: ignore[method-assign]  # records, then tokenizes
+
+            (lone,) = await embed(gateway, "a lone query")
+            assert threads == [threading.current_thread().name], "alone: tokenized on the event loop"
+
+            threads.clear()
+            many = await embed(gateway, *[f"query number {i} about rivers" for i in range(12)], "a lone query")
+            assert many[-1] == lone, "the same embedding either way"
+            # The first request was alone when it started; the other twelve found it in flight.
+            assert threads[0] == threading.current_thread().name, threads
+            assert threads[1:] and all(t.startswith("ingrain-tokenize") for t in threads[1:]), threads
+            assert len(threads[1:]) < 12, "concurrent requests were tokenized in few calls"
+
+            threads.clear()
+            await embed(gateway, "word " * (INLINE_TEXT_CHARS // 5 + 1))
+            assert len(threads) == 1 and threads[0].startswith("ingrain-tokenize"), "a long text stays off the loop"
+        finally:
+            await gateway.close()
+            await runner.engine.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_inline_and_threaded_tokenizing_give_the_same_items(hub_models):
+    import service
+
+    async def main() -> None:
+        runner = service.IngrainRunner()
+        gateway = ModelGateway(runner, Settings())
+        try:
+            await gateway.load(s.ModelRequest(name=hub_models["st"]), "sentence_transformers")
+            handle = await gateway._handle(s.TextRequest(name=hub_models["st"], text="x"))
+            texts = ["a query", "another, longer query about the weather in town"]
+            inline = await gateway.inputs.texts(handle, texts, alone=True)
+            threaded = await gateway.inputs.texts(handle, texts, alone=False)
+            assert len(inline) == len(threaded) == 2
+            for a, b in zip(inline, threaded, strict=True):
+                np.testing.assert_array_equal(a, b)
+        finally:
+            await gateway.close()
+            await runner.engine.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_import_libraries_imports_every_familys_modules_and_survives_a_missing_one(tmp_path: Path, monkeypatch,
+                                                                                   caplog):
+    (tmp_path / "ingrain_toy_library.py").write_text("IMPORTED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ingrain_toy_library", raising=False)
+
+    class Toy:
+        name = "toy"
+        library_modules = ("ingrain_toy_library_that_is_not_installed", "ingrain_toy_library")
+
+    registry.families()  # the real families first, so the toy joins them
+    monkeypatch.setitem(registry._REGISTRY, "toy", Toy())
+
+    async def main() -> None:
+        gateway = ModelGateway(object(), Settings())
+        try:
+            await gateway.inputs.import_libraries()
+        finally:
+            await gateway.inputs.close()
+            await gateway.fetcher.aclose()
+
+    asyncio.run(main())
+    assert sys.modules["ingrain_toy_library"].IMPORTED
+    assert "ingrain_toy_library_that_is_not_installed" in caplog.text
+    for module in ("sentence_transformers", "open_clip", "timm"):
+        assert module in sys.modules
