@@ -51,7 +51,7 @@ class ModelGateway:
         self.inputs = InputPreparer(settings, self.fetcher)
         self._handles: dict[HandleKey, ModelHandle] = {}
         self._version: int | None = None
-        self._importing: asyncio.Task[None] | None = None
+        self._importing: asyncio.Task[None] | None = None  # held so the loop does not drop the task
         self._in_flight = 0  # inference requests in flight in this worker
 
     async def warm_up(self) -> None:
