@@ -1,11 +1,16 @@
 """The Bento: two BentoML services composed with ``bentoml.depends``, and the route table.
 
-- ``IngrainRunner`` (one worker, on the GPU when there is one): the model state. Its APIs are
-  called by the front only, over a private socket; each is a line into
-  ``ingrain_bento.runner.engine.RunnerEngine``.
 - ``IngrainBento`` (the entry service, ``INGRAIN_HTTP_WORKERS`` processes): every route of the
   HTTP API, on one FastAPI app mounted at ``/``; each route is a line into
-  ``ingrain_bento.front.gateway.ModelGateway``, which prepares inputs here and computes there.
+  ``ingrain_bento.front.gateway.ModelGateway``, which prepares inputs here and computes with an
+  ``Engine`` (``ingrain_bento.boundary``).
+- ``IngrainRunner`` (one worker, on the GPU when there is one): the model state when it lives
+  apart from the front. ``wire.RunnerGate`` serves its calls (raw frames, token-checked; it has
+  no BentoML APIs, so nothing of it reads pickle).
+
+Where the engine runs is ``machine.engine_process``: in the front's own process (no GPU, one
+front worker: the default on small CPU machines, where a second process only costs) or in the
+runner, called over ``wire``. Both services are always in the Bento, so it deploys either way.
 
 Routes are plain functions that receive the gateway through an async dependency (see
 ``gateway``): BentoML's class views inject ``self`` with a sync dependency, which FastAPI runs
@@ -25,6 +30,7 @@ from fastapi import Body, Depends, Query  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
+from ingrain_bento.boundary import Engine  # noqa: E402
 from ingrain_bento.front.gateway import ModelGateway  # noqa: E402
 from ingrain_bento.front.http import (  # noqa: E402
     GuardMiddleware,
@@ -34,17 +40,20 @@ from ingrain_bento.front.http import (  # noqa: E402
     json_response,
 )
 from ingrain_bento.front.openai import openai_embeddings, openai_models  # noqa: E402
+from ingrain_bento.front.remote_engine import RemoteEngine  # noqa: E402
 from ingrain_bento.logs import configure_logging  # noqa: E402
-from ingrain_bento.machine import http_workers, runner_resources  # noqa: E402
+from ingrain_bento.machine import engine_process, http_workers, runner_place, runner_resources  # noqa: E402
 from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, ModelMetrics, RequestMetrics  # noqa: E402
 from ingrain_bento.model_list import baked_model_tags, preload_list  # noqa: E402
-from ingrain_bento.refs import ModelRef  # noqa: E402
 from ingrain_bento.runner.engine import RunnerEngine  # noqa: E402
 from ingrain_bento.runner.state import ResidentState  # noqa: E402
 from ingrain_bento.settings import get_settings  # noqa: E402
-from ingrain_bento.wire import answer, fix_media_types  # noqa: E402
+from ingrain_bento.wire import RunnerGate, RunnerTransport, ensure_runner_token  # noqa: E402
 
 SETTINGS = get_settings()
+# Set here, in the `bentoml serve` process, before it starts the workers: they inherit it.
+RUNNER_TOKEN = ensure_runner_token()
+RUNNER_NAME = "ingrain-runner"
 # BentoML's OpenTelemetry middleware costs ~10% of an event loop per request even with no
 # exporter, and its access log a line per request: both off unless asked for.
 OBSERVABILITY: dict[str, Any] = {
@@ -53,89 +62,64 @@ OBSERVABILITY: dict[str, Any] = {
 }
 
 
+def new_engine() -> RunnerEngine:
+    """The model state, with what it restores after a restart kept per Bento, version and device."""
+    context = bentoml.server_context
+    state = (ResidentState(f"{context.bento_name}-{context.bento_version}-{SETTINGS.device or 'auto'}")
+             if SETTINGS.restore else None)
+    return RunnerEngine(SETTINGS, ModelMetrics(), state)
+
+
 @bentoml.service(
-    name="ingrain-runner",
+    name=RUNNER_NAME,
     workers=1,  # the models live in this process: one runner per device
     resources=runner_resources(SETTINGS),
     traffic={"timeout": 600},
-    # BentoML's dependency client closes its connection pool every 100 requests and every
-    # 300 s, even with calls in flight, which fail with ServerDisconnectedError (BentoML
-    # issues #5540, #5544, #4971; measured: 35-39% of calls at 64 in flight). One pool for the
-    # worker's life instead; tests/test_runner_tier.py counts the retries that would follow.
-    runner_connection={"max_requests": 2**62, "max_age": 1e12},
     **OBSERVABILITY,
 )
 class IngrainRunner:
     def __init__(self) -> None:
         configure_logging()
-        context = bentoml.server_context  # which Bento (and version) this runner serves
-        state = (ResidentState(f"{context.bento_name}-{context.bento_version}-{SETTINGS.device or 'auto'}")
-                 if SETTINGS.restore else None)
-        self.engine = RunnerEngine(SETTINGS, ModelMetrics(), state)
+        self.engine: RunnerEngine | None = None
         self.starting: asyncio.Task[None] | None = None
 
     @bentoml.on_startup
     async def start(self) -> None:
-        """Restore what was resident and load the preload list, while already serving."""
-        self.starting = asyncio.create_task(self.engine.start(preload_list(SETTINGS)))
+        """Restore what was resident and load the preload list, while already serving; an idle
+        runner when the front holds the models itself."""
+        if engine_process(SETTINGS, "local") == "runner":
+            self.activate()
+
+    def activate(self) -> RunnerEngine:
+        """The engine, started once: at start-up, or by the first call of a front that holds no
+        models (services deployed apart on a machine where ``engine_process`` guessed "front")."""
+        if self.engine is None:
+            self.engine = new_engine()
+            self.starting = asyncio.create_task(self.engine.start(preload_list(SETTINGS)))
+        return self.engine
 
     async def __is_ready__(self) -> bool:
         return self.starting is None or self.starting.done()
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
-        await self.engine.close()
+        if self.engine is not None:
+            await self.engine.close()
 
-    @bentoml.api
-    async def infer(self, model: dict[str, Any], task: str, tag: str, payload: Any) -> Any:
-        return await answer(self.engine.infer(ModelRef(**model), task, tag, payload))
 
-    @bentoml.api
-    async def describe(self, name: str, pretrained: Any = None, library: str | None = None) -> Any:
-        return await answer(self._describe(name, pretrained, library))
+async def runner_engine() -> Engine:
+    """The runner worker's engine, for ``RunnerGate``."""
+    runner: IngrainRunner = bentoml.get_current_service()
+    return runner.activate()
 
-    async def _describe(self, name: str, pretrained: Any, library: str | None) -> dict[str, Any]:
-        return (await self.engine.describe(name, pretrained, library)).as_dict()
 
-    @bentoml.api
-    async def load(self, request: s.ModelRequest, library: str | None = None) -> Any:
-        return await answer(self.engine.load(request, library))
+def runner_address() -> str | None:
+    """The runner's address BentoML gives this front worker (``BENTOML_RUNNER_MAP``), or None when
+    there is no runner process (``Service.to_asgi()``)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
 
-    @bentoml.api
-    async def unload(self, request: s.ModelRequest) -> str:
-        return await answer(self.engine.unload(request))
-
-    @bentoml.api
-    async def delete(self, request: s.ModelRequest) -> str:
-        return await answer(self.engine.delete(request))
-
-    @bentoml.api
-    async def download_custom(self, request: s.CustomModelRequest) -> str:
-        return await answer(self.engine.download_custom(request))
-
-    @bentoml.api
-    async def loaded_models(self) -> list[s.ModelInfo]:
-        return self.engine.loaded_models()
-
-    @bentoml.api
-    async def repository_models(self) -> list[s.ModelInfo]:
-        return self.engine.repository_models()
-
-    @bentoml.api
-    async def served_models(self) -> Any:
-        return self.engine.served_models()
-
-    @bentoml.api
-    async def embedding_size(self, name: str, pretrained: str | None = None) -> Any:
-        return await answer(asyncio.to_thread(self.engine.embedding_size, name, pretrained))
-
-    @bentoml.api
-    async def classification_labels(self, name: str, pretrained: str | None = None) -> Any:
-        return await answer(asyncio.to_thread(self.engine.classification_labels, name, pretrained))
-
-    @bentoml.api
-    async def ingrain_metrics(self) -> Any:
-        return self.engine.ingrain_metrics()
+    address: str | None = BentoMLContainer.remote_runner_mapping.get().get(RUNNER_NAME)
+    return address
 
 
 app = create_app()
@@ -157,13 +141,27 @@ class IngrainBento:
 
     def __init__(self) -> None:
         configure_logging()
-        self.gateway = ModelGateway(self.runner, SETTINGS, RequestMetrics())
+        address = runner_address()
+        self.local_engine: RunnerEngine | None = None
+        self.remote_engine: RemoteEngine | None = None
+        engine: Engine
+        if address is None or engine_process(SETTINGS, runner_place(address)) == "front":
+            engine = self.local_engine = new_engine()
+        else:
+            engine = self.remote_engine = RemoteEngine(RunnerTransport(address, RUNNER_TOKEN),
+                                                       max_requests_per_call=SETTINGS.max_batch_size,
+                                                       metrics=RequestMetrics())
+        self.gateway = ModelGateway(engine, SETTINGS, RequestMetrics(), own_process=self.local_engine is not None)
         self.warming: asyncio.Task[None] | None = None
 
     @bentoml.on_startup
     async def start(self) -> None:
-        """Open the tokenizers of the runner's resident models, while already serving."""
-        self.warming = asyncio.create_task(self.gateway.warm_up())
+        """Restore the models (when they live here) and open their tokenizers, while already serving."""
+        if self.local_engine is not None:
+            restoring = asyncio.create_task(self.local_engine.start(preload_list(SETTINGS)))
+            self.warming = asyncio.create_task(self.gateway.warm_up(lambda: asyncio.shield(restoring)))
+        elif self.remote_engine is not None:
+            self.warming = asyncio.create_task(self.gateway.warm_up(self.remote_engine.wait_ready))
 
     async def __is_ready__(self) -> bool:
         return self.warming is None or self.warming.done()
@@ -171,6 +169,9 @@ class IngrainBento:
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
         await self.gateway.close()
+        for engine in (self.local_engine, self.remote_engine):
+            if engine is not None:
+                await engine.close()
 
 
 async def gateway() -> ModelGateway:
@@ -303,7 +304,7 @@ add_fallback_route(app)
 # mypy does not apply class decorators: to it these names are still the plain classes.
 runner_service, front_service = cast(Any, IngrainRunner), cast(Any, IngrainBento)
 
-fix_media_types(runner_service)
+runner_service.add_asgi_middleware(RunnerGate, engine=runner_engine, token=RUNNER_TOKEN)
 
 # A Bento carries the preload list's store entries (only when INGRAIN_PRELOAD is set at build).
 runner_service.models.extend(bentoml.models.BentoModel(tag) for tag in baked_model_tags(SETTINGS))

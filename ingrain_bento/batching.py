@@ -39,7 +39,7 @@ class BatcherClosed(AtCapacity):
     """A submit after ``close()``: the model was unloaded while the request waited."""
 
 Item = TypeVar("Item")
-Forward = Callable[[Sequence[Any]], Awaitable[Any]]  # items -> one row per item (a tensor, or a list)
+Forward = Callable[[Sequence[Any]], Awaitable[Any]]  # items -> one row per item (an array, or a list)
 
 
 def call_guarded(function: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> Any:
@@ -99,9 +99,9 @@ class Batcher(Generic[Item]):
         return not self._busy and not self._pending
 
     async def submit(self, items: Sequence[Item]) -> Any:
-        """Rows for ``items``, in order, concatenated across chunks (a tensor, or a list when the
+        """Rows for ``items``, in order, concatenated across chunks (an array, or a list when the
         forward returns lists, as tokenization does)."""
-        import torch
+        import numpy as np
 
         if self._closed:
             raise BatcherClosed("The model was unloaded while this request waited: send it again.")
@@ -118,7 +118,7 @@ class Batcher(Generic[Item]):
         rows = await asyncio.gather(*(chunk.future for chunk in chunks))
         if len(rows) == 1:
             return rows[0]
-        return torch.cat(rows) if isinstance(rows[0], torch.Tensor) else [row for part in rows for row in part]
+        return np.concatenate(rows) if isinstance(rows[0], np.ndarray) else [row for part in rows for row in part]
 
     async def _wait_for_more(self, timeout: float) -> bool:
         self._wakeup.clear()

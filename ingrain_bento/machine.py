@@ -8,11 +8,17 @@ torch nor touches a GPU.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from ingrain_bento.settings import Settings
 
-__all__ = ["default_http_workers", "http_workers", "runner_resources"]
+__all__ = ["EngineProcess", "RunnerPlace", "default_http_workers", "engine_process", "http_workers", "runner_place",
+           "runner_resources"]
+
+EngineProcess = Literal["front", "runner"]
+# Where a front finds the runner service: none at all (``Service.to_asgi()``), on this machine (a
+# Unix socket or a loopback port from ``bentoml serve``), or elsewhere (services deployed apart).
+RunnerPlace = Literal["none", "local", "remote"]
 
 MAX_HTTP_WORKERS = 16
 
@@ -44,3 +50,31 @@ def runner_resources(settings: Settings) -> dict[str, Any] | None:
     """One GPU for the runner when the machine has one and ``INGRAIN_DEVICE`` does not pick a
     device by hand, so BentoML (and BentoCloud) place the runner on a GPU and the front on CPUs."""
     return {"gpu": 1} if _probe()[1] and not settings.device else None
+
+
+def runner_place(address: str | None) -> RunnerPlace:
+    """Where the runner is, from the address BentoML gives a front (``BENTOML_RUNNER_MAP``)."""
+    if address is None:
+        return "none"
+    if address.startswith("file://"):
+        return "local"
+    host = address.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    return "local" if host in ("127.0.0.1", "localhost", "::1") else "remote"
+
+
+def engine_process(settings: Settings, runner: RunnerPlace) -> EngineProcess:
+    """Which process holds the models: ``INGRAIN_ENGINE_PROCESS`` when set; else the front's own
+    process when there is no runner to call, or when the runner would be on this machine, the
+    models run on its CPU and one front worker serves (up to 7 cores by default): there a second
+    process only costs a hop, serialization and its CPU on cores the forwards need (README "Two
+    tiers", measured); else the runner service. The runner asks with ``runner="local"``: it
+    cannot know where its fronts are, and is started by the first call if it guessed wrong."""
+    if settings.engine_process == "front" and http_workers(settings) > 1:
+        raise ValueError(f"INGRAIN_ENGINE_PROCESS=front needs one front worker, not {http_workers(settings)}: each "
+                         "would hold models of its own. Set INGRAIN_HTTP_WORKERS=1, or let the runner hold them.")
+    if settings.engine_process != "auto":
+        return settings.engine_process
+    if runner == "none":
+        return "front"
+    on_cpu = settings.device == "cpu" or (not settings.device and not _probe()[1])
+    return "front" if runner == "local" and on_cpu and http_workers(settings) == 1 else "runner"

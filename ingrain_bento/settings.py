@@ -28,8 +28,18 @@ class Settings(BaseSettings):
     http_workers: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_HTTP_WORKERS"),
                                      description="Front (HTTP) worker processes (default: chosen from the machine, "
                                                  "see README Performance).")
+    engine_process: Literal["auto", "front", "runner"] = Field(
+        "auto", validation_alias=_env("INGRAIN_ENGINE_PROCESS"),
+        description="Where the models live: in the front's own process, or in the runner service (auto: the "
+                    "front's when the machine has no GPU and one front worker; README \"Two tiers\").")
     restore: bool = Field(True, validation_alias=_env("INGRAIN_RESTORE"),
                           description="A (re)started runner loads the models that were resident before.")
+    load_wait_s: float = Field(30.0, gt=0, validation_alias=_env("INGRAIN_LOAD_WAIT_S"),
+                               description="How long an inference request waits for its model to load (or to be "
+                                           "restored after a restart) before a 503 with Retry-After.")
+    restore_delay_s: float = Field(0.0, ge=0, validation_alias=_env("INGRAIN_RESTORE_DELAY_S"),
+                                   description="A pause before each model a start restores: a slow restore on cue, "
+                                               "for testing restarts (0: none).")
     max_loaded_models: int = Field(5, ge=1, validation_alias=_env("MAX_LOADED_MODELS"),
                                    description="Resident models at most (Ingrain's default 5).")
     max_batch_size: int = Field(64, ge=1, validation_alias=_env("MAX_BATCH_SIZE"),

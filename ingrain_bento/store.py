@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import logging
 import re
 import shutil
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +73,32 @@ def bentoml_home() -> Path:
     return Path(BentoMLContainer.bentoml_home.get())
 
 
+# Modules BentoML's metadata validator looks up in ``sys.modules`` on every store read
+# (``bentoml._internal.utils._validate_metadata_entry``: ``LazyType("scipy.sparse", ...)``). While
+# another thread imports one (a model library's first load imports scipy), the lookup finds it
+# half-initialized and the read raises AttributeError: a listing during a restore was a 500.
+_VALIDATOR_MODULES = ("scipy.sparse", "pandas")
+
+
+@lru_cache(maxsize=1)
+def _import_validator_modules() -> None:
+    """Import them once, before any store read, where they are installed."""
+    for name in _VALIDATOR_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class ModelStore:
     """Find, pull, import, bind, list and delete checkpoints in the BentoML model store."""
+
+    def __init__(self) -> None:
+        _import_validator_modules()
 
     @contextmanager
     def _lock(self, tag_name: str) -> Iterator[None]:

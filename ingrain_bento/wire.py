@@ -1,138 +1,395 @@
-"""What crosses between the front and the runner, in the cheapest form BentoML's serde offers.
+"""What crosses between the front and the runner, and how: one plain HTTP request per call.
 
-BentoML sends a dependency call's arguments with pickle protocol 5, which passes a numpy
-array's buffer out of band, without copying it. So a call carries few large arrays, never a
-list of small ones: ``pack`` joins the prepared items of all the requests in one runner call
-into one array (stacked when they share a shape, as pixels and CLIP tokens do; joined along
-their last axis with a length each when they do not, as unpadded token rows do), and the
-runner answers with the rows of all of them in one array (``RowsReply``). Texts that a model
-takes raw (no tokenizer split) cross as a list of strings.
+Every ``Engine`` call (``boundary.py``) is a ``POST /ingrain/<method>`` to the runner's address
+(``BENTOML_RUNNER_MAP``: a Unix socket under ``bentoml serve``, the runner's URL when the
+services run apart), on a kept-alive connection, with one binary body each way (a *frame*)::
 
-Pickle is only ever read from the front, over the runner's private socket: BentoML refuses
-pickle bodies on the public (entry) service.
+    uint32 little-endian: header length | header: JSON (UTF-8) | array bytes, each 8-aligned
+    header = {"args": {...}, "arrays": {name: [dtype, shape, offset]}}
+
+Arguments and results are JSON, encoded and checked with pydantic from the ``Engine`` method's
+own annotations (``CallCodec``); ``infer``'s items and rows are raw numpy arrays (``InferCodec``):
+a call carries few large arrays, never a list of small ones (``pack`` joins the items of all the
+requests of one call into one array), read back with ``np.frombuffer``. An error reply is JSON
+(``IngrainError.as_reply``) with the error's status, and is raised again as the same class.
+
+Nothing is pickle, either way. The runner answers only the front (``RunnerGate``, an ASGI
+middleware on the runner service): every call carries ``INGRAIN_RUNNER_TOKEN`` as a bearer token
+and one without it is refused (401) before its body is read; a pickle body is refused (415) on
+every route, token or not; BentoML's probes (``/livez``, ``/readyz``) stay open. The token is
+generated once per ``bentoml serve`` when unset (``ensure_runner_token``, in the parent process,
+whose environment every worker inherits); services that run apart share it as a secret.
+
+Why aiohttp and not httpx for the client: one call over a Unix socket costs ~0.2 ms with aiohttp
+and 0.7-1.4 ms with httpx (its own CPU), measured on 2 cores; the front already depends on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, get_type_hints
 
+import numpy as np
+from pydantic import TypeAdapter, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ingrain_bento.boundary import Engine, InferReply
 from ingrain_bento.errors import IngrainError, from_reply
 from ingrain_bento.refs import ModelRef
 
-if TYPE_CHECKING:
-    import numpy as np
+__all__ = [
+    "CALLS", "FRAME_MEDIA_TYPE", "PICKLE_MEDIA_TYPE", "RUNNER_TOKEN_ENV", "CallCodec", "FrameError", "InferCodec",
+    "RunnerGate", "RunnerTransport", "TransportError", "decode_frame", "encode_frame", "ensure_runner_token",
+    "pack", "unpack",
+]
 
-__all__ = ["ModelHandle", "RowsReply", "answer", "fix_media_types", "pack", "split_reply", "unpack"]
+log = logging.getLogger("ingrain_bento.wire")
 
-T = TypeVar("T")
+FRAME_MEDIA_TYPE = "application/x-ingrain-frame"
+PICKLE_MEDIA_TYPE = "application/vnd.bentoml+pickle"
+RUNNER_TOKEN_ENV = "INGRAIN_RUNNER_TOKEN"
+CALL_PREFIX = "/ingrain/"
+PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+_LENGTH = struct.Struct("<I")
+_ALIGN = 8
+# Arrays a frame may carry: token ids, pixels, rows. Never objects (np.frombuffer refuses them too).
+_DTYPES = frozenset({"|u1", "|i1", "<i4", "<i8", "<f2", "<f4", "<f8", "|b1"})
 
 
-def fix_media_types(service: Any) -> None:
-    """Compute each API's response media type once. BentoML 1.4.40 derives it on every response
-    (``IOMixin.mime_type`` builds the output's whole JSON schema with a new pydantic
-    ``TypeAdapter``): 62% of the runner's CPU and ~3.5 ms of every runner call, measured with
-    py-spy. A preset ``media_type`` is what ``mime_type`` returns first."""
-    for method in service.apis.values():
-        method.output_spec.media_type = method.output_spec.mime_type()
+def ensure_runner_token() -> str:
+    """``INGRAIN_RUNNER_TOKEN``, generated (and put in the environment) when unset. Called where
+    the service module is imported, before BentoML starts the workers: they inherit it."""
+    return os.environ.setdefault(RUNNER_TOKEN_ENV, secrets.token_urlsafe(32))
 
 
-async def answer(call: Awaitable[T]) -> T:
-    """A runner API's result, or its ``IngrainError`` as a JSON reply with that status (BentoML
-    would otherwise hide a 5xx message and wrap a 4xx in a list); the front raises it again.
+# ---- frames ---------------------------------------------------------------------------------
 
-    BentoML sends a returned ``Response`` as it is, whatever the API's annotation, and derives
-    the API's output schema from that annotation: so the error reply is cast to ``T`` rather
-    than widening every runner API's return type to a union BentoML cannot describe."""
-    from starlette.responses import JSONResponse
+class FrameError(ValueError):
+    """A body that is not a well-formed frame."""
 
+
+def _padded(size: int) -> int:
+    return -size % _ALIGN
+
+
+def encode_frame(args: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """One body: the JSON ``args`` and the arrays' raw bytes (C order, little-endian)."""
+    layout: dict[str, list[Any]] = {}
+    chunks: list[bytes | memoryview] = []
+    offset = 0
+    for name, array in (arrays or {}).items():
+        array = np.ascontiguousarray(array)
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        layout[name] = [array.dtype.str, list(array.shape), offset]
+        chunks.append(array.data)  # the array's own buffer: joined into the body once, not copied before
+        pad = _padded(array.nbytes)
+        chunks.append(b"\0" * pad)
+        offset += array.nbytes + pad
+    header = json.dumps({"args": args, "arrays": layout}, separators=(",", ":")).encode()
+    lead = _LENGTH.pack(len(header)) + header
+    return b"".join([lead, b"\0" * _padded(len(lead)), *chunks])
+
+
+def decode_frame(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``encode_frame`` undone; the arrays are read-only views into ``body`` (no copy)."""
     try:
-        return await call
-    except IngrainError as exc:
-        return cast(T, JSONResponse(exc.as_reply(), status_code=exc.status_code))
+        (length,) = _LENGTH.unpack_from(body)
+        header = json.loads(body[_LENGTH.size:_LENGTH.size + length])
+        start = _LENGTH.size + length
+        start += _padded(start)
+        arrays = {}
+        for name, (dtype, shape, offset) in header["arrays"].items():
+            if dtype not in _DTYPES:
+                raise FrameError(f"array {name!r} has dtype {dtype!r}, not one a frame carries")
+            count = int(np.prod(shape, dtype=np.int64))
+            kind = np.dtype(dtype)
+            if offset < 0 or start + offset + count * kind.itemsize > len(body):
+                raise FrameError(f"array {name!r} runs past the end of the body")
+            arrays[name] = np.frombuffer(body, dtype=kind, count=count, offset=start + offset).reshape(shape)
+        args = header["args"]
+        if not isinstance(args, dict):
+            raise FrameError("the frame's args are not an object")
+        return args, arrays
+    except FrameError:
+        raise
+    except (struct.error, ValueError, TypeError, KeyError) as exc:
+        raise FrameError(f"not a frame ({type(exc).__name__}: {exc})") from None
 
 
-class Packed(TypedDict, total=False):
-    counts: list[int]  # items per request, in order
-    texts: list[str]
-    stacked: np.ndarray  # (items, *shape)
-    joined: np.ndarray  # (*leading, total) with ``lengths`` per item along the last axis
-    lengths: np.ndarray
+# ---- infer payloads ----------------------------------------------------------------------------
 
-
-class RowsReply(TypedDict):
-    rows: np.ndarray | None  # the rows of every request that succeeded, in order
-    failed: dict[int, dict[str, Any]]  # request index -> IngrainError.as_reply()
-    version: int  # the runner's model-state version (a front clears its caches when it moves)
-
-
-def pack(requests: Sequence[Sequence[Any]]) -> Packed:
-    """The items of several requests as one payload (see the module docstring)."""
-    import numpy as np
-
+def pack(requests: Sequence[Sequence[Any]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The items of several requests as JSON args and few arrays: ``counts`` (items per request)
+    and either ``texts`` (models that take raw text), ``stacked`` (items of one shape: pixels,
+    CLIP tokens) or ``joined`` + ``lengths`` (items joined along their last axis: unpadded token
+    rows)."""
     items = [item for request in requests for item in request]
-    counts = [len(request) for request in requests]
+    args: dict[str, Any] = {"counts": [len(request) for request in requests]}
     if all(isinstance(item, str) for item in items):
-        return {"counts": counts, "texts": items}
+        return {**args, "texts": items}, {}
     if len({item.shape for item in items}) == 1:
-        return {"counts": counts, "stacked": np.stack(items)}
-    return {"counts": counts, "joined": np.concatenate(items, axis=-1),
-            "lengths": np.asarray([item.shape[-1] for item in items], dtype=np.int64)}
+        return args, {"stacked": np.stack(items)}
+    return args, {"joined": np.concatenate(items, axis=-1),
+                  "lengths": np.asarray([item.shape[-1] for item in items], dtype=np.int64)}
 
 
-def unpack(payload: Packed) -> list[list[Any]]:
+def unpack(args: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> list[list[Any]]:
     """``pack`` undone: each request's items (views into the one array)."""
-    import numpy as np
-
-    if "texts" in payload:
-        items: Sequence[Any] = payload["texts"]
-    elif "stacked" in payload:
-        items = list(payload["stacked"])
-    else:
-        joined, ends = payload["joined"], np.cumsum(payload["lengths"]).tolist()
+    items: Sequence[Any]
+    if "texts" in args:
+        items = [str(text) for text in args["texts"]]
+    elif "stacked" in arrays:
+        items = list(arrays["stacked"])
+    elif "joined" in arrays and "lengths" in arrays:
+        joined, ends = arrays["joined"], np.cumsum(arrays["lengths"]).tolist()
+        if ends and ends[-1] != joined.shape[-1]:
+            raise FrameError(f"the item lengths add up to {ends[-1]}, the joined array holds {joined.shape[-1]}")
         items = [joined[..., start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    else:
+        raise FrameError("an infer call carries no items")
+    counts = [int(count) for count in args["counts"]]
+    if sum(counts) != len(items) or any(count < 1 for count in counts):
+        raise FrameError(f"the payload holds {len(items)} items, its counts say {counts}")
     requests, offset = [], 0
-    for count in payload["counts"]:
+    for count in counts:
         requests.append(list(items[offset:offset + count]))
         offset += count
-    if offset != len(items):
-        raise ValueError(f"the payload holds {len(items)} items, its counts say {offset}")
     return requests
 
 
-def split_reply(reply: RowsReply, counts: Sequence[int]) -> list[np.ndarray | IngrainError]:
-    """Each request's rows, or the error its part of the call ended with."""
-    rows = reply["rows"]
-    if rows is not None and not rows.flags.writeable:  # unpickled straight from the read-only body
-        rows = rows.copy()
-    results: list[np.ndarray | IngrainError] = []
-    offset = 0
-    for index, count in enumerate(counts):
-        failure = reply["failed"].get(index)
-        if failure is not None:
-            results.append(from_reply(failure))
-            continue
-        assert rows is not None
-        results.append(rows[offset:offset + count])
-        offset += count
-    return results
+# ---- calls -------------------------------------------------------------------------------------
+
+class CallCodec:
+    """How one ``Engine`` method's arguments and result cross, read from its annotations."""
+
+    def __init__(self, name: str, idempotent: bool = True) -> None:
+        hints = get_type_hints(getattr(Engine, name))
+        self.name = name
+        self.idempotent = idempotent  # safe to send again after a dropped connection
+        self.result = TypeAdapter(hints.pop("return"))
+        self.params = {param: TypeAdapter(hint) for param, hint in hints.items()}
+
+    def encode_args(self, arguments: Mapping[str, Any]) -> bytes:
+        return encode_frame({key: self.params[key].dump_python(value, mode="json")
+                             for key, value in arguments.items()})
+
+    def decode_args(self, body: bytes) -> dict[str, Any]:
+        args, _ = decode_frame(body)
+        unknown = set(args) - set(self.params)
+        if unknown:
+            raise FrameError(f"{self.name} takes no argument {', '.join(sorted(unknown))}")
+        try:
+            return {key: self.params[key].validate_python(value) for key, value in args.items()}
+        except ValidationError as exc:
+            raise FrameError(f"bad arguments to {self.name}: {exc}") from None
+
+    def encode_result(self, result: Any) -> bytes:
+        return encode_frame({"result": self.result.dump_python(result, mode="json")})
+
+    def decode_result(self, body: bytes) -> Any:
+        args, _ = decode_frame(body)
+        return self.result.validate_python(args["result"])
+
+
+class InferCodec(CallCodec):
+    """``infer``: the items of every request of the call as arrays (``pack``), the rows of every
+    request that succeeded back as one array, the failed ones as error replies."""
+
+    def __init__(self) -> None:
+        self.name, self.idempotent = "infer", True  # no TypeAdapters: the arrays are encoded by hand
+
+    def encode_args(self, arguments: Mapping[str, Any]) -> bytes:
+        args, arrays = pack(arguments["requests"])
+        ref: ModelRef = arguments["ref"]
+        return encode_frame({**args, "ref": [ref.library, ref.name, ref.pretrained], "task": arguments["task"],
+                             "tag": arguments["tag"]}, arrays)
+
+    def decode_args(self, body: bytes) -> dict[str, Any]:
+        args, arrays = decode_frame(body)
+        try:
+            library, name, pretrained = args["ref"]
+            ref = ModelRef(str(library), str(name), None if pretrained is None else str(pretrained))
+            return {"ref": ref, "task": str(args["task"]), "tag": str(args["tag"]),
+                    "requests": unpack(args, arrays)}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FrameError(f"bad arguments to infer ({type(exc).__name__}: {exc})") from None
+
+    def encode_result(self, result: InferReply) -> bytes:
+        rows = [r for r in result.results if not isinstance(r, IngrainError)]
+        failed = {str(i): r.as_reply() for i, r in enumerate(result.results) if isinstance(r, IngrainError)}
+        arrays = {"rows": np.concatenate(rows)} if rows else {}
+        return encode_frame({"version": result.version, "failed": failed, "counts": [len(r) for r in rows]}, arrays)
+
+    def decode_result(self, body: bytes) -> InferReply:
+        args, arrays = decode_frame(body)
+        failed = {int(i): from_reply(reply) for i, reply in args["failed"].items()}
+        counts = iter(args["counts"])
+        rows = arrays.get("rows")
+        results: list[np.ndarray | IngrainError] = []
+        offset = 0
+        for index in range(len(failed) + len(args["counts"])):
+            if index in failed:
+                results.append(failed[index])
+                continue
+            assert rows is not None
+            count = next(counts)
+            results.append(rows[offset:offset + count])
+            offset += count
+        return InferReply(results, int(args["version"]))
+
+
+CALLS: dict[str, CallCodec] = {codec.name: codec for codec in (
+    CallCodec("load"), CallCodec("unload", idempotent=False), CallCodec("delete", idempotent=False),
+    CallCodec("download_custom", idempotent=False), CallCodec("loaded_models"), CallCodec("repository_models"),
+    CallCodec("served_models"), CallCodec("describe"), CallCodec("embedding_size"),
+    CallCodec("classification_labels"), CallCodec("ingrain_metrics"), InferCodec(),
+)}
+
+
+# ---- the front's side: one kept-alive connection pool to the runner's address -------------------
+
+class TransportError(ConnectionError):
+    """The runner's address did not answer (refused, reset, closed mid-call)."""
 
 
 @dataclass(frozen=True)
-class ModelHandle:
-    """What the runner tells a front about a model it serves: who it is, which store entry
-    (tag with version) its tokenizer and transforms come from, and what it can do."""
+class Reply:
+    status: int
+    body: bytes
 
-    ref: ModelRef
-    tag: str
-    capabilities: tuple[str, ...]
-    embedding_size: int | None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"ref": asdict(self.ref), "tag": self.tag, "capabilities": list(self.capabilities),
-                "embedding_size": self.embedding_size}
+class RunnerTransport:
+    """POSTs frames to the runner and probes it, over aiohttp (see the module docstring)."""
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelHandle:
-        return cls(ModelRef(**data["ref"]), data["tag"], tuple(data["capabilities"]), data["embedding_size"])
+    def __init__(self, address: str, token: str, timeout_s: float = 600.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": FRAME_MEDIA_TYPE}
+        if address.startswith("file://"):
+            self.socket_path: str | None = address.removeprefix("file://")
+            self.base_url = "http://ingrain-runner"
+        else:
+            self.socket_path = None
+            self.base_url = "http://" + address.removeprefix("tcp://") if address.startswith("tcp://") else address
+        self._session: Any = None
+
+    def _client(self) -> Any:
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            connector = (aiohttp.UnixConnector(path=self.socket_path, limit=0) if self.socket_path
+                         else aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
+
+    async def post(self, method: str, body: bytes) -> Reply:
+        """One call; ``TransportError`` when the connection fails, ``TimeoutError`` past the timeout."""
+        import aiohttp
+
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self._client().post(f"{self.base_url}{CALL_PREFIX}{method}", data=body,
+                                               headers=self.headers) as response:
+                    return Reply(response.status, await response.read())
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+            raise TransportError(f"{type(exc).__name__}: {exc}") from None
+
+    async def answers(self, path: str = "/livez", timeout_s: float = 2.0) -> bool:
+        """Whether the runner answers ``path`` with a 200 in time (its probes need no token)."""
+        import aiohttp
+
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._client().get(f"{self.base_url}{path}") as response:
+                    await response.read()
+                    return response.status == 200
+        except (TimeoutError, aiohttp.ClientError, ConnectionError):
+            return False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+# ---- the runner's side ----------------------------------------------------------------------------
+
+class RunnerGate:
+    """The runner service's ASGI middleware: refuses pickle everywhere and calls without the token
+    (before reading their body), and serves ``/ingrain/<method>`` by calling the engine.
+
+    ``engine`` returns the runner's ``Engine`` (resolved per call: BentoML builds the service
+    instance after its middlewares)."""
+
+    def __init__(self, app: ASGIApp, engine: Callable[[], Awaitable[Engine]], token: str) -> None:
+        self.app = app
+        self.engine = engine
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        path: str = scope["path"]
+        if headers.get(b"content-type", b"").split(b";")[0].strip().lower() == PICKLE_MEDIA_TYPE.encode():
+            await _reply_json(send, 415, {"message": "The model runner never reads pickle."})
+            return
+        if path in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            await _reply_json(send, 401, {"message": f"The runner answers only its front: send {RUNNER_TOKEN_ENV}."})
+            return
+        if not path.startswith(CALL_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        codec = CALLS.get(path.removeprefix(CALL_PREFIX))
+        if codec is None or scope["method"] != "POST":
+            await _reply_json(send, 404, {"message": f"No runner call {scope['method']} {path}."})
+            return
+        status, media_type, body = await self._call(codec, await _read_body(receive))
+        await _reply(send, status, media_type, body)
+
+    async def _call(self, codec: CallCodec, body: bytes) -> tuple[int, bytes, bytes]:
+        try:
+            arguments = codec.decode_args(body)
+            result = await getattr(await self.engine(), codec.name)(**arguments)
+            return 200, FRAME_MEDIA_TYPE.encode(), codec.encode_result(result)
+        except IngrainError as exc:
+            error = exc
+        except FrameError as exc:
+            log.error("runner.call %s: a malformed call (%s)", codec.name, exc)
+            error = IngrainError(f"The front sent the runner a malformed {codec.name} call; this is a bug.")
+        except Exception:
+            log.exception("runner.call %s failed", codec.name)
+            error = IngrainError(f"The model runner failed on {codec.name}; this is a bug, please report it with "
+                                 "the request that caused it.")
+        return error.status_code, b"application/json", json.dumps(error.as_reply()).encode()
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _reply(send: Send, status: int, media_type: bytes, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _reply_json(send: Send, status: int, content: dict[str, Any]) -> None:
+    await _reply(send, status, b"application/json", json.dumps(content).encode())

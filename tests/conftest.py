@@ -86,7 +86,8 @@ class RealServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.log = home.parent / f"serve-{self.port}.log"
 
-    def start(self, timeout: float = 120.0) -> RealServer:
+    def start(self, timeout: float = 120.0, until: str = "/readyz") -> RealServer:
+        """Start, and return once ``until`` answers 200 (``/livez``: serving, maybe still restoring)."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", self.target, "--port", str(self.port), "--host", "127.0.0.1"],
@@ -98,7 +99,7 @@ class RealServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited: {self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{until}", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -164,9 +165,9 @@ def real_server_factory(hub_models: dict[str, str]) -> Iterator[type[RealServer]
     started: list[RealServer] = []
 
     class Tracked(RealServer):
-        def start(self, timeout: float = 120.0) -> RealServer:
+        def start(self, timeout: float = 120.0, until: str = "/readyz") -> RealServer:
             started.append(self)
-            return super().start(timeout)
+            return super().start(timeout, until)
 
     yield Tracked
     for server in started:

@@ -16,8 +16,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
-import torch
 
 from ingrain_bento.batching import Batcher, call_guarded, in_executor
 from ingrain_bento.errors import AtCapacity
@@ -42,14 +42,14 @@ class FakeForward:
         self.spans.append((started, time.monotonic()))
         if POISON in items:
             raise ValueError(f"poisoned batch of {len(items)}")
-        return torch.tensor([[float(x)] for x in items])
+        return np.array([[float(x)] for x in items])
 
     @property
     def sizes(self) -> list[int]:
         return [len(call) for call in self.calls]
 
 
-def values(rows: torch.Tensor) -> list[float]:
+def values(rows: np.ndarray) -> list[float]:
     return rows[:, 0].tolist()
 
 
@@ -74,7 +74,7 @@ def run(scenario, *, timeout: float = 5.0, **batcher_args):
 
 def test_a_single_request_gets_its_rows_in_order():
     result, forward = run(lambda b, f: b.submit([3, 1, 2]))
-    assert isinstance(result, torch.Tensor)
+    assert isinstance(result, np.ndarray)
     assert values(result) == [3.0, 1.0, 2.0]
     assert forward.sizes == [3]
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -243,9 +244,23 @@ def test_restart_keeps_the_store_restores_the_resident_models_and_serves_without
     server.stop()
     empty_cache = session_dir / "empty-hf-cache"
     empty_cache.mkdir(exist_ok=True)
-    again = real_server_factory(server.home, env={"HF_HUB_CACHE": str(empty_cache)}).start()
-    models = httpx.get(f"{again.url}/repository_models").json()["models"]
+    # A slow restore (a pause before each model): the restarted server answers while restoring.
+    again = real_server_factory(server.home, env={"HF_HUB_CACHE": str(empty_cache),
+                                                  "INGRAIN_RESTORE_DELAY_S": "2"}).start(until="/livez")
+    started = time.monotonic()
+    models = httpx.get(f"{again.url}/repository_models", timeout=10).json()["models"]
+    assert time.monotonic() - started < 1.0, "the listing waited for the restore"
     assert {(m["name"], m["pretrained"]) for m in models} == before
+    restoring = {(m["name"], m["pretrained"]) for m in models if m["state"] == "LOADING"}
+    assert restoring == resident, models
+    assert httpx.get(f"{again.url}/readyz", timeout=10).status_code == 503, "not ready while restoring"
+    waited = httpx.post(f"{again.url}/embed_text", json={"name": hub_models["st"], "text": "x"}, timeout=120)
+    assert waited.status_code == 200, "a request for a model being restored waits for it: " + waited.text
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{again.url}/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    models = httpx.get(f"{again.url}/repository_models").json()["models"]
     assert {(m["name"], m["pretrained"]) for m in models if m["state"] == "READY"} == resident
     assert all(m["state"] == "UNAVAILABLE" for m in models if (m["name"], m["pretrained"]) not in resident)
     for name in (hub_models["st"], hub_models["st_prompt"]):

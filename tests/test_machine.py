@@ -1,10 +1,12 @@
-"""How many front workers a machine gets when ``INGRAIN_HTTP_WORKERS`` is not set (README Performance)."""
+"""How many front workers a machine gets when ``INGRAIN_HTTP_WORKERS`` is not set, and which
+process holds the models (README "Two tiers")."""
 
 from __future__ import annotations
 
 import pytest
 
-from ingrain_bento.machine import default_http_workers, http_workers
+from ingrain_bento import machine
+from ingrain_bento.machine import default_http_workers, engine_process, http_workers, runner_place
 from ingrain_bento.settings import Settings
 
 
@@ -18,3 +20,35 @@ def test_the_rule(cpus, gpus, workers):
 
 def test_the_setting_wins():
     assert http_workers(Settings(http_workers=3)) == 3
+
+
+@pytest.mark.parametrize("address, place", [
+    (None, "none"), ("file:///tmp/bentoml-uds-x/1.sock", "local"), ("tcp://127.0.0.1:4001", "local"),
+    ("http://localhost:3000", "local"), ("http://[::1]:3000", "local"),
+    ("http://ingrain-runner:3000", "remote"), ("https://runner.example.com", "remote"),
+    ("tcp://10.0.0.5:3000", "remote"),
+])
+def test_where_the_runner_is_comes_from_its_address(address, place):
+    assert runner_place(address) == place
+
+
+@pytest.mark.parametrize("cpus, gpus, settings, runner, expected", [
+    (2, 0, {}, "local", "front"),  # a small CPU machine: the models live in the one front worker
+    (2, 0, {}, "none", "front"),  # no runner process at all (Service.to_asgi())
+    (2, 0, {"http_workers": 2}, "local", "runner"),  # two front workers share one model state
+    (16, 0, {}, "local", "runner"),  # 16 cores: four front workers by default
+    (16, 1, {}, "local", "runner"),  # a GPU
+    (2, 1, {"device": "cpu"}, "local", "front"),  # a GPU the models do not use
+    (2, 0, {}, "remote", "runner"),  # deployed apart
+    (16, 1, {"engine_process": "front", "http_workers": 1}, "local", "front"),  # the setting wins
+    (2, 0, {"engine_process": "runner"}, "local", "runner"),
+])
+def test_which_process_holds_the_models(monkeypatch, cpus, gpus, settings, runner, expected):
+    monkeypatch.setattr(machine, "_probe", lambda: (float(cpus), gpus))
+    assert engine_process(Settings(**settings), runner) == expected
+
+
+def test_models_in_the_front_with_several_front_workers_is_refused(monkeypatch):
+    monkeypatch.setattr(machine, "_probe", lambda: (16.0, 0))
+    with pytest.raises(ValueError, match="one front worker"):
+        engine_process(Settings(engine_process="front", http_workers=2), "local")

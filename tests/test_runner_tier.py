@@ -1,16 +1,21 @@
 """The two tiers, on one real ``bentoml serve`` with two front workers and one runner.
 
 Every front worker answers from the runner's one model state, embeds alike, and holds no
-weights; requests that race an unload complete; the runner's dependency client keeps its
-connections; a killed runner is restarted by BentoML while the fronts answer 503 with
-``Retry-After``, and it comes back with its models; a killed front worker loses only its own
-requests.
+weights; requests that race an unload complete; the runner answers only its fronts (a pickle
+body or a call without the token sent straight to its socket is refused, and nothing happens);
+a killed runner is restarted by BentoML while the fronts answer 503 with ``Retry-After``; the
+restarted runner answers management at once and serves each model as soon as it is restored
+(``INGRAIN_RESTORE_DELAY_S`` makes the restore slow), never "does not answer"; a killed front
+worker loses only its own requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
+import pickle
 import signal
 import threading
 import time
@@ -20,14 +25,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ingrain_bento import schemas as s
+from ingrain_bento.wire import CALLS, FRAME_MEDIA_TYPE, PICKLE_MEDIA_TYPE
+
 from fixtures.compare import MAX_ABS_DIFF, max_abs_diff
 
 WORKERS = 2
+RESTORE_DELAY_S = 1.5
 
 
 @pytest.fixture(scope="module")
 def server(real_server_factory, session_dir, hub_models):
-    started = real_server_factory(session_dir / "bentoml-tier", env={"INGRAIN_HTTP_WORKERS": str(WORKERS)}).start()
+    env = {"INGRAIN_HTTP_WORKERS": str(WORKERS), "INGRAIN_RESTORE_DELAY_S": str(RESTORE_DELAY_S)}
+    started = real_server_factory(session_dir / "bentoml-tier", env=env).start()
     for name in (hub_models["st"], hub_models["timm"]):
         library = "timm" if name == hub_models["timm"] else "sentence_transformers"
         response = httpx.post(f"{started.url}/load_model", json={"name": name, "library": library}, timeout=120)
@@ -64,6 +74,28 @@ def _metric(server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}).text
     return sum(sample.value for family in text_string_to_metric_families(text)
                for sample in family.samples if sample.name == name)
+
+
+def _runner(server) -> tuple[httpx.Client, str]:
+    """A client of the runner's own socket, as a front worker's environment names it (what anyone
+    on this machine who finds the socket can reach), and the token the fronts send."""
+    front = server.service_pids("ingrain-bento")[0]
+    environ = dict(item.split("=", 1) for item in Path(f"/proc/{front}/environ").read_bytes().decode().split("\0")
+                   if "=" in item)
+    address = json.loads(environ["BENTOML_RUNNER_MAP"])["ingrain-runner"]
+    assert address.startswith("file://"), address
+    transport = httpx.HTTPTransport(uds=address.removeprefix("file://"))
+    return httpx.Client(transport=transport, base_url="http://runner", timeout=30), environ["INGRAIN_RUNNER_TOKEN"]
+
+
+class _CreatesAFile:
+    """Unpickling this creates ``path``: the proof that a body was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
 
 
 def test_the_service_runs_two_front_workers_and_one_runner(server):
@@ -128,6 +160,34 @@ def test_no_runner_call_needs_a_second_connection_attempt(server, hub_models):
     statuses = asyncio.run(burst())
     assert Counter(statuses) == {200: 400}
     assert _metric(server, "ingrain_runner_retries_total") == before
+
+
+def test_a_pickle_body_posted_straight_to_the_runner_is_refused_with_or_without_the_token(server, hub_models,
+                                                                                          tmp_path):
+    runner, token = _runner(server)
+    proof = tmp_path / "unpickled"
+    body = pickle.dumps(_CreatesAFile(proof))
+    with runner:
+        for path in ("/ingrain/load", "/ingrain/infer", "/ingrain/describe", "/load", "/infer", "/", "/metrics"):
+            for auth in ({}, {"Authorization": f"Bearer {token}"}):
+                response = runner.post(path, content=body, headers={"Content-Type": PICKLE_MEDIA_TYPE, **auth})
+                assert response.status_code == 415, (path, auth, response.status_code, response.text)
+    assert not proof.exists(), "the runner unpickled a body"
+    embed = httpx.post(f"{server.url}/embed_text", json={"name": hub_models["st"], "text": "still here"}, timeout=60)
+    assert embed.status_code == 200
+
+
+def test_a_management_call_to_the_runner_without_the_token_is_refused_and_changes_nothing(server, hub_models):
+    runner, token = _runner(server)
+    before = httpx.get(f"{server.url}/loaded_models").json()
+    unload = CALLS["unload"].encode_args({"request": s.ModelRequest(name=hub_models["st"])})
+    with runner:
+        for auth in ({}, {"Authorization": "Bearer guessed"}, {"Authorization": token}):
+            headers = {"Content-Type": FRAME_MEDIA_TYPE, **auth}
+            response = runner.post("/ingrain/unload", content=unload, headers=headers)
+            assert response.status_code == 401, (auth, response.text)
+        assert runner.get("/livez").status_code == 200, "the probes stay open"
+    assert httpx.get(f"{server.url}/loaded_models").json() == before
 
 
 def test_eight_clients_through_ten_unload_reload_cycles_get_no_server_error(server, hub_models):
@@ -220,6 +280,97 @@ def test_a_killed_runner_answers_503_with_retry_after_then_serves_its_models_aga
     assert max(seconds for _, seconds, _, _ in answers) < 15, "a request waited on the dead runner"
     assert len([a for a in answers if a[0] > killed_at and a[2] == 200]) >= 8, "serving again after the restart"
     assert server.service_pids("ingrain-runner") != [victim]
+    _wait_ready(server)
     restored = sorted(m["id"] for m in httpx.get(f"{server.url}/loaded_models").json()["models"])
     assert restored == loaded
     assert _metric(server, "ingrain_runner_starts_total") >= 2
+
+
+def _wait_ready(server, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{server.url}/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "not ready again"
+        time.sleep(0.3)
+
+
+def _png() -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 200, 90)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_restarted_runner_answers_at_once_and_serves_each_model_as_soon_as_it_is_restored(server, hub_models):
+    """Three resident models, restored one at a time, each after RESTORE_DELAY_S: listings and
+    management answer within a second throughout, the first model restored answers 200 while the
+    others are still LOADING, /readyz is 503 until the last is back, and once the new runner
+    answers no request is told that it does not."""
+    _wait_ready(server)
+    order = [(hub_models["st"], "sentence_transformers"), (hub_models["timm"], "timm"),
+             (hub_models["clip_hub"], "open_clip")]
+    for name, _ in order:  # the restore follows the load order
+        httpx.post(f"{server.url}/unload_model", json={"name": name}, timeout=60)
+    for name, library in order:
+        httpx.post(f"{server.url}/load_model", json={"name": name, "library": library}, timeout=120).raise_for_status()
+    image = _png()
+    bodies = {hub_models["st"]: ("/embed_text", {"name": hub_models["st"], "text": "first back"}),
+              hub_models["clip_hub"]: ("/embed_image", {"name": hub_models["clip_hub"], "image": image})}
+    runner, _ = _runner(server)
+    victim = server.service_pids("ingrain-runner")[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # until the new runner process answers its own socket
+        try:
+            if runner.get("/livez", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the runner did not come back"
+        time.sleep(0.05)
+    answered_at = time.monotonic()
+    runner.close()
+
+    answers: list[tuple[float, str, int, str]] = []  # (sent, model, status, body)
+    stop = threading.Event()
+
+    def client(model: str) -> None:
+        path, body = bodies[model]
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                response = http.post(f"{server.url}{path}", json=body)
+                answers.append((sent, model, response.status_code, response.text[:200]))
+
+    threads = [threading.Thread(target=client, args=(model,)) for model in bodies]
+    for thread in threads:
+        thread.start()
+    listings: list[tuple[float, float, dict[str, str], int]] = []  # (sent, seconds, states, readyz)
+    try:
+        while time.monotonic() < answered_at + 60:
+            ready = httpx.get(f"{server.url}/readyz", timeout=10).status_code  # first: ready means all restored
+            sent = time.monotonic()
+            models = httpx.get(f"{server.url}/repository_models", timeout=10).json()["models"]
+            seconds = time.monotonic() - sent
+            states = {m["name"]: m["state"] for m in models if m["name"] in dict(order)}
+            listings.append((sent, seconds, states, ready))
+            size = httpx.get(f"{server.url}/model_embedding_size", params={"name": hub_models["st"]}, timeout=10)
+            assert size.status_code == 200 and time.monotonic() - sent < 2.0
+            if set(states.values()) == {"READY"} and listings[-1][3] == 200:
+                break
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert max(seconds for _, seconds, _, _ in listings) < 1.0, "a listing waited for the restore"
+    assert any("LOADING" in states.values() for _, _, states, _ in listings), "the restore was seen"
+    all_back = next(sent for sent, _, states, ready in listings if set(states.values()) == {"READY"})
+    first_ok = min(sent for sent, model, status, _ in answers if model == hub_models["st"] and status == 200)
+    assert first_ok < all_back, "the first model restored served while the others were LOADING"
+    assert all(set(states.values()) == {"READY"} for _, _, states, ready in listings if ready == 200)
+    assert any(ready == 503 for _, _, states, ready in listings if "LOADING" in states.values())
+    late = [a for a in answers if a[0] > answered_at + 1.0]
+    assert late and all(status == 200 for _, _, status, _ in late), Counter((s, b) for _, _, s, b in late)

@@ -98,3 +98,36 @@ def test_two_processes_sharing_one_store_write_one_entry():
     assert tags[0] == tags[1]
     versions = [p for p in (Path(os.environ["BENTOML_HOME"]) / "models" / ref.store_name).iterdir() if p.is_dir()]
     assert len(versions) == 1 and (versions[0] / COMPLETE_MARKER).is_file()
+
+
+RACE = """
+import sys, threading
+from ingrain_bento.refs import ModelRef
+from ingrain_bento.store import ModelStore
+
+store = ModelStore()
+store.pull(ModelRef.parse("timm", "test_efficientnet.r160_in1k", False))
+assert "sentence_transformers" not in sys.modules
+importing = threading.Thread(target=lambda: __import__("sentence_transformers"))
+importing.start()
+reads = 0
+while importing.is_alive():
+    store.entries()  # raised AttributeError (a half-imported scipy.sparse) before the fix
+    reads += 1
+importing.join()
+print(reads)
+"""
+
+
+def test_the_store_reads_while_another_thread_imports_a_model_library(tmp_path):
+    """A first load imports its library (sentence-transformers imports scipy) on a worker thread
+    while listings read the store on others; BentoML's metadata check looks scipy.sparse up in
+    sys.modules and failed on the half-imported module (a listing during a restart's restore was
+    a 500). Run in a fresh interpreter, where nothing is imported yet."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", RACE], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) > 0, "the store was read while the import ran"

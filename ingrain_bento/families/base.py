@@ -142,13 +142,14 @@ class LoadedModel(ABC):
     def embedding_size(self) -> int:
         """The size ``model_embedding_size`` reports (CLIP: the text tower's)."""
 
-    def forward(self, task: str, items: Sequence[Any]) -> torch.Tensor:
-        """One batch of ``task`` (a capability) on the device."""
+    def forward(self, task: str, items: Sequence[Any]) -> np.ndarray:
+        """One batch of ``task`` (a capability) on the device: one row per item, on the CPU."""
         if task not in self.capabilities:
             raise BadRequest(f"{self.ref.display_id} cannot {task.replace('_', ' ')}.")
         runs: dict[str, Callable[[Sequence[Any]], torch.Tensor]] = {
             EMBED_TEXT: self.encode_text, EMBED_IMAGE: self.encode_image, CLASSIFY: self.classify_image}
-        return runs[task](items)
+        rows: np.ndarray = runs[task](items).numpy()
+        return rows
 
     def encode_text(self, items: Sequence[TextItem]) -> torch.Tensor:
         raise NotImplementedError

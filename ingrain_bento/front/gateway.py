@@ -1,11 +1,12 @@
 """``ModelGateway``: what every route of a front worker calls.
 
-Management goes to the runner as it is (the runner holds the one model state) and comes back
-as the API's messages and lists. Inference is prepared here and computed there:
+Management goes to the ``Engine`` as it is (it holds the one model state: in this process, or in
+the runner service) and comes back as the API's messages and lists. Inference is prepared here
+and computed there:
 
-    request -> handle (the runner resolves the name; cached per worker)
+    request -> handle (the engine resolves the name; cached per worker)
             -> items (tokenized / decoded here, with the model's own preprocessing)
-            -> rows (one coalesced runner call per model and task)
+            -> rows (the engine's ``infer``: batched with other requests per model and task)
             -> Matryoshka truncation, normalization, the response schema
 
 Both API generations share these methods: the seed's ``/infer_image`` and the current
@@ -17,22 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
 
 from ingrain_bento import schemas as s
-from ingrain_bento.errors import BadRequest
+from ingrain_bento.boundary import Engine, ModelHandle, ServedModel
+from ingrain_bento.errors import BadRequest, IngrainError, StaleModel
 from ingrain_bento.families.base import CLASSIFY, EMBED_IMAGE, EMBED_TEXT
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.front.inputs import InputPreparer
-from ingrain_bento.front.runner_client import RunnerClient
 from ingrain_bento.metrics import RequestMetrics
-from ingrain_bento.runner.engine import StaleModel
 from ingrain_bento.settings import Settings
-from ingrain_bento.wire import ModelHandle
-
-if TYPE_CHECKING:
-    import numpy as np
 
 __all__ = ["ImageOutput", "ModelGateway"]
 
@@ -44,103 +42,100 @@ HandleKey = tuple[str, Any, Any]
 
 
 class ModelGateway:
-    def __init__(self, runner: Any, settings: Settings, metrics: RequestMetrics | None = None) -> None:
+    def __init__(self, engine: Engine, settings: Settings, metrics: RequestMetrics | None = None,
+                 *, own_process: bool = False) -> None:
+        """``own_process``: the engine runs in this process (its forwards need torch's threads)."""
         self.metrics = metrics
-        self.runner = RunnerClient(runner, max_requests_per_call=settings.max_batch_size, metrics=metrics)
+        self.engine = engine
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
-        self.inputs = InputPreparer(settings, self.fetcher)
+        self.inputs = InputPreparer(settings, self.fetcher, one_torch_thread=not own_process)
         self._handles: dict[HandleKey, ModelHandle] = {}
-        self._version: int | None = None
+        self._version: int | None = None  # the engine's model-state version, as last seen
         self._importing: asyncio.Task[None] | None = None  # held so the loop does not drop the task
         self._in_flight = 0  # inference requests in flight in this worker
 
-    async def warm_up(self) -> None:
-        """Open the preprocessors of the models the runner holds (after a start, a restart, a
-        restore, a preload), so that their first requests pay no cold start in this worker;
-        then import the other libraries in the background, not awaited (the worker is ready)."""
-        await self.runner.wait_ready()
-        for info in await self.runner.call("loaded_models"):
+    async def warm_up(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Once ``ready`` returns (the engine has restored and preloaded its models), open the
+        preprocessors of the resident models, so that their first requests pay no cold start in
+        this worker; then import the other libraries in the background, not awaited."""
+        if ready is not None:
+            await ready()
+        for info in await self.engine.loaded_models():
             try:
-                reply = await self.runner.call("describe", name=info.id, library=info.library)
-                await self.inputs.preprocessor(ModelHandle.from_dict(reply))
+                await self.inputs.preprocessor(await self.engine.describe(info.id, library=info.library))
             except Exception:
                 log.exception("front.warm_up failed for model=%s", info.id)
         self._importing = asyncio.create_task(self.inputs.import_libraries())
 
     async def close(self) -> None:
-        await self.runner.close()
         await self.inputs.close()
         await self.fetcher.aclose()
 
     async def _forget(self) -> None:
-        """The runner's model state moved: handles and preprocessors are asked for again."""
+        """The engine's model state moved: handles and preprocessors are asked for again."""
         self._handles.clear()
         await self.inputs.clear()
-        await self.runner.forget()
+        forget = getattr(self.engine, "forget", None)  # a remote engine's per-model call queues
+        if forget is not None:
+            await forget()
 
-    async def _sync_version(self) -> None:
-        if self.runner.version != self._version:
+    async def _sync_version(self, version: int) -> None:
+        if version != self._version:
             if self._version is not None:
                 await self._forget()
-            self._version = self.runner.version
+            self._version = version
 
     # ---- management ----------------------------------------------------------------------
 
     async def load(self, request: s.ModelRequest, library: str | None = None) -> s.MessageResponse:
-        model_id, loaded = await self.runner.call("load", request=request, library=library)
-        state = "loaded successfully" if loaded else "already loaded"
-        return s.MessageResponse(message=f"Model {model_id} {state}.")
+        result = await self.engine.load(request, library)
+        state = "loaded successfully" if result.loaded else "already loaded"
+        return s.MessageResponse(message=f"Model {result.model_id} {state}.")
 
     async def unload(self, request: s.ModelRequest) -> s.MessageResponse:
-        model_id = await self.runner.call("unload", request=request, idempotent=False)
+        model_id = await self.engine.unload(request)
         await self._forget()
         return s.MessageResponse(message=f"Model {model_id} unloaded successfully.")
 
     async def delete(self, request: s.ModelRequest) -> s.MessageResponse:
-        model_id = await self.runner.call("delete", request=request, idempotent=False)
+        model_id = await self.engine.delete(request)
         await self._forget()
         return s.MessageResponse(message=f"Model {model_id} deleted successfully.")
 
     async def download_custom(self, request: s.CustomModelRequest) -> s.MessageResponse:
-        name = await self.runner.call("download_custom", request=request, idempotent=False)
+        name = await self.engine.download_custom(request)
         return s.MessageResponse(message=f"Custom model {name} downloaded successfully.")
 
     async def loaded_models(self) -> s.ModelListResponse:
-        return s.ModelListResponse(models=await self.runner.call("loaded_models"))
+        return s.ModelListResponse(models=await self.engine.loaded_models())
 
     async def repository_models(self) -> s.ModelListResponse:
-        return s.ModelListResponse(models=await self.runner.call("repository_models"))
+        return s.ModelListResponse(models=await self.engine.repository_models())
 
-    async def served_models(self) -> list[tuple[str, str]]:
-        """(display id, library) of every model that serves now or after a load."""
-        return [(str(model_id), str(library)) for model_id, library in await self.runner.call("served_models")]
+    async def served_models(self) -> list[ServedModel]:
+        return await self.engine.served_models()
 
     async def embedding_size(self, name: str, pretrained: str | None) -> s.EmbeddingSizeResponse:
-        size = await self.runner.call("embedding_size", name=name, pretrained=pretrained)
-        return s.EmbeddingSizeResponse(embedding_size=size)
+        return s.EmbeddingSizeResponse(embedding_size=await self.engine.embedding_size(name, pretrained))
 
     async def classification_labels(self, name: str, pretrained: str | None) -> s.LabelsResponse:
-        labels = await self.runner.call("classification_labels", name=name, pretrained=pretrained)
-        return s.LabelsResponse(labels=labels)
+        return s.LabelsResponse(labels=await self.engine.classification_labels(name, pretrained))
 
     async def ingrain_metrics(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.runner.call("ingrain_metrics")
-        return result
+        return await self.engine.ingrain_metrics()
 
     # ---- inference -----------------------------------------------------------------------
 
     async def _handle(self, request: s.InferenceRequest) -> ModelHandle:
-        await self._sync_version()
         key = (request.name, request.pretrained, request.library)
         handle = self._handles.get(key)
         if handle is None:
-            reply = await self.runner.call("describe", name=request.name, pretrained=request.pretrained,
-                                           library=request.library)
-            handle = self._handles[key] = ModelHandle.from_dict(reply)
+            handle = await self.engine.describe(request.name, request.pretrained, request.library)
+            self._handles[key] = handle
         return handle
 
     async def _rows(self, request: s.InferenceRequest, handle: ModelHandle, task: str) -> np.ndarray:
-        """Prepare this request's inputs for ``task`` and have the runner compute their rows."""
+        """Prepare this request's inputs for ``task`` and have the engine compute their rows."""
         if task not in handle.capabilities:
             if task == EMBED_TEXT:
                 raise BadRequest(f"{handle.ref.display_id} is an image model: send 'image', not 'text'.")
@@ -149,7 +144,12 @@ class ModelGateway:
             items = await self.inputs.texts(handle, request.texts, alone=self._in_flight == 1)
         else:
             items = await self.inputs.images(handle, request.images, request.image_download_headers)
-        return await self.runner.infer(handle, task, items)
+        reply = await self.engine.infer(handle.ref, task, handle.tag, [items])
+        await self._sync_version(reply.version)
+        (rows,) = reply.results
+        if isinstance(rows, IngrainError):
+            raise rows
+        return rows
 
     async def _serve(self, request: s.InferenceRequest, route: str, tasks: Sequence[str]) -> list[np.ndarray]:
         """Rows for each task, for one request: counted in the metrics, sent again once when the
@@ -176,26 +176,25 @@ class ModelGateway:
 
     @staticmethod
     def _embeddings(rows: np.ndarray, n_dims: int | None, normalize: bool) -> list[list[float]]:
-        """Matryoshka: truncate to ``n_dims`` first, then normalize, so rows are unit length."""
-        import torch
-        import torch.nn.functional as F
-
-        tensor = torch.from_numpy(rows).float()
+        """Matryoshka: truncate to ``n_dims`` first, then normalize, so rows are unit length
+        (as torch's ``F.normalize``: divided by the norm, at least 1e-12)."""
+        matrix = rows.astype(np.float32, copy=False)
         if n_dims is not None:
-            if n_dims < 1 or n_dims > tensor.shape[1]:
-                raise BadRequest(f"n_dims must be between 1 and the model's size {tensor.shape[1]}, not {n_dims}.")
-            tensor = tensor[:, :n_dims]
+            if n_dims < 1 or n_dims > matrix.shape[1]:
+                raise BadRequest(f"n_dims must be between 1 and the model's size {matrix.shape[1]}, not {n_dims}.")
+            matrix = matrix[:, :n_dims]
         if normalize:
-            tensor = F.normalize(tensor, dim=-1)
-        result: list[list[float]] = tensor.tolist()
+            matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=-1, keepdims=True), 1e-12)
+        result: list[list[float]] = matrix.tolist()
         return result
 
     @staticmethod
     def _probabilities(logits: np.ndarray, softmax: bool = True) -> list[list[float]]:
-        import torch
-
-        tensor = torch.from_numpy(logits).float()
-        result: list[list[float]] = (tensor.softmax(dim=-1) if softmax else tensor).tolist()
+        matrix = logits.astype(np.float32, copy=False)
+        if softmax:
+            exp = np.exp(matrix - matrix.max(axis=-1, keepdims=True))
+            matrix = exp / exp.sum(axis=-1, keepdims=True)
+        result: list[list[float]] = matrix.tolist()
         return result
 
     def _image_task(self, handle: ModelHandle, request: s.InferenceRequest, output: ImageOutput) -> str:

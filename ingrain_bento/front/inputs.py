@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ingrain_bento.batching import Batcher, call_guarded, in_executor
+from ingrain_bento.boundary import ModelHandle
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import families, family
 from ingrain_bento.families.base import Preprocessor
@@ -28,7 +29,6 @@ from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.media import ImageLoader
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore
-from ingrain_bento.wire import ModelHandle
 
 __all__ = ["InputPreparer"]
 
@@ -52,8 +52,10 @@ def _one_torch_thread() -> None:
 
 
 class InputPreparer:
-    def __init__(self, settings: Settings, fetcher: SafeFetcher) -> None:
+    def __init__(self, settings: Settings, fetcher: SafeFetcher, *, one_torch_thread: bool = True) -> None:
+        """``one_torch_thread``: this worker runs no forward (see ``_one_torch_thread``)."""
         self.settings = settings
+        self.one_torch_thread = one_torch_thread
         self.store = ModelStore()
         self.loader = ImageLoader(fetcher, settings)
         self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-tokenize")
@@ -71,7 +73,8 @@ class InputPreparer:
         return await asyncio.shield(task)
 
     def _open(self, handle: ModelHandle) -> Preprocessor:
-        _one_torch_thread()
+        if self.one_torch_thread:
+            _one_torch_thread()
         started = time.perf_counter()
         entry = self.store.by_tag(handle.tag)
         if entry is None:  # a front on another machine than the runner: its own copy of the store

@@ -28,5 +28,5 @@ async def openai_embeddings(gateway: ModelGateway, request: s.OpenAIEmbeddingReq
 
 
 async def openai_models(gateway: ModelGateway) -> s.OpenAIModelList:
-    return s.OpenAIModelList(data=[s.OpenAIModel(id=model_id, owned_by=library)
-                                   for model_id, library in await gateway.served_models()])
+    return s.OpenAIModelList(data=[s.OpenAIModel(id=model.model_id, owned_by=model.library)
+                                   for model in await gateway.served_models()])

@@ -1,11 +1,16 @@
-"""``RunnerEngine``: the one owner of model state, behind the runner service.
+"""``RunnerEngine``: the one owner of model state, the ``Engine`` of ``boundary.py``.
 
 It resolves names, manages the store and the resident pool (load, unload, evict, delete,
 custom downloads), answers every listing, and runs inference on prepared items: it takes
-arrays and returns arrays, and knows nothing of HTTP or of the API's wire formats. Every
-front worker calls this one engine, so listings are the same from any of them. ``version``
-moves when a model stops being resident or stored and travels with every inference reply, so
-fronts know when to drop their cached handles and tokenizers.
+arrays and returns arrays, and knows nothing of HTTP or of the API's wire formats. It runs in
+the front's own process (one front worker, no GPU) or in the runner service, which every front
+worker calls, so listings are the same from any of them. ``version`` moves when a model stops
+being resident or stored and travels with every inference reply, so fronts know when to drop
+their cached handles and tokenizers.
+
+A started engine answers at once: what was resident before a restart, and the preload list,
+are restored in the background (``start``), each ``LOADING`` until it is resident; a request
+for one waits for it (at most ``INGRAIN_LOAD_WAIT_S``, then a 503 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from ingrain_bento import schemas as s
 from ingrain_bento.batching import BatcherClosed
-from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound
+from ingrain_bento.boundary import InferReply, LoadResult, ModelHandle, ServedModel
+from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound, StaleModel
 from ingrain_bento.families import families, family
 from ingrain_bento.families.base import check_safetensors, modalities_of
 from ingrain_bento.fetch import SafeFetcher
@@ -31,20 +37,12 @@ from ingrain_bento.runner.pool import ModelPool, Resident
 from ingrain_bento.runner.state import ResidentState
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel, staging_dir
-from ingrain_bento.wire import ModelHandle, Packed, RowsReply, unpack
 
-__all__ = ["RunnerEngine", "StaleModel"]
+__all__ = ["RunnerEngine"]
 
 log = logging.getLogger("ingrain_bento.runner")
 
 UNLOAD_RETRIES = 3  # a request that meets an unload uses the model again (a reload) this often
-
-
-class StaleModel(Conflict):
-    """The front prepared its inputs for another store entry of this model (deleted and stored
-    again since): it drops its handle and asks again."""
-
-    error_type = "stale_model"
 
 
 class RunnerEngine:
@@ -67,16 +65,12 @@ class RunnerEngine:
             self.state.save(refs)
 
     async def start(self, preload: list[ModelRef]) -> None:
-        """Load what was resident when this runner last ran, then the preload list; a failure
-        is logged, not fatal."""
+        """Load what was resident when this engine last ran, then the preload list, one at a time
+        while serving (each is ``LOADING`` meanwhile); a failure is logged, not fatal."""
         restored = self.state.load() if self.state is not None else []
-        for ref in dict.fromkeys([*restored, *preload]):
-            try:
-                await self.pool.load(ref)
-            except Exception:
-                log.exception("runner.start failed to load model=%s", ref.display_id)
         if restored:
             log.info("runner.restore models=%s", ",".join(ref.display_id for ref in restored))
+        await self.pool.restore(list(dict.fromkeys([*restored, *preload])))
 
     async def close(self) -> None:
         await self.pool.close()
@@ -118,13 +112,13 @@ class RunnerEngine:
 
     # ---- management ----------------------------------------------------------------------
 
-    async def load(self, request: s.ModelRequest, library: str | None = None) -> tuple[str, bool]:
+    async def load(self, request: s.ModelRequest, library: str | None = None) -> LoadResult:
         """Make a model resident: its display id, and whether this call loaded it."""
         lib = library or request.library
         if lib is None:
             raise BadRequest(f"Send 'library': one of {', '.join(sorted(families()))}.")
         ref = ModelRef.parse(lib, request.name, request.pretrained)
-        return ref.display_id, await self.pool.load(ref)
+        return LoadResult(ref.display_id, await self.pool.load(ref))
 
     async def unload(self, request: s.ModelRequest) -> str:
         ref = self.resolve(request.name, request.pretrained, request.library, resident_only=True)
@@ -174,10 +168,10 @@ class RunnerEngine:
             store_tag=entry.tag if entry else None,
         )
 
-    def loaded_models(self) -> list[s.ModelInfo]:
+    async def loaded_models(self) -> list[s.ModelInfo]:
         return [self._info(r.stored, r, r.model.ref, "READY") for r in self.pool.resident()]
 
-    def repository_models(self) -> list[s.ModelInfo]:
+    async def repository_models(self) -> list[s.ModelInfo]:
         infos, seen = [], set()
         for entry in self.store.entries():
             resident = self.pool.get(entry.ref) if entry.ref else None
@@ -190,20 +184,26 @@ class RunnerEngine:
                 infos.append(self._info(None, None, ref, "LOADING"))
         return infos
 
-    def served_models(self) -> list[tuple[str, str]]:
-        """(display id, library) of every model that can serve now or after a load, sorted."""
+    async def served_models(self) -> list[ServedModel]:
+        """Every model that can serve now or after a load, sorted by display id."""
         refs = {r.model.ref for r in self.pool.resident()}
         refs.update(entry.ref for entry in self.store.entries() if entry.ref is not None)
-        return [(ref.display_id, ref.library) for ref in sorted(refs, key=lambda r: r.display_id)]
+        return [ServedModel(ref.display_id, ref.library) for ref in sorted(refs, key=lambda r: r.display_id)]
 
-    def embedding_size(self, name: str, pretrained: str | None = None) -> int:
+    async def embedding_size(self, name: str, pretrained: str | None = None) -> int:
+        return await asyncio.to_thread(self._embedding_size, name, pretrained)
+
+    def _embedding_size(self, name: str, pretrained: str | None) -> int:
         ref, entry, resident = self._stored_or_resident(name, pretrained)
         size = resident.model.embedding_size if resident else (entry.metadata.get("embedding_size") if entry else None)
         if size is None:
             raise ModelNotFound(f"The embedding size of {ref.display_id} is not known until it is loaded.")
         return int(size)
 
-    def classification_labels(self, name: str, pretrained: str | None = None) -> list[str]:
+    async def classification_labels(self, name: str, pretrained: str | None = None) -> list[str]:
+        return await asyncio.to_thread(self._classification_labels, name, pretrained)
+
+    def _classification_labels(self, name: str, pretrained: str | None) -> list[str]:
         ref, entry, resident = self._stored_or_resident(name, pretrained)
         labels = resident.model.labels if resident else None
         if labels is None and entry is not None:
@@ -248,7 +248,7 @@ class RunnerEngine:
                                               timeout=self.settings.download_timeout_s,
                                               deadline=self.settings.download_deadline_s)
 
-    def ingrain_metrics(self) -> dict[str, Any]:
+    async def ingrain_metrics(self) -> dict[str, Any]:
         return self.metrics.ingrain_json() if self.metrics is not None else {"modelStats": []}
 
     # ---- inference -----------------------------------------------------------------------
@@ -263,17 +263,15 @@ class RunnerEngine:
         if library_given and self.store.find(ref) is None:
             raise ModelNotFound(f"Model {ref.display_id} is not known to this server: load it first.")
 
-    async def describe(self, name: str, pretrained: str | bool | None, library: str | None) -> ModelHandle:
+    async def describe(self, name: str, pretrained: str | bool | None = None,
+                       library: str | None = None) -> ModelHandle:
         """The handle a front prepares a model's inputs with (resolving the name as inference does)."""
         ref = self.resolve(name, pretrained, library)
         self._check_servable(ref, library_given=bool(library))
         resident = self.pool.get(ref)
         entry = resident.stored if resident else self.store.find(ref)
         if entry is None:  # still being pulled into the store: wait for that load
-            await self.pool.load(ref)
-            resident = self.pool.get(ref)
-            if resident is None:
-                raise ModelNotFound(f"Model {ref.display_id} was unloaded while it loaded: send the request again.")
+            resident = await self.pool.wait_resident(ref, self.settings.load_wait_s)
             entry = resident.stored
         size: int | None
         if resident is not None:
@@ -285,43 +283,40 @@ class RunnerEngine:
     @asynccontextmanager
     async def _serving(self, ref: ModelRef, tag: str) -> AsyncIterator[Resident]:
         self._check_servable(ref)
-        async with self.pool.use(ref) as resident:
+        async with self.pool.use(ref, self.settings.load_wait_s) as resident:
             if resident.stored.tag != tag:
                 raise StaleModel(f"{ref.display_id} was stored again since this request was prepared.")
             yield resident
 
-    async def infer(self, ref: ModelRef, task: str, tag: str, payload: Packed) -> RowsReply:
-        """Rows for each request of a front's call, merged with other calls into few forwards.
-        A request that meets an unload uses the model again (a reload, when auto-loading is on)."""
-        requests = unpack(payload)
+    async def infer(self, ref: ModelRef, task: str, tag: str, requests: Sequence[Sequence[Any]]) -> InferReply:
+        """Rows for each request's items, merged with other requests into few forwards. A request
+        that meets an unload uses the model again (a reload, when auto-loading is on)."""
         started = time.perf_counter()
         results: list[Any] = [None] * len(requests)
         pending = list(range(len(requests)))
         for _ in range(UNLOAD_RETRIES):
-            async with self._serving(ref, tag) as resident:
-                batcher = self.pool.batcher(resident, task)
-                done = await asyncio.gather(*(batcher.submit(requests[i]) for i in pending), return_exceptions=True)
+            try:
+                async with self._serving(ref, tag) as resident:
+                    batcher = self.pool.batcher(resident, task)
+                    done = await asyncio.gather(*(batcher.submit(requests[i]) for i in pending),
+                                                return_exceptions=True)
+            except IngrainError as exc:  # the model itself cannot serve: every request gets that error
+                done = [exc] * len(pending)
             for index, outcome in zip(pending, done, strict=True):
                 results[index] = outcome
             pending = [i for i in pending if isinstance(results[i], BatcherClosed)]
             if not pending:
                 break
-        return self._rows_reply(ref, results, time.perf_counter() - started)
+        return self._reply(ref, results, time.perf_counter() - started)
 
-    def _rows_reply(self, ref: ModelRef, results: list[Any], seconds: float) -> RowsReply:
-        import torch
-
-        failed: dict[int, dict[str, Any]] = {}
-        rows = []
-        for index, outcome in enumerate(results):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, IngrainError):
-                    log.error("runner.infer model=%s failed", ref.display_id, exc_info=outcome)
-                    outcome = IngrainError(f"Inference failed ({type(outcome).__name__}); this is a bug, please "
-                                           "report it with the request that caused it.")
-                failed[index] = outcome.as_reply()
-            else:
-                rows.append(outcome)
+    def _reply(self, ref: ModelRef, results: list[Any], seconds: float) -> InferReply:
+        outcomes: list[Any] = []
+        for outcome in results:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, IngrainError):
+                log.error("runner.infer model=%s failed", ref.display_id, exc_info=outcome)
+                outcome = IngrainError(f"Inference failed ({type(outcome).__name__}); this is a bug, please "
+                                       "report it with the request that caused it.")
+            outcomes.append(outcome)
             if self.metrics is not None:
-                self.metrics.record_outcome(ref, index not in failed, seconds)
-        return {"rows": torch.cat(rows).numpy() if rows else None, "failed": failed, "version": self.version}
+                self.metrics.record_outcome(ref, not isinstance(outcome, IngrainError), seconds)
+        return InferReply(outcomes, self.version)

@@ -1,7 +1,10 @@
 """Resident models: load once, batch per model, evict or refuse at capacity, unload for real.
 
 The pool owns every model that is on the device. A load of a model that is already loading
-waits for that load (a storm of loads loads once). Capacity is ``MAX_LOADED_MODELS`` plus an
+waits for that load (a storm of loads loads once). A restore (after a restart, and the preload
+list) makes every model it will load ``LOADING`` at once and loads them one at a time; a
+request meanwhile waits for its model at most ``INGRAIN_LOAD_WAIT_S`` (``wait_resident``), then
+gets a 503 with ``Retry-After`` while the load goes on. Capacity is ``MAX_LOADED_MODELS`` plus an
 optional byte budget of resident weights; at capacity the policy either unloads the least
 recently used *idle* model (``evict``) or answers 503 (``reject``). A model with requests in
 flight is never evicted under them; an explicit unload lets queued requests finish first.
@@ -10,6 +13,7 @@ flight is never evicted under them; an explicit unload lets queued requests fini
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -21,7 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ingrain_bento.batching import Batcher, BatcherClosed, in_executor
-from ingrain_bento.errors import AtCapacity, ModelNotFound
+from ingrain_bento.errors import AtCapacity, ModelNotFound, ModelStillLoading
 from ingrain_bento.families import family
 from ingrain_bento.families.base import LoadedModel, freeze_heap
 from ingrain_bento.metrics import ModelMetrics
@@ -38,6 +42,7 @@ __all__ = ["ModelPool", "Resident"]
 log = logging.getLogger("ingrain_bento.pool")
 
 UNLOAD_DRAIN_TIMEOUT_S = 120.0
+STILL_LOADING_RETRY_S = 5
 
 
 @dataclass
@@ -98,20 +103,57 @@ class ModelPool:
         if ref in self._resident:
             self._resident.move_to_end(ref)
             return False
-        task = self._loading.get(ref)
-        if task is not None:
-            await asyncio.shield(task)
-            return False
-        task = asyncio.create_task(self._load(ref))
-        self._loading[ref] = task
-        try:
-            await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._loading.pop(ref, None)
-        return True
+        loading = ref in self._loading
+        await asyncio.shield(self._start_load(ref))
+        return not loading
 
-    async def _load(self, ref: ModelRef) -> Resident:
+    async def restore(self, refs: list[ModelRef]) -> None:
+        """Load ``refs`` one at a time (what was resident before a restart, the preload list). All
+        of them are ``LOADING`` at once, so a request for one waits for it (``wait_resident``)
+        instead of finding it unknown; a failure is logged, not fatal."""
+        turn = asyncio.Lock()
+        loads = {ref: self._start_load(ref, turn, self.settings.restore_delay_s) for ref in refs
+                 if ref not in self._resident}
+        for ref, outcome in zip(loads, await asyncio.gather(*loads.values(), return_exceptions=True), strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("pool.restore failed to load model=%s: %s", ref.display_id, outcome)
+
+    async def wait_resident(self, ref: ModelRef, wait_s: float | None) -> Resident:
+        """``ref`` resident, loading it if needed; a 503 with ``Retry-After`` when that takes longer
+        than ``wait_s`` (the load goes on: a later request finds it resident)."""
+        resident = self._resident.get(ref)
+        if resident is None:
+            try:
+                resident = await asyncio.wait_for(asyncio.shield(self._start_load(ref)), wait_s)
+            except TimeoutError:
+                raise ModelStillLoading(f"{ref.display_id} is still loading: send the request again shortly.",
+                                        STILL_LOADING_RETRY_S) from None
+            if self._resident.get(ref) is not resident:
+                raise AtCapacity(f"{ref.display_id} was unloaded while this request waited: send it again.")
+        return resident
+
+    def _start_load(self, ref: ModelRef, turn: asyncio.Lock | None = None,
+                    delay_s: float = 0.0) -> asyncio.Task[Resident]:
+        """The one load of ``ref`` in progress, started if there is none (a storm of loads loads
+        once); it leaves ``_loading`` when it ends, whoever awaits it. ``turn``: a lock the loads
+        of a restore take in turn; ``delay_s``: a pause first (``INGRAIN_RESTORE_DELAY_S``)."""
+        task = self._loading.get(ref)
+        if task is None:
+            task = self._loading[ref] = asyncio.create_task(self._load(ref, turn, delay_s))
+
+            def finished(done: asyncio.Task[Resident]) -> None:
+                if self._loading.get(ref) is done:
+                    del self._loading[ref]
+
+            task.add_done_callback(finished)
+        return task
+
+    async def _load(self, ref: ModelRef, turn: asyncio.Lock | None, delay_s: float) -> Resident:
+        async with turn or contextlib.nullcontext():
+            await asyncio.sleep(delay_s)
+            return await self._load_now(ref)
+
+    async def _load_now(self, ref: ModelRef) -> Resident:
         started = time.perf_counter()
         stored = await asyncio.to_thread(self.store.pull, ref)
         estimate = int(stored.metadata.get("weights_bytes", stored.size_bytes)) // (2 if self.half else 1)
@@ -169,14 +211,10 @@ class ModelPool:
                  time.perf_counter() - started)
 
     @asynccontextmanager
-    async def use(self, ref: ModelRef) -> AsyncIterator[Resident]:
-        """Hold ``ref`` for one request (loading it if needed); it is not evicted meanwhile."""
-        resident = self._resident.get(ref)
-        if resident is None:
-            await self.load(ref)
-            resident = self._resident.get(ref)
-            if resident is None:
-                raise AtCapacity(f"{ref.display_id} was unloaded while this request waited: send it again.")
+    async def use(self, ref: ModelRef, wait_s: float | None = None) -> AsyncIterator[Resident]:
+        """Hold ``ref`` for one request (loading it if needed, see ``wait_resident``); it is not
+        evicted meanwhile."""
+        resident = await self.wait_resident(ref, wait_s)
         self._resident.move_to_end(ref)
         resident.in_flight += 1
         resident.idle.clear()

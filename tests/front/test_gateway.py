@@ -1,8 +1,8 @@
-"""``ModelGateway``: a front worker's caches follow the runner's one model state.
+"""``ModelGateway``: a front worker's caches follow the engine's one model state.
 
 Handles and preprocessors are cached per front worker; when another worker unloads or deletes
-a model, the runner's state version moves, every reply carries it, and this worker drops its
-caches and asks again.
+a model, the engine's state version moves, every reply carries it, and this worker drops its
+caches and asks again. Two gateways over one engine stand for two front workers over one runner.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from PIL import Image
 
 from ingrain_bento import schemas as s
 from ingrain_bento.front.gateway import ModelGateway
+from ingrain_bento.runner.engine import RunnerEngine
 from ingrain_bento.settings import Settings
 
 VIT = s.ModelRequest(name="test_vit.r160_in1k", pretrained=False)
@@ -27,11 +28,9 @@ def _png() -> str:
 
 
 def test_an_unload_through_another_worker_clears_this_workers_caches():
-    import service
-
     async def scenario() -> None:
-        runner = service.IngrainRunner()  # the in-process runner two gateways share, as two workers do
-        mine, other = ModelGateway(runner, Settings()), ModelGateway(runner, Settings())
+        engine = RunnerEngine(Settings())
+        mine, other = ModelGateway(engine, Settings()), ModelGateway(engine, Settings())
         request = s.ImageRequest(name="test_vit.r160_in1k::false", image=_png())
         await mine.load(VIT, "timm")
         first = await mine.embed_image(request, output="features")
@@ -45,6 +44,6 @@ def test_an_unload_through_another_worker_clears_this_workers_caches():
         assert reopened is not opened, "the preprocessor was opened again after the state moved"
         for gateway in (mine, other):
             await gateway.close()
-        await runner.engine.close()
+        await engine.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))

@@ -19,12 +19,11 @@ import ingrain_bento.families as registry
 from ingrain_bento import schemas as s
 from ingrain_bento.front.gateway import ModelGateway
 from ingrain_bento.front.inputs import INLINE_TEXT_CHARS
+from ingrain_bento.runner.engine import RunnerEngine
 from ingrain_bento.settings import Settings
 
 
 def test_a_lone_short_request_is_tokenized_on_the_loop_and_concurrent_ones_together_on_the_thread(hub_models):
-    import service
-
     name = hub_models["st"]
     threads: list[str] = []
 
@@ -33,8 +32,8 @@ def test_a_lone_short_request_is_tokenized_on_the_loop_and_concurrent_ones_toget
         return [reply.embeddings for reply in replies]
 
     async def main() -> None:
-        runner = service.IngrainRunner()
-        gateway = ModelGateway(runner, Settings())
+        engine = RunnerEngine(Settings())
+        gateway = ModelGateway(engine, Settings(), own_process=True)
         try:
             await gateway.load(s.ModelRequest(name=name), "sentence_transformers")
             handle = await gateway._handle(s.TextRequest(name=name, text="x"))
@@ -63,17 +62,15 @@ def test_a_lone_short_request_is_tokenized_on_the_loop_and_concurrent_ones_toget
             assert len(threads) == 1 and threads[0].startswith("ingrain-tokenize"), "a long text stays off the loop"
         finally:
             await gateway.close()
-            await runner.engine.close()
+            await engine.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def test_inline_and_threaded_tokenizing_give_the_same_items(hub_models):
-    import service
-
     async def main() -> None:
-        runner = service.IngrainRunner()
-        gateway = ModelGateway(runner, Settings())
+        engine = RunnerEngine(Settings())
+        gateway = ModelGateway(engine, Settings(), own_process=True)
         try:
             await gateway.load(s.ModelRequest(name=hub_models["st"]), "sentence_transformers")
             handle = await gateway._handle(s.TextRequest(name=hub_models["st"], text="x"))
@@ -85,7 +82,7 @@ def test_inline_and_threaded_tokenizing_give_the_same_items(hub_models):
                 np.testing.assert_array_equal(a, b)
         finally:
             await gateway.close()
-            await runner.engine.close()
+            await engine.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
@@ -104,7 +101,7 @@ def test_import_libraries_imports_every_familys_modules_and_survives_a_missing_o
     monkeypatch.setitem(registry._REGISTRY, "toy", Toy())
 
     async def main() -> None:
-        gateway = ModelGateway(object(), Settings())
+        gateway = ModelGateway(RunnerEngine(Settings()), Settings())
         try:
             await gateway.inputs.import_libraries()
         finally:

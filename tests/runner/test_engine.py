@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 from ingrain_bento import schemas as s
-from ingrain_bento.errors import BadRequest, ModelNotFound
-from ingrain_bento.runner.engine import RunnerEngine, StaleModel
+from ingrain_bento.errors import BadRequest, ModelNotFound, StaleModel
+from ingrain_bento.runner.engine import RunnerEngine
 from ingrain_bento.runner.state import ResidentState
 from ingrain_bento.settings import Settings
-from ingrain_bento.wire import pack
 
 VIT = s.ModelRequest(name="test_vit.r160_in1k", pretrained=False)
 
@@ -42,12 +41,13 @@ def test_a_request_that_meets_an_unload_is_served_after_the_reload():
     async def scenario(engine: RunnerEngine) -> None:
         await engine.load(VIT, "timm")
         handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
-        calls = [asyncio.create_task(engine.infer(handle.ref, "embed_image", handle.tag, pack([_pixels(3)])))
+        calls = [asyncio.create_task(engine.infer(handle.ref, "embed_image", handle.tag, [_pixels(3)]))
                  for _ in range(6)]
         await asyncio.sleep(0)
         await engine.unload(VIT)
         replies = await asyncio.gather(*calls)
-        assert all(not r["failed"] and r["rows"].shape[0] == 3 for r in replies), [r["failed"] for r in replies]
+        results = [result for reply in replies for result in reply.results]
+        assert all(isinstance(r, np.ndarray) and r.shape[0] == 3 for r in results), results
         assert engine.pool.get(handle.ref) is not None, "the requests loaded it again"
 
     run(scenario, max_batch_size=2)
@@ -58,8 +58,8 @@ def test_without_auto_loading_an_unloaded_model_is_a_400():
         await engine.load(VIT, "timm")
         handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
         await engine.unload(VIT)
-        with pytest.raises(BadRequest, match="auto-loading is off"):
-            await engine.infer(handle.ref, "embed_image", handle.tag, pack([_pixels(1)]))
+        (result,) = (await engine.infer(handle.ref, "embed_image", handle.tag, [_pixels(1)])).results
+        assert isinstance(result, BadRequest) and "auto-loading is off" in result.message
 
     run(scenario, autoload=False)
 
@@ -68,9 +68,8 @@ def test_inputs_prepared_for_another_store_entry_are_refused():
     async def scenario(engine: RunnerEngine) -> None:
         await engine.load(VIT, "timm")
         handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
-        with pytest.raises(StaleModel) as info:
-            await engine.infer(handle.ref, "embed_image", handle.tag + "-old", pack([_pixels(1)]))
-        assert info.value.status_code == 409
+        (result,) = (await engine.infer(handle.ref, "embed_image", handle.tag + "-old", [_pixels(1)])).results
+        assert isinstance(result, StaleModel) and result.status_code == 409
 
     run(scenario)
 
@@ -106,7 +105,7 @@ def test_what_is_resident_is_kept_in_the_store_and_restored_by_the_next_runner(t
 
     async def second(engine: RunnerEngine) -> list[str]:
         await engine.start(preload=[])
-        return [info.id for info in engine.loaded_models()]
+        return [info.id for info in await engine.loaded_models()]
 
     run(first, state=state)  # closing the engine (a clean shutdown) keeps the list
     assert [ref.display_id for ref in state.load()] == ["test_vit.r160_in1k::false"]
