@@ -3,9 +3,10 @@
     python bench/cost_model.py [--json bench/cost_model_cpu2.json]
 
 What a GPU machine would spend around its forwards is CPU work, and this machine can measure
-it: a real ``bentoml serve`` (one front worker, one runner) serves models whose forward costs
-next to nothing (a 2-layer, 32-wide BERT sentence-transformer; timm's ``test_vit`` at 160 px),
-under load from bench/loadgen.py in its own process, and /proc gives each process's CPU time:
+it: a real ``bentoml serve`` (one front worker, one runner: ``INGRAIN_ENGINE_PROCESS=runner``)
+serves models whose forward costs next to nothing (a 2-layer, 32-wide BERT sentence-transformer;
+timm's ``test_vit`` at 160 px), under load from bench/loadgen.py in its own process, and /proc
+gives each process's CPU time:
 
 - front CPU per request: one text (64 concurrent clients), one 640x480 JPEG (16 clients):
   HTTP, JSON, tokenizing or decoding and preprocessing, the runner call, the response;
@@ -13,9 +14,13 @@ under load from bench/loadgen.py in its own process, and /proc gives each proces
   forwards counted by the runner's own statistics), the forward's own CPU included (tiny); per
   image, its CPU here includes the tiny ViT's forward on this CPU, so the projection uses the
   per-forward cost plus the pixels' serde instead;
-- latency at concurrency 1: server p50 minus the in-process library's p50 on the same model;
-- serde: pickle protocol 5 (what BentoML uses between services) of packed payloads, ms per MB
-  and us per item, for token rows, uint8 pixels and float32 rows.
+- latency at concurrency 1: server p50 minus the in-process library's p50 on the same model, with
+  the models in the runner and (a second server) in the front worker's own process;
+- the hop: 2,000 sequential ``infer`` calls of one tokenized text (and of 64) sent straight to the
+  runner's socket with the front's own transport (``wire.RunnerTransport``): the round trip minus
+  the runner's own time (its ``Server-Timing``), p50, and the client's CPU per call;
+- serde: encoding and decoding the frames (``wire``) of packed payloads, ms per MB and us per
+  item, for token rows, uint8 pixels and float32 rows.
 
 The projection for one H200 with 16 cores uses these costs (this machine's cores, so it errs
 low) and the GPU forward rates and library latency measured by ../shared/gpu at 6915698
@@ -28,9 +33,9 @@ item) items/s, the GPU its forward rate; the smallest of the three is the projec
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
-import pickle
 import shutil
 import statistics
 import sys
@@ -111,18 +116,52 @@ def library_c1_p50_ms(repo: str, n: int = 200) -> float:
 
 
 def serde(items: list, repeat: int = 20) -> dict[str, float]:
-    """ms per MB and us per item of pickling and unpickling a packed payload, as BentoML sends it."""
-    from ingrain_bento.wire import pack, unpack
+    """ms per MB and us per item of encoding and decoding an infer call's frame, as the tiers send it."""
+    from ingrain_bento.refs import ModelRef
+    from ingrain_bento.wire import CALLS
 
+    codec, ref = CALLS["infer"], ModelRef("timm", "x", None)
     started = time.perf_counter()
     for _ in range(repeat):
-        buffers: list[pickle.PickleBuffer] = []
-        head = pickle.dumps(pack([items]), protocol=5, buffer_callback=buffers.append)
-        raw = [bytes(b.raw()) for b in buffers]  # the bytes on the socket
-        unpack(pickle.loads(head, buffers=raw))
+        body = codec.encode_args({"ref": ref, "task": "embed_text", "tag": "t", "requests": [items]})
+        codec.decode_args(body)
     seconds = (time.perf_counter() - started) / repeat
-    megabytes = (len(head) + sum(len(b) for b in raw)) / 1e6
+    megabytes = len(body) / 1e6
     return {"ms_per_mb": seconds * 1000 / megabytes, "us_per_item": seconds * 1e6 / len(items), "mb": megabytes}
+
+
+def hop(server: Server, model: str, texts_per_call: int, calls: int = 2000) -> dict[str, float]:
+    """What one call to the runner costs beyond the runner's own time: ``calls`` sequential infer
+    calls of ``texts_per_call`` tokenized texts, straight to its socket with the front's transport."""
+    import numpy as np
+
+    from ingrain_bento.boundary import ModelHandle
+    from ingrain_bento.wire import CALLS, RunnerTransport
+
+    address, token = server.runner_address()
+    tokens = [np.ones((3, 14), dtype=np.int32)] * texts_per_call  # input_ids, token_type_ids, attention_mask
+
+    async def run() -> dict[str, float]:
+        transport = RunnerTransport(address, token)
+        describe, infer = CALLS["describe"], CALLS["infer"]
+        reply = await transport.post("describe", describe.encode_args({"name": model, "pretrained": None,
+                                                                      "library": None}))
+        handle: ModelHandle = describe.decode_result(reply.body)
+        beyond, cpu_started = [], time.process_time()
+        for _ in range(calls):
+            started = time.perf_counter()
+            body = infer.encode_args({"ref": handle.ref, "task": "embed_text", "tag": handle.tag,
+                                      "requests": [tokens]})
+            reply = await transport.post("infer", body)
+            infer.decode_result(reply.body)
+            assert reply.status == 200 and reply.runner_ms is not None, reply
+            beyond.append((time.perf_counter() - started) * 1000 - reply.runner_ms)
+        cpu_ms = (time.process_time() - cpu_started) * 1000 / calls
+        await transport.close()
+        return {"p50_ms_beyond_runner": statistics.median(beyond), "p90_ms_beyond_runner":
+                sorted(beyond)[int(0.9 * calls)], "client_cpu_ms_per_call": cpu_ms}
+
+    return asyncio.run(run())
 
 
 def main() -> None:
@@ -135,7 +174,8 @@ def main() -> None:
     args = parser.parse_args()
     tiny = place_tiny_st()
     out: dict = {}
-    server = Server(WORK / "serve.log")
+    query = {"name": tiny, "text": "a single short query text"}
+    server = Server(WORK / "serve.log", extra_env={"INGRAIN_ENGINE_PROCESS": "runner"})
     try:
         server.post("/load_sentence_transformer_model", {"name": tiny})
         server.post("/load_timm_model", {"name": TIMM})
@@ -145,9 +185,16 @@ def main() -> None:
         encoded = [base64.b64encode(b).decode() for b in jpegs(24)]
         images = under_load(server, TIMM, "/embed_image", [{"name": TIMM, "image": encoded[i % 24]}
                                                            for i in range(480)], 16)
-        server_c1 = c1_p50_ms(server, "/embed_text", {"name": tiny, "text": "a single short query text"})
+        server_c1 = c1_p50_ms(server, "/embed_text", query)
+        out["hop_1_text"], out["hop_64_texts"] = hop(server, tiny, 1), hop(server, tiny, 64, calls=500)
     finally:
         server.stop()
+    in_front = Server(WORK / "serve-front.log", extra_env={"INGRAIN_ENGINE_PROCESS": "front"})
+    try:
+        in_front.post("/load_sentence_transformer_model", {"name": tiny})
+        front_c1 = c1_p50_ms(in_front, "/embed_text", query)
+    finally:
+        in_front.stop()
     library_c1 = library_c1_p50_ms(tiny)
     shutil.rmtree(WORK, ignore_errors=True)
 
@@ -163,7 +210,8 @@ def main() -> None:
     out["runner_ms_per_image"] = images["runner_s"] * 1000 / images["requests"]
     out["texts_per_forward_64x1"] = singles["requests"] / max(1, singles["forwards"])
     out["server_requests_per_s_64x1_tiny"] = singles["requests_per_s"]
-    out["c1_p50_ms"] = {"server": server_c1, "library": library_c1, "overhead": server_c1 - library_c1}
+    out["c1_p50_ms"] = {"server": server_c1, "library": library_c1, "overhead": server_c1 - library_c1,
+                        "server_models_in_front": front_c1, "overhead_models_in_front": front_c1 - library_c1}
     out["serde_tokens_64"] = serde([np.ones((3, 14), dtype=np.int32)] * 64)
     out["serde_pixels_64_uint8_224"] = serde([np.zeros((224, 224, 3), dtype=np.uint8)] * 64, repeat=5)
     out["serde_rows_64x384_f32"] = serde([np.zeros(384, dtype=np.float32)] * 64)
@@ -172,7 +220,7 @@ def main() -> None:
     runner_texts = 1000 / (per_forward_ms / per_forward_items + per_item_ms)
     text_bounds = {"front": workers * 1000 / out["front_ms_per_text_request"], "runner": runner_texts,
                    "GPU": H200["text_forward_per_s"]}
-    # The runner's CPU per image on a GPU: its share of a call plus unpickling the pixels (here the
+    # The runner's CPU per image on a GPU: its share of a call plus decoding the pixels (here the
     # tiny ViT's forward runs on this CPU too, so runner_ms_per_image is not that number).
     pixel_ms = out["serde_pixels_64_uint8_224"]["us_per_item"] / 1000
     image_bounds = {"front": workers * 1000 / out["front_ms_per_jpeg_request"],

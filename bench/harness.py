@@ -154,8 +154,18 @@ class Server:
         raise RuntimeError(f"no worker of {service} found")
 
     def worker_pid(self) -> int:
-        """The runner's process: the one that holds the models."""
+        """The runner's process (it holds the models unless they live in the front worker:
+        ``INGRAIN_ENGINE_PROCESS``)."""
         return self.service_pids("ingrain-runner")[0]
+
+    def runner_address(self) -> tuple[str, str]:
+        """The runner's address and token, as the first front worker's environment holds them."""
+        import json
+
+        front = self.service_pids("ingrain-bento")[0]
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{front}/environ").read_bytes().decode()
+                       .split("\0") if "=" in item)
+        return json.loads(environ["BENTOML_RUNNER_MAP"])["ingrain-runner"], environ["INGRAIN_RUNNER_TOKEN"]
 
     def stop(self) -> None:
         """Stop the server and every worker (a worker busy in a slow load can outlive its arbiter)."""

@@ -1,7 +1,8 @@
 """``ingrain-bento pull/list/rm``: fill the BentoML model store ahead of time.
 
-Same code path as the server (``ModelStore.pull``), so a pulled model serves with no
-further download. Download progress bars are huggingface_hub's own (tqdm).
+Same code path as the server (``ModelStore.pull``, and ``engines.export`` for ``--backend onnx``),
+so a pulled model serves with no further download or export. Download progress bars are
+huggingface_hub's own (tqdm).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from ingrain_bento.engines.base import Backend
 from ingrain_bento.errors import IngrainError
 from ingrain_bento.model_list import read_model_list
 from ingrain_bento.refs import ModelRef
@@ -27,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--name", help="architecture, Hub id, or hf-hub:org/repo")
     pull.add_argument("--from", dest="model_list", help="pull every model of a models/*.yaml list instead")
     pull.add_argument("--pretrained", default=None, help="pretrained tag (open_clip), true/false (timm)")
+    pull.add_argument("--backend", choices=["onnx", "onnx-int8"], default=None,
+                      help="also export it for that engine now (a list's own backend fields otherwise)")
     commands.add_parser("list", help="list the models in the store")
     rm = commands.add_parser("rm", help="remove a model from the store")
     rm.add_argument("--name", required=True)
@@ -50,19 +55,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.model_list:
                 refs = read_model_list(args.model_list)
             elif args.library and args.name:
-                refs = [ModelRef.parse(args.library, args.name, args.pretrained)]
+                refs = [(ModelRef.parse(args.library, args.name, args.pretrained), None)]
             else:
                 console.print("[red]pull needs --library and --name, or --from FILE[/red]")
                 return 2
-            for ref in refs:
+            for ref, backend in refs:
                 entry = store.pull(ref)
                 size_mb = entry.size_bytes / 1e6
                 console.print(f"[green]Stored[/green] {ref.display_id} as {entry.tag} ({size_mb:.1f} MB)")
+                export: Backend | None = args.backend or backend
+                if export is not None and export != "torch":
+                    _export(console, store, entry, export)
         elif args.command == "list":
-            table = Table("id", "library", "pretrained", "store tag", "MB")
+            table = Table("id", "library", "pretrained", "store tag", "MB", "exports")
             for entry in store.entries():
+                exports = ", ".join(sorted(e.backend for e in store.exports_of(entry.tag)
+                                           if not e.metadata.get("report", {}).get("failure")))
                 table.add_row(entry.ref.display_id if entry.ref else entry.name, entry.library,
-                              str(entry.pretrained), entry.tag, f"{entry.size_bytes / 1e6:.1f}")
+                              str(entry.pretrained), entry.tag, f"{entry.size_bytes / 1e6:.1f}", exports)
             console.print(table)
         else:
             matches = [e for e in store.entries()
@@ -78,6 +88,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]{exc.message}[/red]")
         return 1
     return 0
+
+
+def _export(console: Any, store: Any, entry: Any, backend: Backend) -> None:
+    """Export a stored model for ``backend`` now, as the server's first load with it would."""
+    import asyncio
+
+    from ingrain_bento.engines.export import ensure_export
+    from ingrain_bento.settings import get_settings
+
+    export = asyncio.run(ensure_export(store, entry, backend, get_settings().export_timeout_s))
+    if export.folder is None:
+        console.print(f"[yellow]No {backend} export[/yellow] (it will load with torch): {export.failure}")
+    else:
+        console.print(f"[green]Exported[/green] {entry.tag} for {backend}")
 
 
 if __name__ == "__main__":

@@ -65,11 +65,11 @@ def _series() -> SimpleNamespace:
         runner_retries=prom.Counter("ingrain_runner_retries", "Runner calls sent again after a connection error"),
         runner_unavailable=prom.Counter("ingrain_runner_unavailable", "Requests answered 503, runner down"),
         runner_starts=prom.Counter("ingrain_runner_starts", "Runner processes started (restarts included)"),
-        items=prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task"]),
+        items=prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task", "backend"]),
         latency=prom.Histogram("ingrain_request_latency_seconds", "Inference request latency", ["model", "route"]),
-        batch_size=prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task"],
+        batch_size=prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task", "backend"],
                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
-        forward_seconds=prom.Histogram("ingrain_forward_seconds", "Forward pass time", ["model", "task"]),
+        forward_seconds=prom.Histogram("ingrain_forward_seconds", "Forward pass time", ["model", "task", "backend"]),
         resident_models=prom.Gauge("ingrain_resident_models", "Models on the device", multiprocess_mode="livesum"),
         resident_bytes=prom.Gauge("ingrain_resident_bytes", "Bytes of resident weights", ["model"],
                                   multiprocess_mode="livesum"),
@@ -112,10 +112,10 @@ class ModelMetrics:
         if ok:
             stats.last_inference_ms = int(time.time() * 1000)
 
-    def record_batch(self, ref: ModelRef, task: str, size: int, ns: int) -> None:
-        self.series.items.labels(ref.display_id, task).inc(size)
-        self.series.batch_size.labels(ref.display_id, task).observe(size)
-        self.series.forward_seconds.labels(ref.display_id, task).observe(ns / 1e9)
+    def record_batch(self, ref: ModelRef, task: str, backend: str, size: int, ns: int) -> None:
+        self.series.items.labels(ref.display_id, task, backend).inc(size)
+        self.series.batch_size.labels(ref.display_id, task, backend).observe(size)
+        self.series.forward_seconds.labels(ref.display_id, task, backend).observe(ns / 1e9)
         stats = self._model(ref)
         stats.inference_count += size
         stats.execution_count += 1

@@ -2,8 +2,10 @@
 
     models:
       - {library: sentence_transformers, name: intfloat/e5-small-v2}
-      - {library: open_clip, name: ViT-B-32, pretrained: laion2b_s34b_b79k}
+      - {library: open_clip, name: ViT-B-32, pretrained: laion2b_s34b_b79k, backend: onnx}
       - {library: timm, name: resnet50.a1_in1k}
+
+``backend`` (optional) picks the engine, as the load routes' field does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from ingrain_bento.engines.base import Backend
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import Settings
 
@@ -25,6 +28,7 @@ class ModelListEntry(BaseModel):
     library: str
     name: str
     pretrained: bool | str | None = None
+    backend: Backend | None = None
 
 
 class ModelList(BaseModel):
@@ -33,18 +37,19 @@ class ModelList(BaseModel):
     models: list[ModelListEntry] = []
 
 
-def read_model_list(path: str | Path) -> list[ModelRef]:
-    """The validated models of a YAML list (a bad entry fails loudly, naming the file)."""
+def read_model_list(path: str | Path) -> list[tuple[ModelRef, Backend | None]]:
+    """The validated models of a YAML list, each with its engine (None: the server default); a
+    bad entry fails loudly, naming the file."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     try:
         entries = ModelList.model_validate(data).models
-        return [ModelRef.parse(e.library, e.name, e.pretrained) for e in entries]
+        return [(ModelRef.parse(e.library, e.name, e.pretrained), e.backend) for e in entries]
     except Exception as exc:
         raise ValueError(f"{path}: {exc}") from exc
 
 
-def preload_list(settings: Settings) -> list[ModelRef]:
-    """``INGRAIN_PRELOAD``'s models, or none."""
+def preload_list(settings: Settings) -> list[tuple[ModelRef, Backend | None]]:
+    """``INGRAIN_PRELOAD``'s models (and engines), or none."""
     return read_model_list(settings.preload) if settings.preload else []
 
 
@@ -54,4 +59,4 @@ def baked_model_tags(settings: Settings) -> list[str]:
     from ingrain_bento.store import ModelStore
 
     store = ModelStore()
-    return [entry.tag for entry in (store.find(ref) for ref in preload_list(settings)) if entry is not None]
+    return [entry.tag for entry in (store.find(ref) for ref, _ in preload_list(settings)) if entry is not None]

@@ -70,12 +70,17 @@ def as_list(value: str | list[str] | None) -> list[str]:
 
 # ---- management requests ---------------------------------------------------------------
 
+Backend = Literal["torch", "onnx", "onnx-int8"]
+
+
 class ModelRequest(ApiModel):
-    """Names one model: ``name`` (or display id ``name::pretrained``), ``pretrained``, ``library``."""
+    """Names one model: ``name`` (or display id ``name::pretrained``), ``pretrained``, ``library``;
+    a load may pick its engine (``backend``; unset: the server's ``INGRAIN_BACKEND``)."""
 
     name: NonEmptyName
     pretrained: Pretrained = None
     library: str | None = None
+    backend: Backend | None = None
 
 
 class CustomModelRequest(ApiModel):
@@ -193,6 +198,9 @@ class ModelInfo(ApiModel):
     memory_bytes: int | None = None
     last_used: float | None = None
     store_tag: str | None = None
+    backend: str | None = None  # the engine running it (resident models)
+    fallback: str | None = None  # why that is not the engine its load asked for
+    exports: list[str] = []  # the engines it has an export in the store for ("onnx", "onnx-int8")
 
 
 class ModelListResponse(ApiModel):

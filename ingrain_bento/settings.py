@@ -49,7 +49,14 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0, validation_alias=_env("INGRAIN_BATCH_WAIT_MS"),
                                  description="How long a forming batch waits for more requests.")
     torch_threads: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_TORCH_THREADS"),
-                                      description="torch intra-op threads (default: torch's, one per core).")
+                                      description="Intra-op threads of every forward, torch's and ONNX Runtime's "
+                                                  "(default: theirs, one per core).")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", validation_alias=_env("INGRAIN_BACKEND"),
+        description="The engine a load gets when it names none: auto (per family and device, the faster one "
+                    "measured: README \"Engines\"), torch, or onnx (onnx-int8 is per load only).")
+    export_timeout_s: float = Field(900.0, gt=0, validation_alias=_env("INGRAIN_EXPORT_TIMEOUT_S"),
+                                    description="How long a model's ONNX export may take (then it loads with torch).")
     fp16_enabled: bool = Field(True, validation_alias=_env("FP16_ENABLED"),
                                description="Half-precision weights on CUDA (CPU always runs fp32).")
     device: str | None = Field(None, validation_alias=_env("INGRAIN_DEVICE"),

@@ -29,12 +29,14 @@ from ingrain_bento.errors import Conflict, IngrainError, ModelNotFound, Upstream
 from ingrain_bento.families import family
 from ingrain_bento.refs import ModelRef
 
-__all__ = ["COMPLETE_MARKER", "ModelStore", "StoredModel", "bentoml_home", "custom_store_name", "staging_dir"]
+__all__ = ["COMPLETE_MARKER", "ModelStore", "StoredExport", "StoredModel", "bentoml_home", "custom_store_name",
+           "export_store_name", "staging_dir"]
 
 log = logging.getLogger("ingrain_bento.store")
 
 COMPLETE_MARKER = ".ingrain-complete"
 LABEL_KEYS = ("library", "name", "pretrained")
+EXPORT_OF = "export_of"  # the label of an export entry: the tag (with version) of the model it was made from
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,27 @@ class StoredModel:
     @property
     def pretrained(self) -> str | bool | None:
         return self.ref.api_pretrained if self.ref else self.custom_name
+
+
+@dataclass(frozen=True)
+class StoredExport:
+    """A model's graphs exported for one engine (``engines.export``): a store entry of its own,
+    made from one model entry (``source``, a tag with version) and deleted with it."""
+
+    tag: str
+    path: Path
+    source: str
+    backend: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def export_store_name(source_tag: str, backend: str) -> str:
+    """Tag name of the ``backend`` export of the model entry ``source_tag`` (``name:version``): a
+    model deleted and stored again is a new entry, with exports of its own."""
+    digest = hashlib.sha256(f"{source_tag}\n{backend}".encode()).hexdigest()[:10]
+    prefix = backend.replace("-", "")
+    slug = source_tag.split(":")[0][: 63 - len(prefix) - len(digest) - 2]
+    return f"{prefix}-{slug}-{digest}"
 
 
 def custom_store_name(library: str, pretrained_name: str) -> str:
@@ -115,7 +138,7 @@ class ModelStore:
     def _entry(model: Any) -> StoredModel | None:
         path = Path(model.path)
         labels = model.info.labels
-        if not (path / COMPLETE_MARKER).is_file() or "library" not in labels:
+        if not (path / COMPLETE_MARKER).is_file() or "library" not in labels or EXPORT_OF in labels:
             return None
         library = labels["library"]
         meta = dict(model.info.metadata)
@@ -145,11 +168,18 @@ class ModelStore:
 
     def _create(self, tag_name: str, labels: dict[str, str], write: Callable[[Path], dict[str, Any]],
                 extra_metadata: dict[str, Any] | None = None) -> StoredModel:
-        """Write one entry: ``write(folder)`` fills it; any failure leaves nothing behind."""
+        """Write one model entry: ``write(folder)`` fills it; any failure leaves nothing behind."""
+        self._write(tag_name, labels, write, extra_metadata, module=f"ingrain_bento.{labels['library']}")
+        entry = self._entry(bentoml.models.get(tag_name))
+        assert entry is not None
+        return entry
+
+    def _write(self, tag_name: str, labels: dict[str, str], write: Callable[[Path], dict[str, Any]],
+               extra_metadata: dict[str, Any] | None, module: str) -> Any:
         started = time.perf_counter()
         staged: Path | None = None
         try:
-            with bentoml.models.create(tag_name, labels=labels, module=f"ingrain_bento.{labels['library']}") as model:
+            with bentoml.models.create(tag_name, labels=labels, module=module) as model:
                 staged = Path(model.path)
                 metadata = {**(extra_metadata or {}), **write(staged)}
                 metadata["size_bytes"] = _folder_size(staged)
@@ -160,11 +190,51 @@ class ModelStore:
                 shutil.rmtree(staged, ignore_errors=True)
         stored = bentoml.models.get(tag_name)
         (Path(stored.path) / COMPLETE_MARKER).touch()
-        entry = self._entry(stored)
-        assert entry is not None
-        log.info("store.write tag=%s bytes=%d seconds=%.2f", entry.tag, entry.size_bytes,
+        log.info("store.write tag=%s bytes=%d seconds=%.2f", stored.tag, stored.info.metadata.get("size_bytes", 0),
                  time.perf_counter() - started)
-        return entry
+        return stored
+
+    # ---- exports --------------------------------------------------------------------------
+
+    @staticmethod
+    def _export(model: Any) -> StoredExport | None:
+        labels = model.info.labels
+        if EXPORT_OF not in labels or not (Path(model.path) / COMPLETE_MARKER).is_file():
+            return None
+        return StoredExport(str(model.tag), Path(model.path), labels[EXPORT_OF], labels.get("backend", ""),
+                            dict(model.info.metadata))
+
+    def find_export(self, entry: StoredModel, backend: str) -> StoredExport | None:
+        """The ``backend`` export made from ``entry``, if there is one."""
+        try:
+            return self._export(bentoml.models.get(export_store_name(entry.tag, backend)))
+        except bentoml.exceptions.NotFound:
+            return None
+
+    def exports_of(self, tag: str) -> list[StoredExport]:
+        """Every export made from the model entry ``tag`` (with version)."""
+        found = (self._export(model) for model in bentoml.models.list())
+        return [export for export in found if export is not None and export.source == tag]
+
+    def write_export(self, entry: StoredModel, backend: str, folder: Path, report: dict[str, Any]) -> StoredExport:
+        """Store the graphs in ``folder`` (or, when ``report`` has a ``failure``, only that) as the
+        ``backend`` export of ``entry``."""
+        name = export_store_name(entry.tag, backend)
+        labels = {EXPORT_OF: entry.tag, "backend": backend, "source": "ingrain-bento"}
+
+        def write(target: Path) -> dict[str, Any]:
+            for graph in folder.glob("*.onnx"):
+                shutil.copy2(graph, target / graph.name)
+            return {"report": report}
+
+        with self._lock(name):
+            existing = self.find_export(entry, backend)
+            if existing is not None:
+                return existing
+            self._remove_incomplete(name)
+            export = self._export(self._write(name, labels, write, None, module="ingrain_bento.onnx"))
+        assert export is not None
+        return export
 
     def pull(self, ref: ModelRef) -> StoredModel:
         """The entry for ``ref``, downloading it once through its library when it is missing."""
@@ -254,6 +324,10 @@ class ModelStore:
         return entry
 
     def delete_tag(self, tag: str) -> None:
+        """Delete an entry, and the exports made from it."""
+        for export in self.exports_of(str(bentoml.models.get(tag).tag)):
+            with self._lock(export.tag.split(":")[0]):
+                bentoml.models.delete(export.tag)
         with self._lock(tag.split(":")[0]):
             bentoml.models.delete(tag)
 

@@ -16,7 +16,9 @@ requests of one call into one array), read back with ``np.frombuffer``. An error
 Nothing is pickle, either way. The runner answers only the front (``RunnerGate``, an ASGI
 middleware on the runner service): every call carries ``INGRAIN_RUNNER_TOKEN`` as a bearer token
 and one without it is refused (401) before its body is read; a pickle body is refused (415) on
-every route, token or not; BentoML's probes (``/livez``, ``/readyz``) stay open. The token is
+every route, token or not; BentoML's probes (``/livez``, ``/readyz``) stay open. A reply says how
+long the runner itself took (``Server-Timing: runner;dur=<ms>``: what the hop costs is the rest,
+``bench/cost_model.py``). The token is
 generated once per ``bentoml serve`` when unset (``ensure_runner_token``, in the parent process,
 whose environment every worker inherits); services that run apart share it as a secret.
 
@@ -33,6 +35,7 @@ import logging
 import os
 import secrets
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, get_type_hints
@@ -265,6 +268,7 @@ class TransportError(ConnectionError):
 class Reply:
     status: int
     body: bytes
+    runner_ms: float | None = None  # the runner's own time for the call (its Server-Timing header)
 
 
 class RunnerTransport:
@@ -299,7 +303,7 @@ class RunnerTransport:
             async with asyncio.timeout(self.timeout_s):
                 async with self._client().post(f"{self.base_url}{CALL_PREFIX}{method}", data=body,
                                                headers=self.headers) as response:
-                    return Reply(response.status, await response.read())
+                    return Reply(response.status, await response.read(), _runner_ms(response.headers))
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from None
 
@@ -318,6 +322,15 @@ class RunnerTransport:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _runner_ms(headers: Mapping[str, str]) -> float | None:
+    timing = headers.get("server-timing", "")
+    _, _, duration = timing.partition("dur=")
+    try:
+        return float(duration) if timing.startswith("runner;") else None
+    except ValueError:
+        return None
 
 
 # ---- the runner's side ----------------------------------------------------------------------------
@@ -356,8 +369,11 @@ class RunnerGate:
         if codec is None or scope["method"] != "POST":
             await _reply_json(send, 404, {"message": f"No runner call {scope['method']} {path}."})
             return
-        status, media_type, body = await self._call(codec, await _read_body(receive))
-        await _reply(send, status, media_type, body)
+        body = await _read_body(receive)
+        started = time.perf_counter()
+        status, media_type, reply = await self._call(codec, body)
+        timing = f"runner;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
+        await _reply(send, status, media_type, reply, [(b"server-timing", timing)])
 
     async def _call(self, codec: CallCodec, body: bytes) -> tuple[int, bytes, bytes]:
         try:
@@ -385,9 +401,10 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _reply(send: Send, status: int, media_type: bytes, body: bytes) -> None:
+async def _reply(send: Send, status: int, media_type: bytes, body: bytes,
+                 headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", media_type), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -11,12 +11,18 @@
 - ``deploy/grafana/ingrain-bento.json`` queries only series the server exports: offline, against the
   series ``ingrain_bento/metrics.py`` declares plus BentoML's own; against a real scrape through
   ``assert_dashboard_metrics_exist`` (called from ``tests/test_e2e_clients.py``).
+- The container: what ``deploy/container_check.sh`` found building and running it for real (it needs a
+  Docker engine and is not run here), checked in the Dockerfile an offline ``bentoml build`` writes.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import shutil
+import subprocess
+import sys
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -316,3 +322,70 @@ def test_the_scrape_check_fails_when_a_series_is_missing():
     text = "# TYPE ingrain_resident_models gauge\ningrain_resident_models 1.0\n"
     with pytest.raises(AssertionError, match="ingrain_items_total"):
         assert_dashboard_metrics_exist(text)
+
+
+# ---- the container (bentofile.yaml's docker section; deploy/container_check.sh) -------------
+
+CONTAINER_CHECK = REPO / "deploy" / "container_check.sh"
+
+
+@pytest.fixture(scope="module")
+def dockerfile(tmp_path_factory) -> list[str]:
+    """The lines of the Dockerfile an offline ``bentoml build`` writes for the Bento as it is."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = {key: value for key, value in os.environ.items() if key != "INGRAIN_PRELOAD"}
+    build = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO,
+                           env={**env, "BENTOML_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    name, version = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:").split(":")
+    return (home / "bentos" / name / version / "env" / "docker" / "Dockerfile").read_text().splitlines()
+
+
+def _first(lines: list[str], text: str) -> int:
+    return next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_pip_is_installed_before_bentoml_installs_uv_with_it(dockerfile):
+    """BentoML installs uv with ``pip install`` into the base image's Python. nvidia/cuda images
+    have no pip (the build stopped at ``pip: not found`` on a base without it), and the system
+    Python of Ubuntu 24.04 (and Debian 12) refuses a pip install (PEP 668) unless
+    PIP_BREAK_SYSTEM_PACKAGES is set."""
+    uv = _first(dockerfile, "pip install --no-cache-dir --require-hashes")
+    assert [line for line in dockerfile[:uv] if line.startswith("RUN apt-get install") and "python3-pip" in line]
+    assert _first(dockerfile, "ARG PIP_BREAK_SYSTEM_PACKAGES=1") < uv
+    assert _first(dockerfile, "ENV PIP_BREAK_SYSTEM_PACKAGES=$PIP_BREAK_SYSTEM_PACKAGES") < uv
+
+
+def test_the_dockerfile_needs_no_buildkit(dockerfile):
+    """No build-time secret or cache mount: Docker's classic builder builds it, which
+    container_check.sh uses where the Docker client has no buildx plugin (BuildKit)."""
+    assert not [line for line in dockerfile if "--mount=" in line or line.startswith("# syntax")]
+
+
+def test_nothing_in_the_image_overrides_the_servers_port(dockerfile):
+    """The server listens on INGRAIN_PORT (8687 by default), read when the container starts. BentoML's
+    entrypoint turns $PORT into BENTOML_PORT, which would override it: the image sets neither.
+    (EXPOSE 3000 is BentoML's template: metadata only, `-p 8687:8687` publishes the server.)"""
+    assert not [line for line in dockerfile if re.match(r"(ENV|ARG) (PORT|BENTOML_PORT|INGRAIN_PORT)\b", line)]
+    bentofile = yaml.safe_load((REPO / "bentofile.yaml").read_text())
+    assert not {env["name"] for env in bentofile["envs"]} & {"PORT", "BENTOML_PORT", "INGRAIN_PORT"}
+
+
+def test_the_container_checks_bentofile_changes_only_the_base_image(tmp_path):
+    """container_check.sh builds the same Bento on a local base: bentofile.yaml with only
+    docker.base_image changed (``bentoml build -f``), so the Dockerfile differs in its FROM line only."""
+    out = tmp_path / "bentofile.local.yaml"
+    subprocess.run([sys.executable, str(REPO / "deploy" / "container_check.py"), "bentofile", "local/base:1", str(out)],
+                   check=True, timeout=60)
+    original = yaml.safe_load((REPO / "bentofile.yaml").read_text())
+    changed = yaml.safe_load(out.read_text())
+    assert changed["docker"].pop("base_image") == "local/base:1"
+    original["docker"].pop("base_image")
+    assert changed == original
+
+
+def test_the_container_check_script_parses():
+    """The script itself needs Docker and is not run by the tests (pytest collects ``tests/`` only)."""
+    subprocess.run(["bash", "-n", str(CONTAINER_CHECK)], check=True, timeout=30)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(CONTAINER_CHECK)], check=True, timeout=60)

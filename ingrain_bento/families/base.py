@@ -1,16 +1,19 @@
-"""What a library family is, and the two objects it builds from a stored model.
+"""What a library family is, and the objects it builds from a stored model.
 
 A family (``open_clip.py``, ``sentence_transformers.py``, ``timm.py``) is one module that
 registers one object satisfying ``Family``: how its names are read, how a checkpoint gets into
-the store (``fetch``, ``bind_custom``), and two ways to open a stored folder:
+the store (``fetch``, ``bind_custom``), and three ways to open a stored folder:
 
-- ``load`` (the runner): the weights on a device, a ``LoadedModel`` whose forwards take a batch
-  of prepared items and return rows;
+- ``graphs``: the model's forwards as ``engines.Graph`` (torch modules over arrays, with example
+  inputs): what each engine runs, and what the ONNX engine exports;
+- ``load`` (the engine's process): a ``LoadedModel`` whose forwards take a batch of prepared
+  items and return numpy rows, its graphs run by the chosen engine (``engines.EngineChoice``);
 - ``load_preprocessor`` (the front): no weights at all, a ``Preprocessor`` that turns texts and
   images into those items with the model's own tokenizer and transforms.
 
 What a model can do is a set of capabilities (``EMBED_TEXT``, ``EMBED_IMAGE``, ``CLASSIFY``),
-never a library check. Torch and the libraries are imported inside the families only.
+never a library check. Torch and the libraries are imported inside the families and the torch
+engine only: a ``LoadedModel`` speaks numpy.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from ingrain_bento.errors import BadRequest
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
     from PIL import Image
 
+    from ingrain_bento.engines import EngineChoice, Graph, Runner
     from ingrain_bento.refs import ModelRef
     from ingrain_bento.schemas import CustomModelRequest
 
@@ -89,8 +92,13 @@ class Family(Protocol):
     def bind_custom(self, ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
         """Build a loadable folder from a custom checkpoint, now that the architecture is named."""
 
-    def load(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> LoadedModel:
-        """Open a stored folder with the library's own loader, weights on ``device``."""
+    def graphs(self, folder: Path) -> dict[str, Graph]:
+        """A stored model's forwards, opened with the library's own loader (fp32, on the CPU);
+        raises with the reason for a model whose forwards cannot be graphs (the ONNX engine then
+        falls back to torch)."""
+
+    def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
+        """Open a stored folder with the library's own loader, its graphs run by ``engine``."""
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         """The model's tokenizer and image transforms, without its weights."""
@@ -119,23 +127,33 @@ class Preprocessor:
 
 
 class LoadedModel(ABC):
-    """A resident model. ``forward(task, items)`` runs one batch of prepared items on the
-    device and returns one row per item on the CPU (float32, or float16 for a half model)."""
+    """A resident model. ``forward(task, items)`` runs one batch of prepared items through its
+    runner (``engines.Runner``) and returns one numpy row per item (float32, or float16 for a
+    half model)."""
 
     capabilities: frozenset[str] = frozenset()
     labels: list[str] | None = None
 
-    def __init__(self, ref: ModelRef, module: torch.nn.Module, device: torch.device, half: bool) -> None:
-        import torch
-
+    def __init__(self, ref: ModelRef, runner: Runner) -> None:
         self.ref = ref
-        self.device = device
-        self.dtype = torch.float16 if half else torch.float32
-        module.eval()
-        if half:
-            module.half()
-        self.module: Any = module.to(device)
-        self.memory_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        self.runner = runner
+        self.fallback: str | None = None  # why the engine asked for is not the one running (set by the pool)
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    @property
+    def device(self) -> str:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> str:
+        return self.runner.dtype
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.runner.memory_bytes
 
     @property
     @abstractmethod
@@ -143,32 +161,27 @@ class LoadedModel(ABC):
         """The size ``model_embedding_size`` reports (CLIP: the text tower's)."""
 
     def forward(self, task: str, items: Sequence[Any]) -> np.ndarray:
-        """One batch of ``task`` (a capability) on the device: one row per item, on the CPU."""
+        """One batch of ``task`` (a capability): one row per item, on the CPU."""
         if task not in self.capabilities:
             raise BadRequest(f"{self.ref.display_id} cannot {task.replace('_', ' ')}.")
-        runs: dict[str, Callable[[Sequence[Any]], torch.Tensor]] = {
+        runs: dict[str, Callable[[Sequence[Any]], np.ndarray]] = {
             EMBED_TEXT: self.encode_text, EMBED_IMAGE: self.encode_image, CLASSIFY: self.classify_image}
-        rows: np.ndarray = runs[task](items).numpy()
-        return rows
+        return runs[task](items)
 
-    def encode_text(self, items: Sequence[TextItem]) -> torch.Tensor:
+    def encode_text(self, items: Sequence[TextItem]) -> np.ndarray:
         raise NotImplementedError
 
-    def encode_image(self, items: Sequence[ImageItem]) -> torch.Tensor:
+    def encode_image(self, items: Sequence[ImageItem]) -> np.ndarray:
         raise NotImplementedError
 
-    def classify_image(self, items: Sequence[ImageItem]) -> torch.Tensor:
+    def classify_image(self, items: Sequence[ImageItem]) -> np.ndarray:
         raise NotImplementedError
 
     def release(self) -> None:
-        """Drop the weights and give the memory back (CUDA cache, glibc heap)."""
-        import torch
-
-        self.module = None
+        """Drop the weights and give the memory back (device memory, glibc heap)."""
+        self.runner.release()
         gc.unfreeze()  # let the collector reach the model's reference cycles again
         freeze_heap()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         trim_heap()
 
 
@@ -176,10 +189,11 @@ class ImagePipeline:
     """A torchvision eval transform, split where the PIL steps end.
 
     The front runs the PIL steps (resize, crop, mode) and sends uint8 HWC pixels, a quarter of
-    the bytes of float32; the runner runs ``ToTensor`` + ``Normalize`` on the whole batch, on
-    the device. That is the transform's own arithmetic (divide by 255, subtract the mean, divide
-    by the std, elementwise), so rows equal the library's. A transform of another shape runs
-    whole in the front and crosses as float32 CHW pixels."""
+    the bytes of float32; the model's image graph runs ``ToTensor`` + ``Normalize`` on the whole
+    batch, on the device (``engines.pixels.PixelGraph``). That is the transform's own arithmetic
+    (divide by 255, subtract the mean, divide by the std, elementwise), so rows equal the
+    library's. A transform of another shape runs whole in the front and crosses as float32 CHW
+    pixels."""
 
     def __init__(self, transform: Any) -> None:
         from torchvision import transforms as T
@@ -201,20 +215,13 @@ class ImagePipeline:
             return self.transform(image).numpy()
         return np.asarray(self.pil_steps(image), dtype=np.uint8)
 
-    def batch(self, items: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The runner's part: one (N, 3, H, W) batch on ``device`` in ``dtype``."""
+    def example(self, count: int = 2) -> np.ndarray:
+        """``count`` items as the front prepares them (noise images through the PIL steps)."""
         import numpy as np
-        import torch
-        from torchvision.transforms import functional as F
+        from PIL import Image
 
-        pixels = torch.from_numpy(np.stack(items))
-        if device.type == "cuda":
-            pixels = pixels.pin_memory().to(device, non_blocking=True)
-        if self.mean is None:
-            return pixels.to(device=device, dtype=dtype)
-        assert self.std is not None
-        scaled = pixels.permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255)
-        return F.normalize(scaled, list(self.mean), list(self.std)).to(dtype)
+        noise = np.random.default_rng(0).integers(0, 256, (count, 240, 320, 3), dtype=np.uint8)
+        return np.stack([self.prepare(Image.fromarray(image)) for image in noise])
 
 
 def freeze_heap() -> None:

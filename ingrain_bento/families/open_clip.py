@@ -5,7 +5,8 @@ opens: ``open_clip_config.json`` (``model_cfg`` + the final ``preprocess_cfg``),
 as ``open_clip_model.safetensors``, and the HF tokenizer files when the model uses one.
 The front tokenizes with ``open_clip.get_tokenizer("local-dir:<folder>")`` and builds the
 image transform from the stored ``preprocess_cfg`` exactly as ``create_model_and_transforms``
-does; neither needs the weights.
+does; neither needs the weights. The model's two graphs are its towers: ``text`` (token ids ->
+``encode_text``) and ``image`` (pixels -> ``encode_image``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from ingrain_bento.refs import HF_HUB_PREFIX, ModelRef, validate_tag
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
+    from ingrain_bento.engines import EngineChoice, Graph, Runner
     from ingrain_bento.schemas import CustomModelRequest
 
 CONFIG_FILE = "open_clip_config.json"
@@ -69,34 +70,57 @@ def _require_safetensors(repo: str) -> None:
                          "weights are loaded (open_clip_model.safetensors).")
 
 
+def _graphs(folder: Path) -> dict[str, Graph]:
+    """``text``: int64 token ids (batch, context) -> ``encode_text``; ``image``: the front's pixels
+    -> ``encode_image`` (``PixelGraph``)."""
+    import open_clip
+    import torch
+
+    from ingrain_bento.engines import Graph
+    from ingrain_bento.engines.pixels import PixelGraph
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    model.eval()
+    pipeline = ImagePipeline(preprocess)
+    tokens = open_clip.get_tokenizer(f"local-dir:{folder}")(["a photo of a cat", "a diagram"]).numpy()
+
+    class TextTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.model.encode_text(tokens)
+
+    pixels = pipeline.example()
+    return {
+        "text": Graph(TextTower(), {"tokens": tokens.astype("int64")}, ["features"],
+                      {"tokens": {0: "batch"}, "features": {0: "batch"}}),
+        "image": Graph(PixelGraph(model, pipeline, lambda m, x: m.encode_image(x)), {"pixels": pixels},
+                       ["features"], {"pixels": {0: "batch"}, "features": {0: "batch"}}),
+    }
+
+
 class OpenClipModel(LoadedModel):
     capabilities = CAPABILITIES
 
-    def __init__(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> None:
-        import open_clip
-
-        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-        super().__init__(ref, model, device, half)
-        self.pixels = ImagePipeline(preprocess)
-        self._embed_dim = int(json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"])
+    def __init__(self, ref: ModelRef, runner: Runner, embed_dim: int) -> None:
+        super().__init__(ref, runner)
+        self._embed_dim = embed_dim
 
     @property
     def embedding_size(self) -> int:
         return self._embed_dim
 
-    def encode_text(self, items: Sequence[np.ndarray]) -> torch.Tensor:
+    def encode_text(self, items: Sequence[np.ndarray]) -> np.ndarray:
         import numpy as np
-        import torch
 
-        tokens = torch.from_numpy(np.stack(items)).to(self.device, dtype=torch.long)
-        with torch.inference_mode():
-            return self.module.encode_text(tokens).cpu()
+        return self.runner.run("text", {"tokens": np.stack(items).astype(np.int64)})[0]
 
-    def encode_image(self, items: Sequence[np.ndarray]) -> torch.Tensor:
-        import torch
+    def encode_image(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        import numpy as np
 
-        with torch.inference_mode():
-            return self.module.encode_image(self.pixels.batch(items, self.device, self.dtype)).cpu()
+        return self.runner.run("image", {"pixels": np.stack(items)})[0]
 
 
 class OpenClipPreprocessor(Preprocessor):
@@ -182,8 +206,12 @@ class OpenClipFamily:
             raise BadRequest(f"The checkpoint {ref.pretrained!r} does not fit architecture {ref.name}: {exc}") from None
         return _save(model, open_clip.get_model_config(ref.name), open_clip.get_tokenizer(ref.name), folder)
 
-    def load(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> LoadedModel:
-        return OpenClipModel(folder, ref, device, half)
+    def graphs(self, folder: Path) -> dict[str, Graph]:
+        return _graphs(folder)
+
+    def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
+        embed_dim = int(json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"])
+        return OpenClipModel(ref, engine.runner(_graphs(folder)), embed_dim)
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return OpenClipPreprocessor(folder)

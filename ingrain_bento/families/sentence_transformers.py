@@ -7,13 +7,14 @@ Store format: the folder ``SentenceTransformer.save()`` writes, opened with
   through accelerate: no memory, no reads of the weights) and tokenizes with the model's own
   ``preprocess``, the configured default prompt included as ``encode`` applies it; each text
   becomes one unpadded item, its token rows stacked into a small int32 array;
-- the runner pads a batch of items the way the tokenizer pads and runs the model's own
-  forward (pooling with ``prompt_length`` for ``include_prompt=False``, ``Normalize``,
-  ``truncate_dim``).
+- the engine pads a batch of items the way the tokenizer pads and runs the model's own
+  forward, every module ``modules.json`` lists (pooling with ``prompt_length`` for
+  ``include_prompt=False``, ``Dense``, ``Normalize``), then ``truncate_dim``: that forward is the
+  model's one graph, ``embed`` (token ids -> sentence embedding), for either engine.
 
 Both halves read how a model's tokenizer output splits (``TextFormat``) from one probe, at
 load: a model whose output does not split and re-pad exactly (multimodal processors,
-flattened FA2 inputs) takes raw texts, and the runner calls ``encode`` itself.
+flattened FA2 inputs) takes raw texts, and the engine calls ``encode`` itself (torch only).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from ingrain_bento.refs import ModelRef
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
+    from ingrain_bento.engines import EngineChoice, Graph, Runner
     from ingrain_bento.schemas import CustomModelRequest
 
 log = logging.getLogger("ingrain_bento.families.sentence_transformers")
@@ -54,6 +55,8 @@ PROBE = ["a", "a longer text, to pad the first one"]
 UNSAFE_OR_UNUSED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.onnx", "*.ot",
                     "onnx/*", "openvino/*", "*.gguf"]
 MODULE_PACKAGE = "sentence_transformers."
+RAW_TEXTS = ("its tokenizer's output does not split into token rows (it takes raw texts): only the torch engine "
+             "runs it")
 
 
 def check_modules(folder: Path) -> None:
@@ -78,12 +81,11 @@ def check_modules(folder: Path) -> None:
 
 class TextFormat(NamedTuple):
     """How one model's ``preprocess`` output splits into one item per text: the token keys (in
-    order, one row of an item each) with their pad values and dtypes, the padding side, and the
+    order, one row of an item each) with their pad values, the padding side, and the
     non-tensor entries a whole batch shares (``modality``, ``prompt_length``)."""
 
     keys: tuple[str, ...]
     pad_values: tuple[int, ...]
-    dtypes: tuple[Any, ...]
     padding_side: str
     shared: tuple[tuple[str, Any], ...]
 
@@ -112,10 +114,9 @@ def split_rows(features: dict[str, Any], fmt: TextFormat) -> list[np.ndarray] | 
     return rows
 
 
-def pad_rows(rows: Sequence[np.ndarray], fmt: TextFormat) -> dict[str, Any]:
-    """Texts tokenized apart -> one batch of features, padded as the tokenizer pads."""
+def pad_rows(rows: Sequence[np.ndarray], fmt: TextFormat) -> dict[str, np.ndarray]:
+    """Texts tokenized apart -> one batch of int64 token arrays, padded as the tokenizer pads."""
     import numpy as np
-    import torch
 
     width = max(row.shape[1] for row in rows)
     out = np.empty((len(fmt.keys), len(rows), width), dtype=np.int64)
@@ -125,9 +126,7 @@ def pad_rows(rows: Sequence[np.ndarray], fmt: TextFormat) -> dict[str, Any]:
             raise ValueError(f"a text item has {row.shape[0]} token rows, this model takes {len(fmt.keys)}")
         columns = slice(0, row.shape[1]) if fmt.padding_side == "right" else slice(width - row.shape[1], width)
         out[:, index, columns] = row
-    batch: dict[str, Any] = {key: torch.from_numpy(out[i]).to(fmt.dtypes[i]) for i, key in enumerate(fmt.keys)}
-    batch.update(fmt.shared)
-    return batch
+    return {key: out[i] for i, key in enumerate(fmt.keys)}
 
 
 def default_prompt(model: Any) -> str | None:
@@ -146,8 +145,7 @@ def text_format(model: Any, prompt: str | None) -> TextFormat | None:
     try:
         features = model.preprocess(PROBE, prompt=prompt)
         tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
-        fmt = TextFormat(tuple(tensors), tuple(int(pad_by_key.get(k, 0)) for k in tensors),
-                         tuple(v.dtype for v in tensors.values()), padding_side,
+        fmt = TextFormat(tuple(tensors), tuple(int(pad_by_key.get(k, 0)) for k in tensors), padding_side,
                          tuple((k, v) for k, v in features.items() if k not in tensors))
         if padding_side not in ("left", "right"):
             return None
@@ -157,9 +155,8 @@ def text_format(model: Any, prompt: str | None) -> TextFormat | None:
         again = pad_rows(rows, fmt)
     except Exception:  # any surprise in the probe means: keep the library's encode()
         return None
-    same = again.keys() == features.keys() and all(
-        value.equal(features[key]) if isinstance(value, torch.Tensor) else value == features[key]
-        for key, value in again.items())
+    same = again.keys() == tensors.keys() and all(
+        torch.from_numpy(again[key]).to(value.dtype).equal(value) for key, value in tensors.items())
     return fmt if same else None
 
 
@@ -172,38 +169,69 @@ def _describe(model: Any) -> dict[str, Any]:
     return {"embedding_size": _dimension(model), "capabilities": sorted(CAPABILITIES)}
 
 
+def _embed_graph(model: Any, fmt: TextFormat) -> Graph:
+    """The model's whole forward over its token arrays (what ``encode`` runs per batch)."""
+    import torch
+
+    from ingrain_bento.engines import Graph
+
+    class Embed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *tokens: torch.Tensor) -> torch.Tensor:
+            features: dict[str, Any] = dict(zip(fmt.keys, tokens, strict=True))
+            features.update(fmt.shared)
+            rows: torch.Tensor = self.model(features)["sentence_embedding"]
+            return rows
+
+    rows = split_rows(model.preprocess(PROBE, prompt=default_prompt(model)), fmt)
+    assert rows is not None
+    axes = {0: "batch", 1: "tokens"}
+    return Graph(Embed(), pad_rows(rows, fmt), ["sentence_embedding"],
+                 {**{key: axes for key in fmt.keys}, "sentence_embedding": {0: "batch"}})
+
+
+def _open(folder: Path) -> tuple[Any, TextFormat | None]:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu").eval()
+    return model, text_format(model, default_prompt(model))
+
+
 class SentenceTransformerModel(LoadedModel):
     capabilities = CAPABILITIES
 
-    def __init__(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(folder), device=str(device))
-        super().__init__(ref, model, device, half)
-        self._size = _dimension(model)
-        self.format = text_format(model, default_prompt(model))
+    def __init__(self, ref: ModelRef, runner: Runner, fmt: TextFormat | None, size: int, truncate_dim: int | None,
+                 library_model: Any = None) -> None:
+        super().__init__(ref, runner)
+        self.format = fmt
+        self._size = size
+        self.truncate_dim = truncate_dim
+        self.library_model = library_model  # the model itself, for one that takes raw texts (torch only)
 
     @property
     def embedding_size(self) -> int:
         return self._size
 
-    def encode_text(self, items: Sequence[Any]) -> torch.Tensor:
+    def encode_text(self, items: Sequence[Any]) -> np.ndarray:
         """Token items (or, for a model without a ``TextFormat``, raw texts) -> rows."""
+        if self.format is None or isinstance(items[0], str):
+            return self._encode_texts(items)
+        rows = self.runner.run("embed", pad_rows(items, self.format))[0]
+        return rows[:, :self.truncate_dim] if self.truncate_dim else rows
+
+    def _encode_texts(self, items: Sequence[Any]) -> np.ndarray:
+        if self.library_model is None or not all(isinstance(item, str) for item in items):
+            raise ValueError(f"{self.ref.display_id} takes token items, not raw texts")
         import torch
 
         with torch.inference_mode():
-            if self.format is None or isinstance(items[0], str):
-                if not all(isinstance(item, str) for item in items):
-                    raise ValueError(f"{self.ref.display_id} takes raw texts, not token items")
-                rows = self.module.encode(list(items), batch_size=len(items), convert_to_tensor=True,
-                                          show_progress_bar=False)
-                return rows.cpu()
-            features = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                        for key, value in pad_rows(items, self.format).items()}
-            rows = self.module(features)["sentence_embedding"]
-        if self.module.truncate_dim:
-            rows = rows[:, :self.module.truncate_dim]
-        return rows.cpu()
+            rows = self.library_model.encode(list(items), batch_size=len(items), convert_to_tensor=True,
+                                             show_progress_bar=False)
+        result: np.ndarray = rows.cpu().numpy()
+        return result
 
 
 class SentenceTransformerPreprocessor(Preprocessor):
@@ -284,8 +312,25 @@ class SentenceTransformersFamily:
     def bind_custom(self, ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
         raise BadRequest("sentence-transformers custom models load by their own name, not into an architecture.")
 
-    def load(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> LoadedModel:
-        return SentenceTransformerModel(folder, ref, device, half)
+    def graphs(self, folder: Path) -> dict[str, Graph]:
+        model, fmt = _open(folder)
+        if fmt is None:
+            raise RuntimeError(RAW_TEXTS)
+        return {"embed": _embed_graph(model, fmt)}
+
+    def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
+        from ingrain_bento.engines import Graph
+
+        model, fmt = _open(folder)
+        size, truncate_dim = _dimension(model), model.truncate_dim
+        if fmt is None:  # the library's own encode, on the torch engine
+            if engine.backend != "torch":
+                raise RuntimeError(RAW_TEXTS)
+            graph = Graph(model, {}, [])
+            runner = engine.runner({"library": graph})
+            return SentenceTransformerModel(ref, runner, None, size, truncate_dim, library_model=graph.module)
+        return SentenceTransformerModel(ref, engine.runner({"embed": _embed_graph(model, fmt)}), fmt, size,
+                                        truncate_dim)
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return SentenceTransformerPreprocessor(folder)

@@ -3,7 +3,9 @@
 Store format: the folder ``timm.models.save_for_hf`` writes (``config.json`` with the
 architecture, ``num_classes``, ``pretrained_cfg`` and label info, plus ``model.safetensors``),
 opened with ``timm.create_model("local-dir:<folder>", pretrained=True)``. The front builds
-the model on torch's meta device (no weights, no memory) only to resolve its data config.
+the model on torch's meta device (no weights, no memory) only to resolve its data config. The
+model's one graph, ``image``, gives both the pooled pre-logits features and the logits (the head
+is a small part of the forward).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from ingrain_bento.refs import ModelRef, validate_tag
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
+    from ingrain_bento.engines import EngineChoice, Graph, Runner
     from ingrain_bento.schemas import CustomModelRequest
 
 RANDOM_WEIGHTS = "false"  # pretrained=false: the architecture with random weights
@@ -61,36 +63,49 @@ def _image_pipeline(model: Any) -> ImagePipeline:
     return ImagePipeline(create_transform(**resolve_data_config({}, model=model)))
 
 
+def _heads(model: Any, pixels: Any) -> tuple[Any, Any]:
+    features = model.forward_features(pixels)
+    return model.forward_head(features, pre_logits=True), model.forward_head(features)
+
+
+def _graphs(folder: Path) -> dict[str, Graph]:
+    """``image``: the front's pixels -> (pooled pre-logits features, logits)."""
+    import timm
+
+    from ingrain_bento.engines import Graph
+    from ingrain_bento.engines.pixels import PixelGraph
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    pipeline = _image_pipeline(model)
+    batch = {0: "batch"}
+    return {"image": Graph(PixelGraph(model, pipeline, _heads), {"pixels": pipeline.example()},
+                           ["features", "logits"], {"pixels": batch, "features": batch, "logits": batch})}
+
+
 class TimmModel(LoadedModel):
     capabilities = CAPABILITIES
 
-    def __init__(self, folder: Path, ref: ModelRef, device: torch.device, half: bool, labels: list[str]) -> None:
-        import timm
-
-        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-        super().__init__(ref, model, device, half)
-        self.pixels = _image_pipeline(model)
-        self._size = _feature_size(model)
+    def __init__(self, ref: ModelRef, runner: Runner, labels: list[str], feature_size: int) -> None:
+        super().__init__(ref, runner)
+        self._size = feature_size
         self.labels = labels
 
     @property
     def embedding_size(self) -> int:
         return self._size
 
-    def encode_image(self, items: Sequence[np.ndarray]) -> torch.Tensor:
+    def _run(self, items: Sequence[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
+        return self.runner.run("image", {"pixels": np.stack(items)})
+
+    def encode_image(self, items: Sequence[np.ndarray]) -> np.ndarray:
         """The pooled pre-logits features."""
-        import torch
+        return self._run(items)[0]
 
-        with torch.inference_mode():
-            features = self.module.forward_features(self.pixels.batch(items, self.device, self.dtype))
-            return self.module.forward_head(features, pre_logits=True).cpu()
-
-    def classify_image(self, items: Sequence[np.ndarray]) -> torch.Tensor:
+    def classify_image(self, items: Sequence[np.ndarray]) -> np.ndarray:
         """Logits, one column per label."""
-        import torch
-
-        with torch.inference_mode():
-            return self.module(self.pixels.batch(items, self.device, self.dtype)).cpu()
+        return self._run(items)[1]
 
 
 class TimmPreprocessor(Preprocessor):
@@ -170,10 +185,15 @@ class TimmFamily:
             raise BadRequest(f"The checkpoint {ref.pretrained!r} does not fit architecture {ref.name}: {exc}") from None
         return _save(model, folder, with_labels=False)
 
-    def load(self, folder: Path, ref: ModelRef, device: torch.device, half: bool) -> LoadedModel:
+    def graphs(self, folder: Path) -> dict[str, Graph]:
+        return _graphs(folder)
+
+    def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
         labels = self.read_labels(folder)
         assert labels is not None
-        return TimmModel(folder, ref, device, half, labels)
+        graphs = _graphs(folder)
+        size = _feature_size(graphs["image"].module.model)
+        return TimmModel(ref, engine.runner(graphs), labels, size)
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return TimmPreprocessor(folder)

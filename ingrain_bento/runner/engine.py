@@ -27,6 +27,7 @@ from typing import Any
 from ingrain_bento import schemas as s
 from ingrain_bento.batching import BatcherClosed
 from ingrain_bento.boundary import InferReply, LoadResult, ModelHandle, ServedModel
+from ingrain_bento.engines import Backend
 from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound, StaleModel
 from ingrain_bento.families import families, family
 from ingrain_bento.families.base import check_safetensors, modalities_of
@@ -57,20 +58,24 @@ class RunnerEngine:
         self.pool = ModelPool(self.store, settings, metrics, on_change=self._resident_changed)
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
 
-    def _resident_changed(self, refs: list[ModelRef]) -> None:
-        if self._resident - set(refs):
+    def _resident_changed(self, resident: list[tuple[ModelRef, Backend]]) -> None:
+        refs = {ref for ref, _ in resident}
+        if self._resident - refs:
             self.version += 1
-        self._resident = set(refs)
+        self._resident = refs
         if self.state is not None:
-            self.state.save(refs)
+            self.state.save(resident)
 
-    async def start(self, preload: list[ModelRef]) -> None:
+    async def start(self, preload: Sequence[tuple[ModelRef, str | None]]) -> None:
         """Load what was resident when this engine last ran, then the preload list, one at a time
         while serving (each is ``LOADING`` meanwhile); a failure is logged, not fatal."""
         restored = self.state.load() if self.state is not None else []
         if restored:
-            log.info("runner.restore models=%s", ",".join(ref.display_id for ref in restored))
-        await self.pool.restore(list(dict.fromkeys([*restored, *preload])))
+            log.info("runner.restore models=%s", ",".join(ref.display_id for ref, _ in restored))
+        wanted = dict(restored)
+        for ref, backend in preload:
+            wanted.setdefault(ref, backend)
+        await self.pool.restore(list(wanted.items()))
 
     async def close(self) -> None:
         await self.pool.close()
@@ -118,7 +123,7 @@ class RunnerEngine:
         if lib is None:
             raise BadRequest(f"Send 'library': one of {', '.join(sorted(families()))}.")
         ref = ModelRef.parse(lib, request.name, request.pretrained)
-        return LoadResult(ref.display_id, await self.pool.load(ref))
+        return LoadResult(ref.display_id, await self.pool.load(ref, request.backend))
 
     async def unload(self, request: s.ModelRequest) -> str:
         ref = self.resolve(request.name, request.pretrained, request.library, resident_only=True)
@@ -157,15 +162,19 @@ class RunnerEngine:
         model = resident.model if resident else None
         meta = entry.metadata if entry else {}
         capabilities = sorted(model.capabilities) if model else meta.get("capabilities", [])
+        exports = self.store.exports_of(entry.tag) if entry else []
         return s.ModelInfo(
             id=ident, name=name, pretrained=pretrained, library=library, state=state,
             modalities=modalities_of(capabilities),
             embedding_size=model.embedding_size if model else meta.get("embedding_size"),
-            device=str(model.device) if model else None,
-            dtype=str(model.dtype).removeprefix("torch.") if model else None,
+            device=model.device if model else None,
+            dtype=model.dtype if model else None,
             memory_bytes=model.memory_bytes if model else None,
             last_used=resident.last_used if resident else None,
             store_tag=entry.tag if entry else None,
+            backend=model.backend if model else None,
+            fallback=model.fallback if model else None,
+            exports=sorted(e.backend for e in exports if not e.metadata.get("report", {}).get("failure")),
         )
 
     async def loaded_models(self) -> list[s.ModelInfo]:

@@ -8,6 +8,11 @@ gets a 503 with ``Retry-After`` while the load goes on. Capacity is ``MAX_LOADED
 optional byte budget of resident weights; at capacity the policy either unloads the least
 recently used *idle* model (``evict``) or answers 503 (``reject``). A model with requests in
 flight is never evicted under them; an explicit unload lets queued requests finish first.
+
+Each load picks its engine (``engines.choose_backend``: the load's ``backend``, else
+``INGRAIN_BACKEND``); an ONNX engine needs the model's export, made once (``engines.export``),
+and a model that has none loads with torch, ``fallback`` saying why. A model resident with one
+engine and asked for with another is a 409: unload it first.
 """
 
 from __future__ import annotations
@@ -17,20 +22,24 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingrain_bento.batching import Batcher, BatcherClosed, in_executor
-from ingrain_bento.errors import AtCapacity, ModelNotFound, ModelStillLoading
+from ingrain_bento.engines import Backend, EngineChoice, choose_backend
+from ingrain_bento.engines.export import ensure_export
+from ingrain_bento.engines.torch import apply_torch_threads
+from ingrain_bento.errors import AtCapacity, Conflict, ModelNotFound, ModelStillLoading
 from ingrain_bento.families import family
 from ingrain_bento.families.base import LoadedModel, freeze_heap
 from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.refs import ModelRef
-from ingrain_bento.runner.device import apply_torch_threads, pick_device
+from ingrain_bento.runner.device import pick_device
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel
 
@@ -45,12 +54,17 @@ UNLOAD_DRAIN_TIMEOUT_S = 120.0
 STILL_LOADING_RETRY_S = 5
 
 
+class _EngineFailed(Exception):
+    """An engine other than torch could not open a model (the pool then opens it with torch)."""
+
+
 @dataclass
 class Resident:
     """A model on the device, with its batchers and the requests using it right now."""
 
     model: LoadedModel
     stored: StoredModel
+    requested: Backend  # the engine the load asked for (``model.backend`` differs after a fallback)
     batchers: dict[str, Batcher[Any]] = field(default_factory=dict)
     in_flight: int = 0
     last_used: float = field(default_factory=time.time)
@@ -62,23 +76,23 @@ class Resident:
 
 class ModelPool:
     def __init__(self, store: ModelStore, settings: Settings, metrics: ModelMetrics | None = None,
-                 on_change: Callable[[list[ModelRef]], None] | None = None) -> None:
+                 on_change: Callable[[list[tuple[ModelRef, Backend]]], None] | None = None) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self.on_change = on_change  # the resident refs after each load, unload or eviction
+        self.on_change = on_change  # the resident refs (and their engines) after each load, unload or eviction
         # One forward at a time per device: torch already uses every core (or the GPU) per forward.
         self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
         self._device: torch.device | None = None
         self._resident: OrderedDict[ModelRef, Resident] = OrderedDict()
-        self._loading: dict[ModelRef, asyncio.Task[Resident]] = {}
+        self._loading: dict[ModelRef, tuple[Backend, asyncio.Task[Resident]]] = {}
         self._reserved: dict[ModelRef, int] = {}
         self._capacity_lock = asyncio.Lock()
 
     @property
     def device(self) -> torch.device:
         if self._device is None:
-            apply_torch_threads(self.settings)
+            apply_torch_threads(self.settings.torch_threads)
             self._device = pick_device(self.settings)
         return self._device
 
@@ -98,33 +112,55 @@ class ModelPool:
     def is_loading(self, ref: ModelRef) -> bool:
         return ref in self._loading
 
-    async def load(self, ref: ModelRef) -> bool:
-        """Make ``ref`` resident; False when it already was (or another request loaded it)."""
-        if ref in self._resident:
+    def loading_backend(self, ref: ModelRef) -> Backend | None:
+        loading = self._loading.get(ref)
+        return loading[0] if loading else None
+
+    def backend_for(self, ref: ModelRef, requested: str | None) -> Backend:
+        """The engine a load of ``ref`` asking for ``requested`` (None: the server default) gets."""
+        return choose_backend(requested, self.settings.backend, self.device.type, ref.library)
+
+    async def load(self, ref: ModelRef, backend: str | None = None) -> bool:
+        """Make ``ref`` resident; False when it already was (or another request loaded it). A
+        ``backend`` other than the one it is resident (or loading) with is a 409."""
+        wanted = self.backend_for(ref, backend)
+        resident = self._resident.get(ref)
+        if resident is not None:
+            self._check_backend(ref, resident.requested, wanted, backend)
             self._resident.move_to_end(ref)
             return False
-        loading = ref in self._loading
-        await asyncio.shield(self._start_load(ref))
-        return not loading
+        loading = self._loading.get(ref)
+        if loading is not None:
+            self._check_backend(ref, loading[0], wanted, backend)
+        await asyncio.shield(self._start_load(ref, wanted))
+        return loading is None
 
-    async def restore(self, refs: list[ModelRef]) -> None:
-        """Load ``refs`` one at a time (what was resident before a restart, the preload list). All
-        of them are ``LOADING`` at once, so a request for one waits for it (``wait_resident``)
-        instead of finding it unknown; a failure is logged, not fatal."""
+    @staticmethod
+    def _check_backend(ref: ModelRef, current: Backend, wanted: Backend, asked: str | None) -> None:
+        if asked is not None and current != wanted:
+            raise Conflict(f"{ref.display_id} is loaded with the {current} engine: unload it first to load it with "
+                           f"{wanted}.")
+
+    async def restore(self, refs: Sequence[tuple[ModelRef, str | None]]) -> None:
+        """Load ``refs`` one at a time (what was resident before a restart, with the engine it had;
+        the preload list). All of them are ``LOADING`` at once, so a request for one waits for it
+        (``wait_resident``) instead of finding it unknown; a failure is logged, not fatal."""
         turn = asyncio.Lock()
-        loads = {ref: self._start_load(ref, turn, self.settings.restore_delay_s) for ref in refs
-                 if ref not in self._resident}
+        loads = {ref: self._start_load(ref, self.backend_for(ref, backend), turn, self.settings.restore_delay_s)
+                 for ref, backend in refs if ref not in self._resident}
         for ref, outcome in zip(loads, await asyncio.gather(*loads.values(), return_exceptions=True), strict=True):
             if isinstance(outcome, BaseException):
                 log.error("pool.restore failed to load model=%s: %s", ref.display_id, outcome)
 
     async def wait_resident(self, ref: ModelRef, wait_s: float | None) -> Resident:
-        """``ref`` resident, loading it if needed; a 503 with ``Retry-After`` when that takes longer
-        than ``wait_s`` (the load goes on: a later request finds it resident)."""
+        """``ref`` resident, loading it if needed (with the default engine); a 503 with
+        ``Retry-After`` when that takes longer than ``wait_s`` (the load goes on: a later request
+        finds it resident)."""
         resident = self._resident.get(ref)
         if resident is None:
             try:
-                resident = await asyncio.wait_for(asyncio.shield(self._start_load(ref)), wait_s)
+                resident = await asyncio.wait_for(asyncio.shield(self._start_load(ref, self.backend_for(ref, None))),
+                                                  wait_s)
             except TimeoutError:
                 raise ModelStillLoading(f"{ref.display_id} is still loading: send the request again shortly.",
                                         STILL_LOADING_RETRY_S) from None
@@ -132,43 +168,75 @@ class ModelPool:
                 raise AtCapacity(f"{ref.display_id} was unloaded while this request waited: send it again.")
         return resident
 
-    def _start_load(self, ref: ModelRef, turn: asyncio.Lock | None = None,
+    def _start_load(self, ref: ModelRef, backend: Backend, turn: asyncio.Lock | None = None,
                     delay_s: float = 0.0) -> asyncio.Task[Resident]:
         """The one load of ``ref`` in progress, started if there is none (a storm of loads loads
         once); it leaves ``_loading`` when it ends, whoever awaits it. ``turn``: a lock the loads
         of a restore take in turn; ``delay_s``: a pause first (``INGRAIN_RESTORE_DELAY_S``)."""
-        task = self._loading.get(ref)
-        if task is None:
-            task = self._loading[ref] = asyncio.create_task(self._load(ref, turn, delay_s))
+        loading = self._loading.get(ref)
+        if loading is not None:
+            return loading[1]
+        task = asyncio.create_task(self._load(ref, backend, turn, delay_s))
+        self._loading[ref] = (backend, task)
 
-            def finished(done: asyncio.Task[Resident]) -> None:
-                if self._loading.get(ref) is done:
-                    del self._loading[ref]
+        def finished(done: asyncio.Task[Resident]) -> None:
+            if self._loading.get(ref, (None, None))[1] is done:
+                del self._loading[ref]
 
-            task.add_done_callback(finished)
+        task.add_done_callback(finished)
         return task
 
-    async def _load(self, ref: ModelRef, turn: asyncio.Lock | None, delay_s: float) -> Resident:
+    async def _load(self, ref: ModelRef, backend: Backend, turn: asyncio.Lock | None, delay_s: float) -> Resident:
         async with turn or contextlib.nullcontext():
             await asyncio.sleep(delay_s)
-            return await self._load_now(ref)
+            return await self._load_now(ref, backend)
 
-    async def _load_now(self, ref: ModelRef) -> Resident:
+    async def _load_now(self, ref: ModelRef, backend: Backend) -> Resident:
         started = time.perf_counter()
         stored = await asyncio.to_thread(self.store.pull, ref)
         estimate = int(stored.metadata.get("weights_bytes", stored.size_bytes)) // (2 if self.half else 1)
+        engine, fallback = await self._engine(stored, backend)
         await self._make_room(ref, estimate)
         try:
-            model = await asyncio.to_thread(family(ref.library).load, stored.path, ref, self.device, self.half)
+            model = await self._open(ref, stored, engine)
+        except _EngineFailed as exc:  # an export that ONNX Runtime cannot open: torch, and why
+            fallback = str(exc)
+            model = await self._open(ref, stored, self._choice("torch"))
         finally:
             self._reserved.pop(ref, None)
-        resident = Resident(model=model, stored=stored)
+        model.fallback = fallback
+        if fallback:
+            log.warning("pool.fallback model=%s backend=%s runs on torch: %s", ref.display_id, backend, fallback)
+        resident = Resident(model=model, stored=stored, requested=backend)
         self._resident[ref] = resident
         freeze_heap()
         self._report_resident()
-        log.info("pool.load model=%s device=%s bytes=%d seconds=%.2f", ref.display_id, self.device,
-                 model.memory_bytes, time.perf_counter() - started)
+        log.info("pool.load model=%s backend=%s device=%s bytes=%d seconds=%.2f", ref.display_id, model.backend,
+                 model.device, model.memory_bytes, time.perf_counter() - started)
         return resident
+
+    def _choice(self, backend: Backend, export: Path | None = None) -> EngineChoice:
+        return EngineChoice(backend, self.device, self.half, self.settings.torch_threads, export)
+
+    async def _engine(self, stored: StoredModel, backend: Backend) -> tuple[EngineChoice, str | None]:
+        """The engine to open ``stored`` with, and why it is not ``backend`` when it is not."""
+        if backend == "torch":
+            return self._choice("torch"), None
+        export = await ensure_export(self.store, stored, backend, self.settings.export_timeout_s)
+        if export.folder is None:
+            return self._choice("torch"), f"it has no {backend} export: {export.failure}"
+        return self._choice(backend, export.folder), None
+
+    async def _open(self, ref: ModelRef, stored: StoredModel, engine: EngineChoice) -> LoadedModel:
+        def load() -> LoadedModel:
+            try:
+                return family(ref.library).load(stored.path, ref, engine)
+            except Exception as exc:
+                if engine.backend == "torch":
+                    raise
+                raise _EngineFailed(f"ONNX Runtime could not open its export ({type(exc).__name__}: {exc})") from exc
+
+        return await asyncio.to_thread(load)
 
     def _used_bytes(self) -> int:
         return sum(r.model.memory_bytes for r in self._resident.values()) + sum(self._reserved.values())
@@ -236,7 +304,7 @@ class ModelPool:
             on_batch = None
             if self.metrics is not None:
                 record = self.metrics.record_batch
-                on_batch = lambda size, ns: record(ref, task, size, ns)  # noqa: E731
+                on_batch = lambda size, ns: record(ref, task, model.backend, size, ns)  # noqa: E731
             batcher = Batcher(in_executor(partial(model.forward, task), self.forward_executor),
                               max_batch=self.settings.max_batch_size, max_wait_s=self.settings.batch_wait_ms / 1000,
                               merge=self.settings.dynamic_batching, on_batch=on_batch)
@@ -247,7 +315,7 @@ class ModelPool:
         if self.metrics is not None:
             self.metrics.record_resident({ref.display_id: r.model.memory_bytes for ref, r in self._resident.items()})
         if self.on_change is not None:
-            self.on_change(list(self._resident))
+            self.on_change([(ref, resident.requested) for ref, resident in self._resident.items()])
 
     async def close(self) -> None:
         """Release every model; ``on_change`` is not told (what was resident stays recorded)."""

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ingrain_bento.refs import ModelRef
@@ -30,15 +31,17 @@ class ResidentState:
         folder = folder or bentoml_home() / "ingrain-state"
         self.path = folder / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}.json"
 
-    def save(self, refs: list[ModelRef]) -> None:
+    def save(self, resident: Sequence[tuple[ModelRef, str]]) -> None:
+        """The resident models, in order, each with the engine its load asked for."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        entries = [{"library": r.library, "name": r.name, "pretrained": r.pretrained} for r in refs]
+        entries = [{"library": r.library, "name": r.name, "pretrained": r.pretrained, "backend": backend}
+                   for r, backend in resident]
         with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
             json.dump({"resident": entries}, handle)
         os.replace(handle.name, self.path)
 
-    def load(self) -> list[ModelRef]:
-        """The recorded refs; an unreadable file or entry is logged and skipped."""
+    def load(self) -> list[tuple[ModelRef, str | None]]:
+        """The recorded refs and engines; an unreadable file or entry is logged and skipped."""
         try:
             entries = json.loads(self.path.read_text())["resident"]
         except FileNotFoundError:
@@ -46,10 +49,10 @@ class ResidentState:
         except (ValueError, KeyError, TypeError):
             log.warning("state.restore unreadable file=%s", self.path)
             return []
-        refs = []
+        refs: list[tuple[ModelRef, str | None]] = []
         for entry in entries:
             try:
-                refs.append(ModelRef(entry["library"], entry["name"], entry["pretrained"]))
+                refs.append((ModelRef(entry["library"], entry["name"], entry["pretrained"]), entry.get("backend")))
             except (KeyError, TypeError):
                 log.warning("state.restore skipped entry=%r", entry)
         return refs

@@ -93,6 +93,8 @@ def test_custom_checkpoint_with_num_classes(client, file_server, files_dir):
     assert max_abs_diff(got["probabilities"], expected, "timm probabilities (custom)") <= MAX_ABS_DIFF
     labels = client.get("/model_classification_labels", params={"name": "test_resnet", "pretrained": "my-timm"})
     assert labels.json()["labels"] == [str(i) for i in range(7)]
+    deleted = client.request("DELETE", "/delete_model", json={"name": "test_resnet", "pretrained": "my-timm"})
+    assert deleted.status_code == 200
 
 
 @pytest.mark.parametrize("num_classes", [8, 60_000_000])

@@ -15,8 +15,11 @@ from PIL import Image
 
 from ingrain_bento import schemas as s
 from ingrain_bento.front.gateway import ModelGateway
+from ingrain_bento.front.remote_engine import RemoteEngine
 from ingrain_bento.runner.engine import RunnerEngine
 from ingrain_bento.settings import Settings
+
+from fixtures.transport import GateTransport
 
 VIT = s.ModelRequest(name="test_vit.r160_in1k", pretrained=False)
 
@@ -44,6 +47,37 @@ def test_an_unload_through_another_worker_clears_this_workers_caches():
         assert reopened is not opened, "the preprocessor was opened again after the state moved"
         for gateway in (mine, other):
             await gateway.close()
+        await engine.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_model_stored_again_through_another_worker_is_prepared_again_here(hub_models):
+    """Worker A caches a handle (a store entry); worker B deletes the model and stores it again (a
+    new entry). A's next request was prepared for the old entry: the runner refuses it with
+    ``StaleModel``, which crosses the wire as that class, and A asks for a fresh handle and
+    serves it. (When errors crossed by status only, A answered 409 until another reply moved
+    the state version.)"""
+    name = hub_models["st"]
+
+    async def scenario() -> None:
+        engine = RunnerEngine(Settings())
+        mine, other = (ModelGateway(RemoteEngine(GateTransport(engine), max_requests_per_call=8), Settings())
+                       for _ in range(2))
+        request = s.TextRequest(name=name, text="stored twice")
+        await mine.load(s.ModelRequest(name=name), "sentence_transformers")
+        first = await mine.embed_text(request)
+        old_tag = next(iter(mine._handles.values())).tag
+
+        await other.delete(s.ModelRequest(name=name))
+        await other.load(s.ModelRequest(name=name), "sentence_transformers")
+        mine._version = engine.version  # A has not seen the delete: only the stale entry tells it
+        again = await mine.embed_text(request)
+        assert again.embeddings == first.embeddings
+        assert next(iter(mine._handles.values())).tag != old_tag, "A asked for the new store entry"
+        for gateway in (mine, other):
+            await gateway.close()
+            await gateway.engine.close()  # type: ignore[attr-defined]
         await engine.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))

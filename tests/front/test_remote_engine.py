@@ -1,10 +1,10 @@
 """``RemoteEngine``: how a front worker calls a runner in another process, and what it answers
 when the runner fails.
 
-The transport here hands each call to a real ``RunnerGate`` in this process (the same frames,
-token and error replies as over a socket), with faults injected at the transport seam on cue:
-a dropped connection, a runner that does not answer its probe. One test runs the real transport
-over a Unix socket to a uvicorn-served gate.
+The transport here (``fixtures.transport.GateTransport``) hands each call to a real
+``RunnerGate`` in this process (the same frames, token and error replies as over a socket), with
+faults injected at the transport seam on cue: a dropped connection, a runner that does not answer
+its probe. One test runs the real transport over a Unix socket to a uvicorn-served gate.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from ingrain_bento.boundary import InferReply
 from ingrain_bento.errors import BadRequest, IngrainError, ModelNotFound, RunnerUnavailable, StaleModel
 from ingrain_bento.front.remote_engine import RemoteEngine
 from ingrain_bento.refs import ModelRef
-from ingrain_bento.wire import Reply, RunnerGate, RunnerTransport, TransportError
+from ingrain_bento.wire import CALLS, RunnerGate, RunnerTransport
 
-TOKEN = "front-and-runner"
+from fixtures.transport import TOKEN, GateTransport
+
 REF = ModelRef("timm", "test_vit.r160_in1k", "false")
 INFO = s.ModelInfo(id="m", name="m", pretrained=None, library="timm", state="READY")
 
@@ -69,55 +70,6 @@ class FakeEngine:
         return InferReply(results, 7)
 
 
-class InProcessTransport(RunnerTransport):
-    """Each call goes through a real ``RunnerGate`` to ``engine``; ``drops`` calls fail as a dropped
-    connection first; ``alive`` is what the runner's probe answers."""
-
-    def __init__(self, engine: FakeEngine, token: str = TOKEN, drops: int = 0) -> None:
-        super().__init__("file:///nowhere.sock", token)
-        self.engine = engine
-        self.drops = drops
-        self.alive = True
-        self.sent: list[str] = []
-
-        async def resolve() -> Any:
-            return engine
-
-        self.gate = RunnerGate(self._not_found, engine=resolve, token=TOKEN)
-
-    @staticmethod
-    async def _not_found(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 404, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def post(self, method: str, body: bytes) -> Reply:
-        self.sent.append(method)
-        if not self.alive:
-            raise TransportError("ConnectionRefusedError")
-        if self.drops:
-            self.drops -= 1
-            raise TransportError("ServerDisconnectedError")
-        return await _through(self.gate, method, body, self.headers)
-
-    async def answers(self, path: str = "/livez", timeout_s: float = 2.0) -> bool:
-        return self.alive
-
-
-async def _through(gate: RunnerGate, method: str, body: bytes, headers: dict[str, str]) -> Reply:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": f"/ingrain/{method}",
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
-    await gate(scope, receive, send)
-    return Reply(sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]))
-
-
 def run(scenario: Any) -> Any:
     return asyncio.run(asyncio.wait_for(scenario(), 20))
 
@@ -126,7 +78,7 @@ def test_a_runner_error_reply_is_raised_as_the_same_class():
     async def scenario() -> None:
         engine = FakeEngine()
         engine.error = ModelNotFound("no such model")
-        remote = RemoteEngine(InProcessTransport(engine), max_requests_per_call=8)
+        remote = RemoteEngine(GateTransport(engine), max_requests_per_call=8)
         with pytest.raises(ModelNotFound) as info:
             await remote.loaded_models()
         assert info.value.message == "no such model" and info.value.status_code == 404
@@ -137,7 +89,7 @@ def test_a_runner_error_reply_is_raised_as_the_same_class():
 
 def test_a_runner_that_refuses_the_token_is_a_500_that_says_which_setting_differs():
     async def scenario() -> None:
-        remote = RemoteEngine(InProcessTransport(FakeEngine(), token="another"), max_requests_per_call=8)
+        remote = RemoteEngine(GateTransport(FakeEngine(), token="another"), max_requests_per_call=8)
         with pytest.raises(IngrainError) as info:
             await remote.loaded_models()
         assert info.value.status_code == 500 and "INGRAIN_RUNNER_TOKEN" in info.value.message
@@ -149,7 +101,7 @@ def test_a_runner_that_refuses_the_token_is_a_500_that_says_which_setting_differ
 def test_a_dropped_connection_to_a_live_runner_is_retried_once_and_counted():
     async def scenario() -> None:
         counts = Counts()
-        transport = InProcessTransport(FakeEngine(), drops=1)
+        transport = GateTransport(FakeEngine(), drops=1)
         remote = RemoteEngine(transport, max_requests_per_call=8, metrics=counts)  # type: ignore[arg-type]
         assert await remote.loaded_models() == [INFO]
         assert transport.sent == ["loaded_models", "loaded_models"] and counts.retries == 1
@@ -160,7 +112,7 @@ def test_a_dropped_connection_to_a_live_runner_is_retried_once_and_counted():
 
 def test_a_call_that_is_not_idempotent_is_never_sent_twice():
     async def scenario() -> None:
-        transport = InProcessTransport(FakeEngine(), drops=1)
+        transport = GateTransport(FakeEngine(), drops=1)
         remote = RemoteEngine(transport, max_requests_per_call=8)
         with pytest.raises(RunnerUnavailable):
             await remote.unload(s.ModelRequest(name="m"))
@@ -173,7 +125,7 @@ def test_a_call_that_is_not_idempotent_is_never_sent_twice():
 def test_a_runner_that_does_not_answer_gets_503_with_retry_after_at_once_until_it_answers_again():
     async def scenario() -> None:
         counts = Counts()
-        transport = InProcessTransport(FakeEngine())
+        transport = GateTransport(FakeEngine())
         transport.alive = False
         remote = RemoteEngine(transport, max_requests_per_call=8, metrics=counts)  # type: ignore[arg-type]
         with pytest.raises(RunnerUnavailable) as info:
@@ -198,7 +150,7 @@ def test_calls_in_flight_fail_fast_when_the_runner_is_found_dead():
     async def scenario() -> None:
         engine = FakeEngine()
         engine.release.clear()
-        remote = RemoteEngine(InProcessTransport(engine), max_requests_per_call=8)
+        remote = RemoteEngine(GateTransport(engine), max_requests_per_call=8)
         waiting = asyncio.create_task(remote.infer(REF, "embed_image", "t", [[np.zeros((2, 2, 3), np.uint8)]]))
         await asyncio.sleep(0.05)
         remote._mark_down("test")
@@ -213,7 +165,7 @@ def test_requests_queued_behind_a_call_in_flight_go_to_the_runner_together():
     async def scenario() -> list[Any]:
         engine = FakeEngine()
         engine.release.clear()
-        remote = RemoteEngine(InProcessTransport(engine), max_requests_per_call=8)
+        remote = RemoteEngine(GateTransport(engine), max_requests_per_call=8)
         requests = [[np.full((4, 4, 3), i, dtype=np.uint8)] for i in range(5)]
         first = asyncio.create_task(remote.infer(REF, "embed_image", "t", [requests[0]]))
         await asyncio.sleep(0.05)  # the first call is in flight
@@ -231,7 +183,7 @@ def test_requests_queued_behind_a_call_in_flight_go_to_the_runner_together():
 
 def test_one_requests_error_in_a_shared_call_is_that_requests_alone():
     async def scenario() -> None:
-        remote = RemoteEngine(InProcessTransport(FakeEngine()), max_requests_per_call=8)
+        remote = RemoteEngine(GateTransport(FakeEngine()), max_requests_per_call=8)
         reply = await remote.infer(REF, "embed_image", "stale", [[np.ones((2, 2, 3), np.uint8)]])
         assert isinstance(reply.results[0], StaleModel)
         await remote.close()
@@ -272,6 +224,8 @@ def test_the_real_transport_over_a_unix_socket_to_a_served_gate(tmp_path: Path):
             assert await remote.transport.answers("/readyz")
             for _ in range(3):
                 assert await remote.loaded_models() == [INFO]
+            timed = await remote.transport.post("loaded_models", CALLS["loaded_models"].encode_args({}))
+            assert timed.status == 200 and timed.runner_ms is not None and 0 <= timed.runner_ms < 1000
             with pytest.raises(BadRequest, match="nothing to unload"):
                 await remote.unload(s.ModelRequest(name="m"))
             reply = await remote.infer(REF, "embed_image", "t", [[np.full((3, 3, 3), 5, np.uint8)]])
@@ -286,4 +240,4 @@ def test_the_real_transport_over_a_unix_socket_to_a_served_gate(tmp_path: Path):
             await serving
 
     run(scenario)
-    assert engine.calls == ["loaded_models"] * 3
+    assert engine.calls == ["loaded_models"] * 4

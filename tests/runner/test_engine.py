@@ -27,6 +27,8 @@ def _pixels(count: int) -> list[np.ndarray]:
 
 
 def run(scenario, state: ResidentState | None = None, **settings):
+    settings.setdefault("backend", "torch")  # these are about the model state, not an engine
+
     async def main():
         engine = RunnerEngine(Settings(**settings), state=state)
         try:
@@ -108,7 +110,7 @@ def test_what_is_resident_is_kept_in_the_store_and_restored_by_the_next_runner(t
         return [info.id for info in await engine.loaded_models()]
 
     run(first, state=state)  # closing the engine (a clean shutdown) keeps the list
-    assert [ref.display_id for ref in state.load()] == ["test_vit.r160_in1k::false"]
+    assert [(ref.display_id, backend) for ref, backend in state.load()] == [("test_vit.r160_in1k::false", "torch")]
     assert run(second, state=state) == ["test_vit.r160_in1k::false"]
 
 

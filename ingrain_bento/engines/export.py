@@ -1,0 +1,145 @@
+"""A stored model's ONNX export: made once, in a child process, and kept in the BentoML store.
+
+``ensure_export`` (the runner's side) finds the export of a store entry for a backend, or makes
+it: ``python -m ingrain_bento.engines.export`` opens the stored folder with the family's own
+loader, exports and checks its graphs (``engines.onnx``), and writes them with a report; the
+export is then stored as its own BentoML model, labelled with the entry it was made from (``bentoml
+models list`` shows it; deleting the model deletes it). A model that does not export (custom
+code, an op the exporter lacks, outputs that differ) gets an export entry that records why, so
+later loads and restarts fall back to torch at once, without trying again.
+
+Why a child process: an export traces the whole model in Python (seconds of GIL) and can take
+the memory of a second copy of the weights; in a process of its own it never stalls the runner's
+event loop or the forwards of the models already serving, and its memory goes back when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ingrain_bento.engines.base import Backend
+
+__all__ = ["Export", "ensure_export"]
+
+log = logging.getLogger("ingrain_bento.engines.export")
+
+REPORT = "report.json"
+
+
+@dataclass(frozen=True)
+class Export:
+    """An export's store folder, or (``folder`` None) why the model has none for that backend."""
+
+    backend: Backend
+    folder: Path | None
+    failure: str | None = None
+    report: dict[str, Any] | None = None
+
+
+async def ensure_export(store: Any, stored: Any, backend: Backend, timeout_s: float) -> Export:
+    """The export of store entry ``stored`` for ``backend`` (``onnx`` or ``onnx-int8``), made now
+    when there is none (``onnx-int8`` from the ``onnx`` one)."""
+    from ingrain_bento.engines.onnx import EXPORTER_VERSION
+
+    found = await asyncio.to_thread(store.find_export, stored, backend)
+    if found is not None:
+        export = _from_entry(backend, found)
+        if export.failure is None or export.report and export.report.get("exporter") == EXPORTER_VERSION:
+            return export
+        await asyncio.to_thread(store.delete_tag, found.tag)  # a failure an older exporter recorded: try again
+    source: Export | None = None
+    if backend == "onnx-int8":
+        source = await ensure_export(store, stored, "onnx", timeout_s)
+        if source.folder is None:
+            return Export(backend, None, source.failure)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ingrain-export-") as scratch:
+        out = Path(scratch)
+        report = await _run_child(stored.library, stored.path, out, source.folder if source else None, timeout_s)
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        report["exporter"] = EXPORTER_VERSION
+        entry = await asyncio.to_thread(store.write_export, stored, backend, out, report)
+    exported = _from_entry(backend, entry)
+    if exported.failure is None:
+        log.info("engine.export model=%s backend=%s bytes=%d seconds=%.2f", stored.tag, backend,
+                 sum(graph["bytes"] for graph in report["graphs"].values()), report["seconds"])
+    else:
+        log.warning("engine.export model=%s backend=%s failed: %s", stored.tag, backend, exported.failure)
+    return exported
+
+
+def _from_entry(backend: Backend, entry: Any) -> Export:
+    report = dict(entry.metadata.get("report", {}))
+    failure = report.get("failure")
+    return Export(backend, None if failure else entry.path, failure, report)
+
+
+async def _run_child(library: str, folder: Path, out: Path, int8_from: Path | None, timeout_s: float) -> dict[str, Any]:
+    """Run the export in a child process; its report (``failure`` says why when it failed)."""
+    args = [sys.executable, "-m", "ingrain_bento.engines.export", library, str(folder), str(out)]
+    if int8_from is not None:
+        args += ["--int8-from", str(int8_from)]
+    child = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
+                                                 stderr=asyncio.subprocess.PIPE, env=os.environ.copy())
+    try:
+        _, stderr = await asyncio.wait_for(child.communicate(), timeout_s)
+    except TimeoutError:
+        child.kill()
+        await child.wait()
+        return {"failure": f"the export took longer than {timeout_s:.0f} s (INGRAIN_EXPORT_TIMEOUT_S)", "graphs": {}}
+    report_file = out / REPORT
+    if child.returncode != 0 or not report_file.is_file():
+        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return {"failure": f"the exporter exited with {child.returncode} ({last[0][:300]})", "graphs": {}}
+    result: dict[str, Any] = json.loads(report_file.read_text())
+    return result
+
+
+# ---- the child process ------------------------------------------------------------------------
+
+def _export(library: str, folder: Path, out: Path, int8_from: Path | None) -> dict[str, Any]:
+    from ingrain_bento.engines.onnx import export_graphs, quantize_graphs
+    from ingrain_bento.families import family
+
+    graphs = family(library).graphs(folder)
+    if int8_from is not None:
+        return {"graphs": quantize_graphs(graphs, int8_from, out)}
+    return {"graphs": export_graphs(graphs, out)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a stored model's graphs to ONNX (run by the server).")
+    parser.add_argument("library")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--int8-from", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from ingrain_bento.engines.torch import apply_torch_threads
+    from ingrain_bento.settings import get_settings
+
+    apply_torch_threads(get_settings().torch_threads)
+    try:
+        report = _export(args.library, args.folder, args.out, args.int8_from)
+    except Exception as exc:  # every reason a model does not export: the server loads it with torch
+        for leftover in args.out.glob("*.onnx"):
+            leftover.unlink()
+        report = {"failure": str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}",
+                  "graphs": {}}
+    (args.out / REPORT).write_text(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())
