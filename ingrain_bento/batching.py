@@ -14,6 +14,13 @@ wait counts from the oldest chunk's arrival (as Triton's queue delay does): chun
 queued up during the previous forward have waited already, so the next forward starts at
 once. If a merged forward fails, each chunk is retried alone (``isolate_failures``), so one
 bad request never fails its batch neighbours.
+
+``TokenBudgetBatcher`` forms forwards of texts by their padded tokens instead (a forward costs
+what its longest text times its item count costs): the items queued within the window are sorted
+by length and a forward takes the oldest item and the neighbours of similar length that make it
+cheapest per real token (``ForwardCost``), up to ``max_batch`` items and ``items x longest <=
+max_tokens``. The oldest item is in every forward, so none waits longer than the queue ahead of
+it, however long it is.
 """
 
 from __future__ import annotations
@@ -21,18 +28,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from ingrain_bento.errors import AtCapacity
 
 log = logging.getLogger("ingrain_bento.batching")
 
-__all__ = ["Batcher", "BatcherClosed", "call_guarded", "in_executor"]
+__all__ = ["BatchStats", "Batcher", "BatcherClosed", "ForwardCost", "TokenBudgetBatcher", "call_guarded",
+           "in_executor"]
 
 
 class BatcherClosed(AtCapacity):
@@ -40,6 +49,16 @@ class BatcherClosed(AtCapacity):
 
 Item = TypeVar("Item")
 Forward = Callable[[Sequence[Any]], Awaitable[Any]]  # items -> one row per item (an array, or a list)
+
+
+class BatchStats(NamedTuple):
+    """One forward, for the metrics hook: its items, its time, and (for texts) its real and
+    padded tokens (padded: items x the longest)."""
+
+    items: int
+    ns: int
+    tokens: int | None = None
+    padded_tokens: int | None = None
 
 
 def call_guarded(function: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> Any:
@@ -69,22 +88,23 @@ class _Chunk(Generic[Item]):
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-def _fail(chunks: list[_Chunk[Any]], exc: BaseException) -> None:
-    for chunk in chunks:
-        if not chunk.future.done():
-            chunk.future.set_exception(exc)
+def _fail(waiting: Sequence[Any], exc: BaseException) -> None:
+    """Fail every chunk (or slot) in ``waiting`` that is not answered yet."""
+    for entry in waiting:
+        if not entry.future.done():
+            entry.future.set_exception(exc)
 
 
 class Batcher(Generic[Item]):
     def __init__(self, forward: Forward, *, max_batch: int, max_wait_s: float, merge: bool = True,
-                 isolate_failures: bool = True, on_batch: Callable[[int, int], None] | None = None) -> None:
+                 isolate_failures: bool = True, on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self.forward = forward
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.merge = merge
         self.isolate_failures = isolate_failures
-        self.on_batch = on_batch  # (items, forward ns) after each forward: the metrics hook
-        self._pending: deque[_Chunk[Item]] = deque()
+        self.on_batch = on_batch  # after each forward: the metrics hook
+        self._pending: deque[Any] = deque()  # _Chunk here, _Slot in TokenBudgetBatcher
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -192,9 +212,12 @@ class Batcher(Generic[Item]):
             if not chunk.future.done():
                 chunk.future.set_result(rows[offset:offset + len(chunk.items)])
             offset += len(chunk.items)
+        self._report(BatchStats(len(items), elapsed))
+
+    def _report(self, stats: BatchStats) -> None:
         if self.on_batch is not None:
             try:
-                self.on_batch(len(items), elapsed)
+                self.on_batch(stats)
             except Exception:
                 log.exception("batch metrics callback failed")
 
@@ -204,3 +227,161 @@ class Batcher(Generic[Item]):
         self._wakeup.set()
         if self._task is not None:
             await self._task
+
+
+# ---- forwards sized by padded tokens ---------------------------------------------------------
+
+class ForwardCost:
+    """What a forward costs, learned from the forwards run: seconds ~ a + b x padded tokens, fit
+    by least squares over the recent forwards (each weighs ``DECAY`` less per later one).
+    ``overhead_tokens`` = a / b is the fixed cost of one forward in tokens' worth: small on a CPU
+    (a few dozen: small forwards cost little more per token), large on a GPU (thousands: fill
+    the forward)."""
+
+    DECAY = 0.97
+    PRIOR_TOKENS = 64.0  # until the fit has seen forwards of different sizes
+
+    def __init__(self) -> None:
+        self._n = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, padded_tokens: int, seconds: float) -> None:
+        d = self.DECAY
+        x = float(padded_tokens)
+        self._n, self._x, self._y = d * self._n + 1, d * self._x + x, d * self._y + seconds
+        self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * seconds
+
+    @property
+    def overhead_tokens(self) -> float:
+        spread = self._n * self._xx - self._x * self._x
+        if self._n < 4 or spread <= 1e-9 * max(1.0, self._xx * self._n):
+            return self.PRIOR_TOKENS
+        slope = (self._n * self._xy - self._x * self._y) / spread
+        intercept = (self._y - slope * self._x) / self._n
+        if slope <= 0:
+            return self.PRIOR_TOKENS
+        return min(100_000.0, max(1.0, intercept / slope))
+
+
+@dataclass
+class _Request:
+    items: Sequence[Any]
+    rows: list[Any]
+    remaining: int
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class _Slot:
+    request: _Request
+    index: int
+    tokens: int
+    queued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def item(self) -> Any:
+        return self.request.items[self.index]
+
+    @property
+    def future(self) -> asyncio.Future[Any]:
+        return self.request.future
+
+
+class TokenBudgetBatcher(Batcher[Item]):
+    """A ``Batcher`` for texts whose forwards are sized by padded tokens (see the module
+    docstring); ``tokens(item)`` is an item's length, ``max_tokens`` the budget of a forward."""
+
+    def __init__(self, forward: Forward, *, tokens: Callable[[Item], int], max_tokens: int, max_batch: int,
+                 max_wait_s: float, merge: bool = True, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        super().__init__(forward, max_batch=max_batch, max_wait_s=max_wait_s, merge=merge, on_batch=on_batch)
+        self.tokens = tokens
+        self.max_tokens = max_tokens
+        self.cost = ForwardCost()
+
+    async def submit(self, items: Sequence[Item]) -> Any:
+        """Rows for ``items``, in order (one array)."""
+        import numpy as np
+
+        if self._closed:
+            raise BatcherClosed("The model was unloaded while this request waited: send it again.")
+        if self._task is None:
+            self._task = asyncio.create_task(self._collect())
+        self._note_arrival()
+        request = _Request(items, [None] * len(items), len(items))
+        self._pending.extend(_Slot(request, i, self.tokens(item)) for i, item in enumerate(items))
+        self._wakeup.set()
+        rows = await request.future
+        return np.stack(rows)
+
+    def _note_arrival(self) -> None:
+        now = time.monotonic()
+        if self._last_arrival:
+            gap = now - self._last_arrival
+            self._arrival_gap = gap if self._arrival_gap == float("inf") else 0.8 * self._arrival_gap + 0.2 * gap
+        self._last_arrival = now
+
+    async def _gather_and_run(self) -> None:
+        """Wait the window out (under load), then one forward around the oldest item."""
+        if self.merge and self._arrival_gap < self.max_wait_s:
+            deadline = self._pending[0].queued_at + self.max_wait_s
+            while not self._closed and (remaining := deadline - time.monotonic()) > 0:
+                if not await self._wait_for_more(remaining):
+                    break
+        await self._run_slots(self._select())
+
+    def _select(self) -> list[_Slot]:
+        """The oldest item, grown by neighbours in length order while that lowers the forward's
+        cost per real token: (overhead + items x longest) / (tokens of the items)."""
+        oldest: _Slot = self._pending.popleft()
+        if not self.merge:
+            return [oldest]
+        pool = sorted(self._pending, key=lambda slot: slot.tokens)
+        lengths = [slot.tokens for slot in pool]
+        overhead = self.cost.overhead_tokens
+        at = bisect_left(lengths, oldest.tokens)
+        lo, hi = at, at  # pool[lo:hi] joins the oldest
+        count, real, longest = 1, max(1, oldest.tokens), oldest.tokens
+        while count < self.max_batch:
+            best: tuple[float, int] | None = None
+            for side, index in ((-1, lo - 1), (1, hi)):
+                if 0 <= index < len(pool):
+                    top = max(longest, lengths[index])
+                    if (count + 1) * top <= self.max_tokens:
+                        score = (overhead + (count + 1) * top) / (real + max(1, lengths[index]))
+                        if best is None or score < best[0]:
+                            best = (score, side)
+            if best is None or best[0] > (overhead + count * longest) / real:
+                break
+            index = lo - 1 if best[1] < 0 else hi
+            lo, hi = (lo - 1, hi) if best[1] < 0 else (lo, hi + 1)
+            count, real, longest = count + 1, real + max(1, lengths[index]), max(longest, lengths[index])
+        chosen = pool[lo:hi]
+        taken = {id(slot) for slot in chosen}
+        self._pending = deque(slot for slot in self._pending if id(slot) not in taken)
+        return [oldest, *chosen]
+
+    async def _run_slots(self, slots: list[_Slot]) -> None:
+        items = [slot.item for slot in slots]
+        longest = max(slot.tokens for slot in slots)
+        started = time.perf_counter_ns()
+        try:
+            rows = await self.forward(items)
+            if len(rows) != len(items):
+                raise RuntimeError(f"forward returned {len(rows)} rows for {len(items)} items")
+        except Exception as exc:
+            if len(slots) == 1:
+                _fail(slots, exc)
+                return
+            for slot in slots:  # isolate the failing request from its neighbours
+                await self._run_slots([slot])
+            return
+        elapsed = time.perf_counter_ns() - started
+        self.cost.observe(len(slots) * longest, elapsed / 1e9)
+        for slot, row in zip(slots, rows, strict=True):
+            request = slot.request
+            if request.future.done():
+                continue
+            request.rows[slot.index] = row
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.future.set_result(request.rows)
+        self._report(BatchStats(len(items), elapsed, sum(slot.tokens for slot in slots), len(slots) * longest))

@@ -25,6 +25,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ingrain_bento.batching import BatchStats
 from ingrain_bento.refs import ModelRef
 
 PROMETHEUS_ACCEPT = (b"text/plain", b"application/openmetrics-text")
@@ -70,6 +71,9 @@ def _series() -> SimpleNamespace:
         batch_size=prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task", "backend"],
                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
         forward_seconds=prom.Histogram("ingrain_forward_seconds", "Forward pass time", ["model", "task", "backend"]),
+        tokens=prom.Counter("ingrain_tokens", "Real tokens of the texts in forward passes", ["model", "task"]),
+        padded_tokens=prom.Counter("ingrain_padded_tokens", "Tokens forward passes computed (items x longest)",
+                                   ["model", "task"]),
         resident_models=prom.Gauge("ingrain_resident_models", "Models on the device", multiprocess_mode="livesum"),
         resident_bytes=prom.Gauge("ingrain_resident_bytes", "Bytes of resident weights", ["model"],
                                   multiprocess_mode="livesum"),
@@ -112,10 +116,14 @@ class ModelMetrics:
         if ok:
             stats.last_inference_ms = int(time.time() * 1000)
 
-    def record_batch(self, ref: ModelRef, task: str, backend: str, size: int, ns: int) -> None:
+    def record_batch(self, ref: ModelRef, task: str, backend: str, batch: BatchStats) -> None:
+        size, ns = batch.items, batch.ns
         self.series.items.labels(ref.display_id, task, backend).inc(size)
         self.series.batch_size.labels(ref.display_id, task, backend).observe(size)
         self.series.forward_seconds.labels(ref.display_id, task, backend).observe(ns / 1e9)
+        if batch.tokens is not None and batch.padded_tokens is not None:
+            self.series.tokens.labels(ref.display_id, task).inc(batch.tokens)
+            self.series.padded_tokens.labels(ref.display_id, task).inc(batch.padded_tokens)
         stats = self._model(ref)
         stats.inference_count += size
         stats.execution_count += 1

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
                                 description="Items in one forward pass; larger requests are split.")
     dynamic_batching: bool = Field(True, validation_alias=_env("DYNAMIC_BATCHING"),
                                    description="Merge concurrent requests into one forward per model.")
+    max_batch_tokens: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_MAX_BATCH_TOKENS"),
+                                         description="Padded tokens (items x longest text) of one forward at most "
+                                                     "(default: MAX_BATCH_SIZE x half the model's context).")
     batch_wait_ms: float = Field(2.0, ge=0, validation_alias=_env("INGRAIN_BATCH_WAIT_MS"),
                                  description="How long a forming batch waits for more requests.")
     torch_threads: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_TORCH_THREADS"),

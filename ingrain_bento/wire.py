@@ -309,15 +309,22 @@ class RunnerTransport:
 
     async def answers(self, path: str = "/livez", timeout_s: float = 2.0) -> bool:
         """Whether the runner answers ``path`` with a 200 in time (its probes need no token)."""
+        return await self.probe(path, timeout_s) == "answers"
+
+    async def probe(self, path: str = "/livez", timeout_s: float = 2.0) -> str:
+        """``answers``: a 200 in time. ``refused``: nothing accepts the connection (a runner that
+        stopped listening: stopping after SIGTERM, or gone). ``silent``: anything else."""
         import aiohttp
 
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._client().get(f"{self.base_url}{path}") as response:
                     await response.read()
-                    return response.status == 200
+                    return "answers" if response.status == 200 else "silent"
+        except aiohttp.ClientConnectorError:
+            return "refused"
         except (TimeoutError, aiohttp.ClientError, ConnectionError):
-            return False
+            return "silent"
 
     async def close(self) -> None:
         if self._session is not None:

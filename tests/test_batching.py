@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from ingrain_bento.batching import Batcher, call_guarded, in_executor
+from ingrain_bento.batching import Batcher, ForwardCost, TokenBudgetBatcher, call_guarded, in_executor
 from ingrain_bento.errors import AtCapacity
 
 POISON = -1
@@ -205,7 +205,7 @@ def test_on_batch_sees_every_forward_with_its_size_and_duration():
         await asyncio.gather(*(batcher.submit([i]) for i in range(5)))
         await batcher.submit(list(range(7)))
 
-    _, forward = run(scenario, max_batch=4, on_batch=lambda size, ns: seen.append((size, ns)))
+    _, forward = run(scenario, max_batch=4, on_batch=lambda stats: seen.append((stats.items, stats.ns)))
     assert [size for size, _ in seen] == forward.sizes
     assert sum(size for size, _ in seen) == 12
     assert all(ns >= forward.delay_s * 1e9 for _, ns in seen)
@@ -290,7 +290,7 @@ def test_close_while_a_batch_waits_for_company_does_not_hang():
 
 
 def test_a_failing_on_batch_callback_does_not_hang_or_fail_requests():
-    def broken_metrics(size, ns):
+    def broken_metrics(stats):
         raise RuntimeError("metrics broke")
 
     async def main():
@@ -359,3 +359,97 @@ def test_call_guarded_turns_a_panic_into_a_runtime_error():
         call_guarded(panics, ["x"])
     with pytest.raises(ValueError):
         call_guarded(lambda items: int("nope"), ["x"])
+
+
+# ---- forwards sized by padded tokens (texts) ----------------------------------------------------
+# Here an item is its own length in tokens (``tokens=int``), and the fake forward's row is that length.
+
+def run_budget(scenario, *, timeout: float = 10.0, delay_s: float = 0.02, **batcher_args):
+    forward = FakeForward(delay_s)
+    batcher_args.setdefault("max_batch", 64)
+    batcher_args.setdefault("max_wait_s", 0.005)
+    batcher_args.setdefault("max_tokens", 4096)
+
+    async def main():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = TokenBudgetBatcher(in_executor(forward, executor), tokens=int, **batcher_args)
+            try:
+                return await asyncio.wait_for(scenario(batcher, forward), timeout)
+            finally:
+                await asyncio.wait_for(batcher.close(), timeout)
+
+    return asyncio.run(main()), forward
+
+
+def test_texts_queued_together_are_grouped_by_length_and_each_gets_its_own_row():
+    lengths = [10, 200, 12, 190, 11, 205, 9, 198]
+
+    async def scenario(batcher, forward):
+        blocker = asyncio.create_task(batcher.submit([50]))  # in flight while the others queue
+        await asyncio.sleep(0.005)
+        rows = await asyncio.gather(*(batcher.submit([n]) for n in lengths))
+        await blocker
+        return [values(r) for r in rows]
+
+    rows, forward = run_budget(scenario, delay_s=0.03)
+    assert rows == [[float(n)] for n in lengths]
+    groups = [sorted(call) for call in forward.calls[1:]]
+    assert sorted(groups) == [[9, 10, 11, 12], [190, 198, 200, 205]], forward.calls
+
+
+def test_no_forward_goes_over_the_token_budget_and_a_big_request_is_split_by_it():
+    lengths = [100] * 20 + [30] * 40
+
+    async def scenario(batcher, forward):
+        return values(await batcher.submit(lengths))
+
+    rows, forward = run_budget(scenario, max_tokens=600, max_batch=64)
+    assert rows == [float(n) for n in lengths], "in order, whatever the grouping"
+    assert all(len(call) * max(call) <= 600 for call in forward.calls), forward.calls
+    assert sum(len(call) for call in forward.calls) == 60
+
+
+def test_a_long_text_under_a_stream_of_short_ones_is_served_in_its_turn():
+    """The oldest queued item is in every forward: a long text waits for the items ahead of it,
+    never for the short ones that keep arriving after it."""
+    served: dict[str, float] = {}
+
+    async def scenario(batcher, forward):
+        stop = asyncio.Event()
+
+        async def short_stream():
+            while not stop.is_set():
+                await asyncio.gather(*(batcher.submit([8]) for _ in range(8)))
+
+        streams = [asyncio.create_task(short_stream()) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await batcher.submit([250])
+        served["long"] = time.monotonic() - started
+        stop.set()
+        await asyncio.gather(*streams)
+
+    _, forward = run_budget(scenario, delay_s=0.01, max_tokens=512)
+    assert served["long"] < 0.1, served  # a few forwards of 10 ms, not the stream's length
+    assert any(call == [250] for call in forward.calls), "it ran alone: short texts are not padded to it"
+
+
+def test_the_forward_cost_model_learns_the_fixed_cost_of_a_forward():
+    cost = ForwardCost()
+    assert cost.overhead_tokens == ForwardCost.PRIOR_TOKENS
+    for padded in (100, 400, 1600, 3200, 200, 800):
+        cost.observe(padded, 0.004 + padded * 1e-5)  # 4 ms fixed, 10 us a token: 400 tokens' worth
+    assert abs(cost.overhead_tokens - 400) < 1
+
+
+def test_on_batch_sees_the_real_and_padded_tokens_of_each_forward():
+    seen = []
+
+    async def scenario(batcher, forward):
+        blocker = asyncio.create_task(batcher.submit([5]))
+        await asyncio.sleep(0.005)
+        await asyncio.gather(*(batcher.submit([n]) for n in (10, 12)))
+        await blocker
+
+    run_budget(scenario, on_batch=seen.append)
+    assert [(s.tokens, s.padded_tokens) for s in seen] == [(5, 5), (22, 24)]

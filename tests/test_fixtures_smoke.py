@@ -35,6 +35,9 @@ EXPECTED_IDS = {
     "clip_custom_arch": "ViT-S-32-alt",
     "clip_hub_pickled": "hf-hub:ingrain-test/tiny-clip-pickled",
     "st_pickled": "ingrain-test/tiny-st-pickled",
+    "reranker": "ingrain-test/tiny-reranker",
+    "reranker_hf": "ingrain-test/tiny-plain-reranker",
+    "sparse": "ingrain-test/tiny-splade",
 }
 
 
@@ -100,6 +103,9 @@ def test_cache_layout(smoke_cache):
         "sentence-transformers/all-MiniLM-L6-v2",
         "ingrain-test/tiny-clip-pickled",
         "ingrain-test/tiny-st-pickled",
+        "ingrain-test/tiny-reranker",
+        "ingrain-test/tiny-plain-reranker",
+        "ingrain-test/tiny-splade",
     }
     for repo in repos.values():
         (revision,) = repo.revisions
@@ -251,6 +257,119 @@ def test_sentence_transformers_custom_files(smoke_files, tmp_path):
     assert sorted(p.name for p in flat.iterdir()) == sorted(om.CUSTOM_ST_FILES)
     model = SentenceTransformer(str(om.assemble_st_folder(flat, tmp_path / "st")), device="cpu")
     assert model.encode(["hello world"]).shape == (1, 32)
+
+
+# ------------------------------------------------------------------------------ rerankers, sparse encoder
+
+QUERY = "how many people live in berlin?"
+DOCS = ["berlin had a population of 3,520,031 in 2019.", "berlin is well known for its museums.", "a cat",
+        "the quick brown fox jumps over the lazy dog", ""]
+SPARSE_TEXTS = ["a cat", "hello world", "", " ".join(["berlin is a big city with many people"] * 12)]
+
+
+def _snapshot_names(cache: Path, repo_id: str) -> set[str]:
+    root = _snapshot_file(cache, repo_id, "")
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def _kind(cache: Path, repo_id: str) -> str | None:
+    path = _snapshot_file(cache, repo_id, "config_sentence_transformers.json")
+    return json.loads(path.read_text()).get("model_type") if path.exists() else None
+
+
+def test_rerankers(offline, smoke_cache):
+    import numpy as np
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    cache = smoke_cache[0]
+    saved = CrossEncoder(offline["reranker"], device="cpu")
+    plain = CrossEncoder(offline["reranker_hf"], device="cpu")
+    assert _kind(cache, offline["reranker"]) == "CrossEncoder"
+    # a plain HF repo: config.json + safetensors + tokenizer files, nothing sentence-transformers writes
+    assert _snapshot_names(cache, offline["reranker_hf"]) == {
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+        "special_tokens_map.json"}
+    config = json.loads(_snapshot_file(cache, offline["reranker_hf"], "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    _same_weights(plain[0].model, _snapshot_file(cache, offline["reranker_hf"], "model.safetensors"))
+
+    pairs = [(QUERY, doc) for doc in DOCS]
+    for model, activation in ((saved, torch.nn.Sigmoid), (plain, torch.nn.Identity)):
+        assert model.num_labels == 1 and type(model.activation_fn) is activation
+        assert model.max_seq_length == om.TINY_MAX_POSITIONS and len(model.tokenizer) == 30522
+        scores = model.predict(pairs)
+        assert scores.shape == (len(DOCS),) and len(np.unique(scores)) == len(DOCS)  # not degenerate
+        assert scores.max() - scores.min() > 1e-2
+        ranked = model.rank(QUERY, DOCS)
+        assert [r["corpus_id"] for r in ranked] == list(np.argsort(-scores, kind="stable"))
+    assert 0 < saved.predict(pairs).min() and saved.predict(pairs).max() < 1  # sigmoid
+    # the plain repo's legacy key (as cross-encoder/ms-marco-MiniLM-L6-v2 has): raw logits
+    logits = plain.predict(pairs, activation_fn=torch.nn.Identity())
+    assert abs(plain.predict(pairs) - logits).max() == 0
+    # pairs are truncated at 128 tokens, longest first
+    long = " ".join(["berlin is a big city"] * 60)
+    features = saved.preprocess([(QUERY, long), (long, long)])
+    assert features["input_ids"].shape == (2, om.TINY_MAX_POSITIONS)
+
+
+def test_sparse_encoder(offline, smoke_cache):
+    from sentence_transformers import SparseEncoder
+
+    cache = smoke_cache[0]
+    assert _kind(cache, offline["sparse"]) == "SparseEncoder"
+    model = SparseEncoder(offline["sparse"], device="cpu")
+    assert [type(m).__name__ for m in model] == ["MLMTransformer", "SpladePooling"]
+    assert model.max_active_dims == om.SPARSE_MAX_ACTIVE_DIMS
+    assert model.get_embedding_dimension() == 30522  # the vocabulary (saved embedding_dimension)
+    dense = model.encode(SPARSE_TEXTS, convert_to_sparse_tensor=False)
+    assert dense.shape == (len(SPARSE_TEXTS), 30522) and dense.min() >= 0
+    active = (dense != 0).sum(dim=1).tolist()
+    assert all(20 <= n < om.SPARSE_MAX_ACTIVE_DIMS for n in active[:3]), active  # sparse, not all-zero
+    assert active[3] == om.SPARSE_MAX_ACTIVE_DIMS  # a long text: max_active_dims keeps the top 128
+    assert (model.encode(SPARSE_TEXTS[3:], convert_to_sparse_tensor=False, max_active_dims=10000) != 0).sum() > 128
+    supports = [frozenset((row != 0).nonzero().flatten().tolist()) for row in dense]
+    assert len(set(supports)) == len(SPARSE_TEXTS)
+    assert model.encode(["a cat"]).is_sparse  # the library's default output
+
+
+def test_rerankers_and_sparse_env_vars_alone_in_subprocess(smoke_cache, offline):
+    """CrossEncoder(hub id) / SparseEncoder(hub id) with only HF_HUB_CACHE + HF_HUB_OFFLINE set, in a
+    fresh interpreter: same scores as in this process (built deterministically, loaded from the cache)."""
+    from sentence_transformers import CrossEncoder, SparseEncoder
+
+    cache, ids = smoke_cache
+    code = f"""
+import json
+from sentence_transformers import CrossEncoder, SparseEncoder
+pairs = [({QUERY!r}, d) for d in {DOCS!r}]
+out = {{key: CrossEncoder(name, device="cpu").predict(pairs).tolist()
+       for key, name in (("reranker", {ids["reranker"]!r}), ("reranker_hf", {ids["reranker_hf"]!r}))}}
+out["sparse"] = SparseEncoder({ids["sparse"]!r}, device="cpu").encode({SPARSE_TEXTS!r}, convert_to_sparse_tensor=False).sum(1).tolist()
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=om.offline_env(cache), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    pairs = [(QUERY, d) for d in DOCS]
+    for key in ("reranker", "reranker_hf"):
+        here = CrossEncoder(ids[key], device="cpu").predict(pairs).tolist()
+        assert max(abs(a - b) for a, b in zip(out[key], here)) < 1e-6
+    sums = SparseEncoder(ids["sparse"], device="cpu").encode(SPARSE_TEXTS, convert_to_sparse_tensor=False).sum(1)
+    assert max(abs(a - b) for a, b in zip(out["sparse"], sums.tolist())) < 1e-5
+
+
+def test_new_models_are_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        om._stage_hf_reranker(tmp_path / f"reranker-{name}", seed=21, activation_fn=om.RERANKER_HF_ACTIVATION)
+        om._stage_mlm(tmp_path / f"mlm-{name}", seed=22)
+    for kind in ("reranker", "mlm"):
+        a, b = (load_file(str(tmp_path / f"{kind}-{n}" / "model.safetensors")) for n in "ab")
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert (load_file(str(tmp_path / "mlm-a" / "model.safetensors"))["cls.predictions.bias"] == om.SPARSE_MLM_BIAS).all()
 
 
 # --------------------------------------------------------------------------------------------- bad files, images

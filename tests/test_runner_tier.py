@@ -352,7 +352,9 @@ def test_a_restarted_runner_answers_at_once_and_serves_each_model_as_soon_as_it_
         while time.monotonic() < answered_at + 60:
             ready = httpx.get(f"{server.url}/readyz", timeout=10).status_code  # first: ready means all restored
             sent = time.monotonic()
-            models = httpx.get(f"{server.url}/repository_models", timeout=10).json()["models"]
+            listing = httpx.get(f"{server.url}/repository_models", timeout=10)
+            assert listing.status_code == 200, listing.text
+            models = listing.json()["models"]
             seconds = time.monotonic() - sent
             states = {m["name"]: m["state"] for m in models if m["name"] in dict(order)}
             listings.append((sent, seconds, states, ready))

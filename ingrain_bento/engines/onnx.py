@@ -32,7 +32,9 @@ __all__ = ["EXPORTER_VERSION", "EXPORT_TOLERANCE", "OPSET", "OnnxRunner", "expor
 log = logging.getLogger("ingrain_bento.engines.onnx")
 
 OPSET = 17
-EXPORT_TOLERANCE = 1e-5  # max abs difference, ONNX Runtime vs torch on the same inputs (fp32)
+# Max abs difference, ONNX Runtime vs torch on the same inputs (fp32), per unit of the outputs' scale
+# (the largest absolute value, at least 1): raw features of a large model are not unit vectors.
+EXPORT_TOLERANCE = 1e-5
 # Bumped when the exporter changes what it can export: a failure recorded by an older one is tried again.
 EXPORTER_VERSION = 1
 
@@ -133,7 +135,7 @@ def export_graphs(graphs: Mapping[str, Graph], folder: Path) -> dict[str, Any]:
             torch.backends.mha.set_fastpath_enabled(fast_path)
         seconds = time.perf_counter() - started
         session = _session(path, None, "cpu")
-        worst = 0.0
+        worst, scale = 0.0, 1.0
         for inputs in (dict(graph.inputs), _other_batch(graph)):
             got = session.run(list(graph.outputs), inputs)
             want = _torch_outputs(graph, inputs)
@@ -141,9 +143,10 @@ def export_graphs(graphs: Mapping[str, Graph], folder: Path) -> dict[str, Any]:
                 if a.shape != b.shape:
                     raise RuntimeError(f"{name}: ONNX Runtime gave shape {a.shape}, torch {b.shape}")
                 worst = max(worst, float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0)))
-        if worst > EXPORT_TOLERANCE:
+                scale = max(scale, float(np.abs(b).max(initial=0.0)))
+        if worst > EXPORT_TOLERANCE * scale:
             raise RuntimeError(f"{name}: ONNX Runtime differs from torch by {worst:.2e} "
-                               f"(more than {EXPORT_TOLERANCE:.0e})")
+                               f"(more than {EXPORT_TOLERANCE:.0e} of the outputs' scale {scale:.3g})")
         report[name] = {"export_seconds": round(seconds, 3), "bytes": path.stat().st_size, "max_abs_diff": worst}
     return report
 
@@ -157,7 +160,9 @@ def quantize_graphs(graphs: Mapping[str, Graph], source: Path, folder: Path) -> 
     report: dict[str, Any] = {}
     for name, graph in graphs.items():
         started = time.perf_counter()
-        quantize_dynamic(str(graph_file(source, name)), str(graph_file(folder, name)), weight_type=QuantType.QInt8)
+        # Per-channel weight scales: MiniLM's rows keep a cosine of 0.989 to fp32 (0.954 per tensor).
+        quantize_dynamic(str(graph_file(source, name)), str(graph_file(folder, name)), weight_type=QuantType.QInt8,
+                         per_channel=True)
         inputs = dict(graph.inputs)
         exact = _session(graph_file(source, name), None, "cpu").run(list(graph.outputs), inputs)
         quantized = _session(graph_file(folder, name), None, "cpu").run(list(graph.outputs), inputs)

@@ -133,6 +133,7 @@ class LoadedModel(ABC):
 
     capabilities: frozenset[str] = frozenset()
     labels: list[str] | None = None
+    context_length: int | None = None  # tokens of text it takes at most (texts are truncated to it)
 
     def __init__(self, ref: ModelRef, runner: Runner) -> None:
         self.ref = ref
@@ -167,6 +168,11 @@ class LoadedModel(ABC):
         runs: dict[str, Callable[[Sequence[Any]], np.ndarray]] = {
             EMBED_TEXT: self.encode_text, EMBED_IMAGE: self.encode_image, CLASSIFY: self.classify_image}
         return runs[task](items)
+
+    def item_tokens(self, task: str) -> Callable[[Any], int] | None:
+        """How many tokens a prepared item of ``task`` holds, for a task whose items vary in
+        length (texts: their forwards are sized by padded tokens); None for fixed-size items."""
+        return None
 
     def encode_text(self, items: Sequence[TextItem]) -> np.ndarray:
         raise NotImplementedError

@@ -20,7 +20,7 @@ flattened FA2 inputs) takes raw texts, and the engine calls ``encode`` itself (t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -200,12 +200,17 @@ def _open(folder: Path) -> tuple[Any, TextFormat | None]:
     return model, text_format(model, default_prompt(model))
 
 
+def _token_count(item: np.ndarray) -> int:
+    return int(item.shape[-1])
+
+
 class SentenceTransformerModel(LoadedModel):
     capabilities = CAPABILITIES
 
     def __init__(self, ref: ModelRef, runner: Runner, fmt: TextFormat | None, size: int, truncate_dim: int | None,
-                 library_model: Any = None) -> None:
+                 context_length: int | None, library_model: Any = None) -> None:
         super().__init__(ref, runner)
+        self.context_length = context_length
         self.format = fmt
         self._size = size
         self.truncate_dim = truncate_dim
@@ -214,6 +219,9 @@ class SentenceTransformerModel(LoadedModel):
     @property
     def embedding_size(self) -> int:
         return self._size
+
+    def item_tokens(self, task: str) -> Callable[[Any], int] | None:
+        return _token_count if self.format is not None else None
 
     def encode_text(self, items: Sequence[Any]) -> np.ndarray:
         """Token items (or, for a model without a ``TextFormat``, raw texts) -> rows."""
@@ -322,15 +330,15 @@ class SentenceTransformersFamily:
         from ingrain_bento.engines import Graph
 
         model, fmt = _open(folder)
-        size, truncate_dim = _dimension(model), model.truncate_dim
+        size, truncate_dim, context = _dimension(model), model.truncate_dim, model.max_seq_length
         if fmt is None:  # the library's own encode, on the torch engine
             if engine.backend != "torch":
                 raise RuntimeError(RAW_TEXTS)
             graph = Graph(model, {}, [])
             runner = engine.runner({"library": graph})
-            return SentenceTransformerModel(ref, runner, None, size, truncate_dim, library_model=graph.module)
+            return SentenceTransformerModel(ref, runner, None, size, truncate_dim, context, library_model=graph.module)
         return SentenceTransformerModel(ref, engine.runner({"embed": _embed_graph(model, fmt)}), fmt, size,
-                                        truncate_dim)
+                                        truncate_dim, context)
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return SentenceTransformerPreprocessor(folder)

@@ -11,8 +11,12 @@
   but is still restoring its models is up: it answers management at once and each model as soon
   as it is resident. After a connection error an idempotent call is sent once more if the runner
   answers its probe; any other call answers 503 with ``Retry-After``. While down, every call
-  (those in flight included) fails fast with that 503 until a probe answers again. Never a
-  hang, never a reset connection.
+  (those in flight included) fails fast with that 503 (after a 0.2 s probe, which lets a runner
+  that answers again serve at once) until the runner answers again. Never a hang, never a reset
+  connection.
+- **Stopping.** A runner that refuses connections (after SIGTERM it stops listening, then
+  finishes the calls it has) is down too, but its calls in flight are left to finish: they get
+  their rows, or fail on their own if the runner is gone. Only a silent runner's are cancelled.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ log = logging.getLogger("ingrain_bento.front.runner")
 
 HEARTBEAT_S = 2.0  # how often a front checks that the runner answers
 PROBE_TIMEOUT_S = 2.0
+# While down: a call first asks the runner this briefly (a 503 stays fast; a runner that answers
+# again is used at once, not at the next heartbeat), and the watch asks this often.
+DOWN_PROBE_S = 0.2
 MISSES_BEFORE_DOWN = 2  # a runner busy in a long forward may miss one probe; two in a row: gone
 RETRY_AFTER_S = 2
 
@@ -129,20 +136,21 @@ class RemoteEngine:
         body = codec.encode_args(arguments)
         self._start_watch()
         for attempt in (1, 2):
-            self._check_up()
+            await self._ensure_up()
             try:
                 reply = await self._send(method, body)
             except TimeoutError:
                 raise UpstreamTimeout(f"The model runner did not answer {method} in time.") from None
             except TransportError as exc:
-                alive = await self.transport.answers(timeout_s=PROBE_TIMEOUT_S)
+                probe = await self.transport.probe(timeout_s=PROBE_TIMEOUT_S)
+                alive = probe == "answers"
                 if alive and attempt == 1 and codec.idempotent:
                     log.info("runner.retry method=%s after %s", method, exc)
                     if self.metrics is not None:
                         self.metrics.record_runner_retry()
                     continue
                 if not alive:
-                    self._mark_down(f"{exc} on {method}")
+                    self._mark_down(f"{exc} on {method}", cancel_in_flight=probe == "silent")
                 raise self._unavailable() from None
             if reply.status == 200:
                 return codec.decode_result(reply.body)
@@ -183,9 +191,11 @@ class RemoteEngine:
 
     # ---- does the runner answer? ----------------------------------------------------------------
 
-    def _check_up(self) -> None:
+    async def _ensure_up(self) -> None:
         if self.is_down:
-            raise self._unavailable()
+            if await self.transport.probe(timeout_s=DOWN_PROBE_S) != "answers":
+                raise self._unavailable()
+            self._mark_up()
 
     def _unavailable(self) -> RunnerUnavailable:
         if self.metrics is not None:
@@ -198,11 +208,11 @@ class RemoteEngine:
         while not await self.transport.answers("/readyz", timeout_s=PROBE_TIMEOUT_S):
             await asyncio.sleep(0.5)
 
-    def _mark_down(self, why: str) -> None:
+    def _mark_down(self, why: str, *, cancel_in_flight: bool = True) -> None:
         if not self.is_down:
             log.warning("runner.down %s: answering 503 until it answers again", why)
             self._up.clear()
-            for call in self._in_flight:
+            for call in self._in_flight if cancel_in_flight else ():
                 call.cancel()
 
     def _mark_up(self) -> None:
@@ -218,15 +228,17 @@ class RemoteEngine:
         """Heartbeat while up (two misses in a row: down), a quick probe loop while down."""
         misses = 0
         while True:
-            await asyncio.sleep(HEARTBEAT_S if not self.is_down else 0.5)
+            await asyncio.sleep(HEARTBEAT_S if not self.is_down else DOWN_PROBE_S)
             started = time.monotonic()
-            if await self.transport.answers(timeout_s=PROBE_TIMEOUT_S):
+            probe = await self.transport.probe(timeout_s=PROBE_TIMEOUT_S if not self.is_down else DOWN_PROBE_S)
+            if probe == "answers":
                 misses = 0
                 self._mark_up()
                 continue
             misses += 1
             if misses >= MISSES_BEFORE_DOWN:
-                self._mark_down(f"no answer to /livez for {time.monotonic() - started:.1f} s, twice")
+                self._mark_down(f"/livez {probe} after {time.monotonic() - started:.1f} s, twice",
+                                cancel_in_flight=probe == "silent")
 
     async def close(self) -> None:
         if self._watch is not None:

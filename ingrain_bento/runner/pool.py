@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingrain_bento.batching import Batcher, BatcherClosed, in_executor
+from ingrain_bento.batching import Batcher, BatcherClosed, TokenBudgetBatcher, in_executor
 from ingrain_bento.engines import Backend, EngineChoice, choose_backend
 from ingrain_bento.engines.export import ensure_export
 from ingrain_bento.engines.torch import apply_torch_threads
@@ -295,7 +295,8 @@ class ModelPool:
                 resident.idle.set()
 
     def batcher(self, resident: Resident, task: str) -> Batcher[Any]:
-        """The batcher of one model for one task (a capability: embed_text, embed_image, classify)."""
+        """The batcher of one model for one task (a capability: embed_text, embed_image, classify):
+        forwards sized by padded tokens for a task whose items are texts of varying length."""
         if self._resident.get(resident.model.ref) is not resident:
             raise BatcherClosed(f"{resident.model.ref.display_id} was unloaded while this request waited.")
         batcher = resident.batchers.get(task)
@@ -304,12 +305,26 @@ class ModelPool:
             on_batch = None
             if self.metrics is not None:
                 record = self.metrics.record_batch
-                on_batch = lambda size, ns: record(ref, task, model.backend, size, ns)  # noqa: E731
-            batcher = Batcher(in_executor(partial(model.forward, task), self.forward_executor),
-                              max_batch=self.settings.max_batch_size, max_wait_s=self.settings.batch_wait_ms / 1000,
-                              merge=self.settings.dynamic_batching, on_batch=on_batch)
+                on_batch = lambda stats: record(ref, task, model.backend, stats)  # noqa: E731
+            forward = in_executor(partial(model.forward, task), self.forward_executor)
+            common: dict[str, Any] = {"max_batch": self.settings.max_batch_size, "on_batch": on_batch,
+                                      "max_wait_s": self.settings.batch_wait_ms / 1000,
+                                      "merge": self.settings.dynamic_batching}
+            tokens = model.item_tokens(task)
+            if tokens is not None:
+                batcher = TokenBudgetBatcher(forward, tokens=tokens, max_tokens=self.max_batch_tokens(model),
+                                             **common)
+            else:
+                batcher = Batcher(forward, **common)
             resident.batchers[task] = batcher
         return batcher
+
+    def max_batch_tokens(self, model: LoadedModel) -> int:
+        """``INGRAIN_MAX_BATCH_TOKENS``, else ``MAX_BATCH_SIZE`` x half the model's context: a forward
+        of 64 texts of MiniLM's 256 tokens runs as two of 32 (README Performance: memory)."""
+        if self.settings.max_batch_tokens is not None:
+            return self.settings.max_batch_tokens
+        return self.settings.max_batch_size * max(1, (model.context_length or 512) // 2)
 
     def _report_resident(self) -> None:
         if self.metrics is not None:

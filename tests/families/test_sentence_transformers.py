@@ -207,3 +207,15 @@ def test_a_custom_modules_json_may_name_only_the_librarys_modules(client, file_s
     response = client.post("/download_custom_model", json=body)
     assert response.status_code == 400 and "os.system" in response.json()["message"], response.text
     assert "evil-st" not in {m["name"] for m in client.get("/repository_models").json()["models"]}
+
+
+@pytest.mark.parametrize("key", ["st", "minilm"])
+def test_padding_changes_no_row(hub_models, tmp_path, key, backend):
+    """A text's row is the same alone and in a forward padded to a text ten times its length."""
+    preprocessor, model = _halves(hub_models[key], tmp_path, backend)
+    short = preprocessor.prepare_texts(["a short query"])
+    padded = preprocessor.prepare_texts(["a short query", "a much longer passage " * 20])
+    alone = model.forward("embed_text", short)[0]
+    together = model.forward("embed_text", padded)[0]
+    assert padded[1].shape[-1] > 5 * short[0].shape[-1]
+    assert max_abs_diff(together, alone, "sentence_transformers text (padded vs alone)") <= 1e-6

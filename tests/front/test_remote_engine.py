@@ -161,6 +161,42 @@ def test_calls_in_flight_fail_fast_when_the_runner_is_found_dead():
     run(scenario)
 
 
+@pytest.mark.parametrize(("down_as", "answered"), [("refused", True), ("silent", False)])
+def test_a_runner_that_stops_listening_finishes_its_calls_in_flight_a_silent_one_does_not(monkeypatch, down_as,
+                                                                                          answered):
+    """SIGTERM: the runner stops listening (its probe is refused) and finishes the calls it has; the
+    front marks it down (new calls: 503) but leaves those calls to finish. A runner that does not
+    answer in time (killed or hung) has its calls in flight cancelled: 503 at once."""
+    import ingrain_bento.front.remote_engine as remote_engine
+
+    monkeypatch.setattr(remote_engine, "HEARTBEAT_S", 0.01)
+
+    async def scenario() -> None:
+        engine = FakeEngine()
+        engine.release.clear()
+        transport = GateTransport(engine)
+        remote = RemoteEngine(transport, max_requests_per_call=8)
+        call = asyncio.create_task(remote.infer(REF, "embed_image", "t", [[np.zeros((2, 2, 3), np.uint8)]]))
+        await asyncio.sleep(0.05)  # the call is in flight
+        transport.alive, transport.down_as = False, down_as
+        for _ in range(100):
+            if remote.is_down:
+                break
+            await asyncio.sleep(0.01)
+        assert remote.is_down
+        with pytest.raises(RunnerUnavailable):
+            await remote.loaded_models()
+        engine.release.set()
+        if answered:
+            assert (await asyncio.wait_for(call, 1)).version == 7
+        else:
+            with pytest.raises(RunnerUnavailable):
+                await asyncio.wait_for(call, 1)
+        await remote.close()
+
+    run(scenario)
+
+
 def test_requests_queued_behind_a_call_in_flight_go_to_the_runner_together():
     async def scenario() -> list[Any]:
         engine = FakeEngine()

