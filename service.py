@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
 from ingrain_bento.boundary import Engine  # noqa: E402
+from ingrain_bento.front.docs import CLIP, PNG, RERANKER, SPLADE, ST, TIMM  # noqa: E402
 from ingrain_bento.front.gateway import ModelGateway  # noqa: E402
 from ingrain_bento.front.http import (  # noqa: E402
     GuardMiddleware,
@@ -183,39 +184,74 @@ async def gateway() -> ModelGateway:
 Gateway = Annotated[ModelGateway, Depends(gateway)]
 
 
+def example(value: dict[str, Any], summary: str) -> Any:
+    """A route's JSON body, with the example its API page (``/docs``) starts "Try it out" from."""
+    return Body(openapi_examples={"example": {"summary": summary, "value": value}})
+
+
+def query(value: str) -> Any:
+    return Query(min_length=1, openapi_examples={"example": {"value": value}})
+
+
 # ---- inference: seed generation (ingrain 0.0.7) and current (0.2.3) share bodies ----
 # First: each request is matched against the routes in order, twice (BentoML's mount, then
 # FastAPI's router), so the busiest routes come first.
 
 @app.post("/infer_text", response_model=s.EmbeddingsResponse)
 @app.post("/embed_text", response_model=s.EmbeddingsResponse)
-async def embed_text(gw: Gateway, request: s.TextRequest) -> Response:
+async def embed_text(gw: Gateway, request: Annotated[s.TextRequest, example(
+        {"name": ST, "text": ["query: hello", "query: world"], "normalize": True}, "Two texts")]) -> Response:
     return json_response(await gw.embed_text(request))
 
 
 @app.post("/infer_image", response_model=s.EmbeddingsResponse)
-async def infer_image(gw: Gateway, request: s.ImageRequest) -> Response:
+async def infer_image(gw: Gateway, request: Annotated[s.ImageRequest, example(
+        {"name": CLIP, "image": [PNG]}, "One image (a classifier answers its probabilities)")]) -> Response:
     return json_response(await gw.embed_image(request, output="probabilities"))
 
 
 @app.post("/embed_image", response_model=s.EmbeddingsResponse)
-async def embed_image(gw: Gateway, request: s.ImageRequest) -> Response:
+async def embed_image(gw: Gateway, request: Annotated[s.ImageRequest, example(
+        {"name": CLIP, "image": [PNG]}, "One image")]) -> Response:
     return json_response(await gw.embed_image(request, output="features"))
 
 
 @app.post("/infer", response_model=s.TextImageEmbeddingsResponse)
-async def infer(gw: Gateway, request: s.TextImageRequest) -> Response:
+async def infer(gw: Gateway, request: Annotated[s.TextImageRequest, example(
+        {"name": CLIP, "text": ["a red square"], "image": [PNG]}, "A text and an image")]) -> Response:
     return json_response(await gw.embed(request, output="probabilities"))
 
 
 @app.post("/embed", response_model=s.TextImageEmbeddingsResponse)
-async def embed(gw: Gateway, request: s.TextImageRequest) -> Response:
+async def embed(gw: Gateway, request: Annotated[s.TextImageRequest, example(
+        {"name": CLIP, "text": ["a red square"], "image": [PNG]}, "A text and an image")]) -> Response:
     return json_response(await gw.embed(request, output="features"))
 
 
 @app.post("/classify_image", response_model=s.ProbabilitiesResponse)
-async def classify_image(gw: Gateway, request: s.ImageRequest) -> Response:
+async def classify_image(gw: Gateway, request: Annotated[s.ImageRequest, example(
+        {"name": TIMM, "image": [PNG]}, "One image")]) -> Response:
     return json_response(await gw.classify_image(request))
+
+
+@app.post("/embed_sparse", response_model=s.SparseEmbeddingsResponse)
+async def embed_sparse(gw: Gateway, request: Annotated[s.SparseRequest, example(
+        {"name": SPLADE, "text": ["what is a sparse embedding?"], "top_k": 64}, "One text, its 64 largest")]
+) -> Response:
+    return json_response(await gw.embed_sparse(request))
+
+
+RERANK_EXAMPLE = {"model": RERANKER, "query": "what is the capital of France?", "top_n": 2, "return_documents": True,
+                  "documents": ["Paris is the capital of France.", "Berlin is in Germany.",
+                                {"text": "France is in Europe."}]}
+
+
+@app.post("/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)
+@app.post("/v1/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)  # Cohere v1, Jina
+@app.post("/v2/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)  # Cohere v2
+async def rerank(gw: Gateway, request: Annotated[s.RerankRequest, example(RERANK_EXAMPLE, "Three documents")]
+                 ) -> Response:
+    return json_response(await gw.rerank(request), exclude_none=True)
 
 
 # ---- model management (the seed's routes) ----------------------------------------
@@ -226,32 +262,37 @@ async def health() -> Response:
 
 
 @app.post("/load_clip_model", response_model=s.MessageResponse)
-async def load_clip_model(gw: Gateway, request: s.ModelRequest) -> Response:
+async def load_clip_model(gw: Gateway, request: Annotated[s.ModelRequest, example(
+        {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}, "A built-in architecture and tag")]) -> Response:
     return json_response(await gw.load(request, "open_clip"))
 
 
 @app.post("/load_sentence_transformer_model", response_model=s.MessageResponse)
-async def load_sentence_transformer_model(gw: Gateway, request: s.ModelRequest) -> Response:
+async def load_sentence_transformer_model(gw: Gateway, request: Annotated[s.ModelRequest, example(
+        {"name": ST}, "A Hub id")]) -> Response:
     return json_response(await gw.load(request, "sentence_transformers"))
 
 
 @app.post("/load_timm_model", response_model=s.MessageResponse)
-async def load_timm_model(gw: Gateway, request: s.ModelRequest) -> Response:
+async def load_timm_model(gw: Gateway, request: Annotated[s.ModelRequest, example(
+        {"name": TIMM, "pretrained": True}, "timm's pretrained weights")]) -> Response:
     return json_response(await gw.load(request, "timm"))
 
 
 @app.post("/load_model", response_model=s.MessageResponse)
-async def load_model(gw: Gateway, request: s.ModelRequest) -> Response:
+async def load_model(gw: Gateway, request: Annotated[s.ModelRequest, example(
+        {"name": ST, "library": "sentence_transformers", "backend": "onnx"}, "Any library, on an engine")]
+) -> Response:
     return json_response(await gw.load(request))
 
 
 @app.post("/unload_model", response_model=s.MessageResponse)
-async def unload_model(gw: Gateway, request: s.ModelRequest) -> Response:
+async def unload_model(gw: Gateway, request: Annotated[s.ModelRequest, example({"name": ST}, "By name")]) -> Response:
     return json_response(await gw.unload(request))
 
 
 @app.delete("/delete_model", response_model=s.MessageResponse)
-async def delete_model(gw: Gateway, request: s.ModelRequest = Body()) -> Response:
+async def delete_model(gw: Gateway, request: Annotated[s.ModelRequest, example({"name": ST}, "By name")]) -> Response:
     return json_response(await gw.delete(request))
 
 
@@ -266,17 +307,19 @@ async def repository_models(gw: Gateway) -> Response:
 
 
 @app.post("/download_custom_model", response_model=s.MessageResponse)
-async def download_custom_model(gw: Gateway, request: s.CustomModelRequest) -> Response:
+async def download_custom_model(gw: Gateway, request: Annotated[s.CustomModelRequest, example(
+        {"library": "timm", "pretrained_name": "my-timm", "numClasses": 10,
+         "safetensorsUrl": "https://example.com/model.safetensors"}, "A timm checkpoint")]) -> Response:
     return json_response(await gw.download_custom(request))
 
 
 @app.get("/model_embedding_size", response_model=s.EmbeddingSizeResponse)
-async def model_embedding_size(gw: Gateway, name: str = Query(min_length=1), pretrained: str | None = None) -> Response:
+async def model_embedding_size(gw: Gateway, name: Annotated[str, query(ST)], pretrained: str | None = None) -> Response:
     return json_response(await gw.embedding_size(name, pretrained))
 
 
 @app.get("/model_classification_labels", response_model=s.LabelsResponse)
-async def model_classification_labels(gw: Gateway, name: str = Query(min_length=1),
+async def model_classification_labels(gw: Gateway, name: Annotated[str, query(TIMM)],
                                       pretrained: str | None = None) -> Response:
     return json_response(await gw.classification_labels(name, pretrained))
 
@@ -290,7 +333,8 @@ async def ingrain_metrics(gw: Gateway) -> Response:
 # ---- OpenAI-compatible --------------------------------------------------------------
 
 @app.post("/v1/embeddings", response_model=s.OpenAIEmbeddingResponse)
-async def v1_embeddings(gw: Gateway, request: s.OpenAIEmbeddingRequest) -> Response:
+async def v1_embeddings(gw: Gateway, request: Annotated[s.OpenAIEmbeddingRequest, example(
+        {"model": ST, "input": ["hello"], "dimensions": 128}, "One text, 128 dimensions")]) -> Response:
     return json_response(await openai_embeddings(gw, request))
 
 

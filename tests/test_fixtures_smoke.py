@@ -345,7 +345,8 @@ from sentence_transformers import CrossEncoder, SparseEncoder
 pairs = [({QUERY!r}, d) for d in {DOCS!r}]
 out = {{key: CrossEncoder(name, device="cpu").predict(pairs).tolist()
        for key, name in (("reranker", {ids["reranker"]!r}), ("reranker_hf", {ids["reranker_hf"]!r}))}}
-out["sparse"] = SparseEncoder({ids["sparse"]!r}, device="cpu").encode({SPARSE_TEXTS!r}, convert_to_sparse_tensor=False).sum(1).tolist()
+sparse = SparseEncoder({ids["sparse"]!r}, device="cpu")
+out["sparse"] = sparse.encode({SPARSE_TEXTS!r}, convert_to_sparse_tensor=False).sum(1).tolist()
 print(json.dumps(out))
 """
     proc = subprocess.run([sys.executable, "-c", code], env=om.offline_env(cache), capture_output=True, text=True,
@@ -355,9 +356,9 @@ print(json.dumps(out))
     pairs = [(QUERY, d) for d in DOCS]
     for key in ("reranker", "reranker_hf"):
         here = CrossEncoder(ids[key], device="cpu").predict(pairs).tolist()
-        assert max(abs(a - b) for a, b in zip(out[key], here)) < 1e-6
+        assert max(abs(a - b) for a, b in zip(out[key], here, strict=True)) < 1e-6
     sums = SparseEncoder(ids["sparse"], device="cpu").encode(SPARSE_TEXTS, convert_to_sparse_tensor=False).sum(1)
-    assert max(abs(a - b) for a, b in zip(out["sparse"], sums.tolist())) < 1e-5
+    assert max(abs(a - b) for a, b in zip(out["sparse"], sums.tolist(), strict=True)) < 1e-5
 
 
 def test_new_models_are_deterministic(tmp_path):
@@ -369,7 +370,8 @@ def test_new_models_are_deterministic(tmp_path):
     for kind in ("reranker", "mlm"):
         a, b = (load_file(str(tmp_path / f"{kind}-{n}" / "model.safetensors")) for n in "ab")
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    assert (load_file(str(tmp_path / "mlm-a" / "model.safetensors"))["cls.predictions.bias"] == om.SPARSE_MLM_BIAS).all()
+    bias = load_file(str(tmp_path / "mlm-a" / "model.safetensors"))["cls.predictions.bias"]
+    assert (bias == om.SPARSE_MLM_BIAS).all()
 
 
 # --------------------------------------------------------------------------------------------- bad files, images

@@ -42,15 +42,18 @@ TIMM_MODEL = "test_resnet.r160_in1k"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost"}
 
 def without_examples(spec: dict[str, Any]) -> dict[str, Any]:
-    """The schema less the API page's examples (ingrain_bento/front/docs.py): they name real Hub
-    models that this offline test cannot download, and schemathesis sends them and variants of them."""
+    """The schema less the API page's examples (the routes' ``openapi_examples`` in service.py): they
+    name real Hub models that this offline test cannot download, and schemathesis sends them and
+    variants of them."""
     spec = copy.deepcopy(spec)
     for operations in spec["paths"].values():
         for operation in operations.values():
             for media in operation.get("requestBody", {}).get("content", {}).values():
                 media.pop("example", None)
+                media.pop("examples", None)
             for parameter in operation.get("parameters", []):
                 parameter.pop("example", None)
+                parameter.pop("examples", None)
     return spec
 
 

@@ -11,8 +11,8 @@ the store (``fetch``, ``bind_custom``), and three ways to open a stored folder:
 - ``load_preprocessor`` (the front): no weights at all, a ``Preprocessor`` that turns texts and
   images into those items with the model's own tokenizer and transforms.
 
-What a model can do is a set of capabilities (``EMBED_TEXT``, ``EMBED_IMAGE``, ``CLASSIFY``),
-never a library check. Torch and the libraries are imported inside the families and the torch
+What a model can do is a set of capabilities (the tasks of ``ingrain_bento.tasks``), never a
+library check. Torch and the libraries are imported inside the families and the torch
 engine only: a ``LoadedModel`` speaks numpy.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ingrain_bento.errors import BadRequest
+from ingrain_bento.tasks import TASKS, refuse
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,29 +36,11 @@ if TYPE_CHECKING:
     from ingrain_bento.refs import ModelRef
     from ingrain_bento.schemas import CustomModelRequest
 
-__all__ = [
-    "CLASSIFY", "EMBED_IMAGE", "EMBED_TEXT", "IMAGE", "TEXT", "Family", "ImagePipeline", "LoadedModel",
-    "Preprocessor", "check_safetensors", "freeze_heap", "modalities_of", "trim_heap",
-]
-
-# Capabilities: what a model can be asked to do. Each is also the name of a runner task.
-EMBED_TEXT = "embed_text"
-EMBED_IMAGE = "embed_image"
-CLASSIFY = "classify"
-
-TEXT = "text"
-IMAGE = "image"
+__all__ = ["Family", "ImagePipeline", "LoadedModel", "Preprocessor", "check_safetensors", "freeze_heap",
+           "trim_heap"]
 
 TextItem = Any  # what a Preprocessor makes of one text: a small integer array, or the text itself
 ImageItem = Any  # what a Preprocessor makes of one image: a uint8 HWC array, or float CHW pixels
-
-
-def modalities_of(capabilities: Sequence[str]) -> list[str]:
-    """The input modalities (``text``, ``image``) a set of capabilities takes."""
-    found = {TEXT} if EMBED_TEXT in capabilities else set()
-    if EMBED_IMAGE in capabilities or CLASSIFY in capabilities:
-        found.add(IMAGE)
-    return sorted(found)
 
 
 class Family(Protocol):
@@ -120,6 +103,10 @@ class Preprocessor:
     def prepare_texts(self, texts: Sequence[str]) -> list[TextItem]:
         raise BadRequest("This model takes images, not text.")
 
+    def prepare_pairs(self, query: str, documents: Sequence[str], max_tokens: int | None) -> list[TextItem]:
+        """One item per (query, document) pair; ``max_tokens`` cuts each document first."""
+        raise BadRequest("This model does not rerank.")
+
     def prepare_image(self, image: Image.Image) -> ImageItem:
         if self.pixels is None:
             raise BadRequest("This model takes text, not images.")
@@ -158,16 +145,16 @@ class LoadedModel(ABC):
 
     @property
     @abstractmethod
-    def embedding_size(self) -> int:
-        """The size ``model_embedding_size`` reports (CLIP: the text tower's)."""
+    def embedding_size(self) -> int | None:
+        """The size ``model_embedding_size`` reports (CLIP: the text tower's; a sparse encoder: its
+        vocabulary); None for a model that makes no embeddings (a reranker)."""
 
     def forward(self, task: str, items: Sequence[Any]) -> np.ndarray:
-        """One batch of ``task`` (a capability): one row per item, on the CPU."""
+        """One batch of ``task`` (a capability): one row per item, on the CPU (the task's method)."""
         if task not in self.capabilities:
-            raise BadRequest(f"{self.ref.display_id} cannot {task.replace('_', ' ')}.")
-        runs: dict[str, Callable[[Sequence[Any]], np.ndarray]] = {
-            EMBED_TEXT: self.encode_text, EMBED_IMAGE: self.encode_image, CLASSIFY: self.classify_image}
-        return runs[task](items)
+            raise refuse(self.ref.display_id, task, self.capabilities)
+        rows: np.ndarray = getattr(self, TASKS[task].method)(items)
+        return rows
 
     def item_tokens(self, task: str) -> Callable[[Any], int] | None:
         """How many tokens a prepared item of ``task`` holds, for a task whose items vary in
@@ -181,6 +168,14 @@ class LoadedModel(ABC):
         raise NotImplementedError
 
     def classify_image(self, items: Sequence[ImageItem]) -> np.ndarray:
+        raise NotImplementedError
+
+    def rerank(self, items: Sequence[TextItem]) -> np.ndarray:
+        """A score row per (query, document) pair item."""
+        raise NotImplementedError
+
+    def embed_sparse(self, items: Sequence[TextItem]) -> np.ndarray:
+        """A dense row of vocabulary size per text item (its non-zeros are the sparse embedding)."""
         raise NotImplementedError
 
     def release(self) -> None:

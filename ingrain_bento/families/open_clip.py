@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import register
-from ingrain_bento.families.base import EMBED_IMAGE, EMBED_TEXT, ImagePipeline, LoadedModel, Preprocessor
+from ingrain_bento.families.base import ImagePipeline, LoadedModel, Preprocessor
 from ingrain_bento.refs import HF_HUB_PREFIX, ModelRef, validate_tag
+from ingrain_bento.tasks import EMBED_IMAGE, EMBED_TEXT
 
 if TYPE_CHECKING:
     import numpy as np

@@ -1,7 +1,16 @@
-"""sentence-transformers models: Hub ids and custom checkpoints.
+"""sentence-transformers models: embedders, rerankers and sparse encoders; Hub ids and custom checkpoints.
 
-Store format: the folder ``SentenceTransformer.save()`` writes, opened with
-``SentenceTransformer(folder)``. Encoding follows the library's own ``encode`` in two halves:
+A model's *kind* comes from its own files, as the library reads them (``model_kind``): its saved
+``config_sentence_transformers.json`` says ``SentenceTransformer``, ``CrossEncoder`` or
+``SparseEncoder``; a plain Hugging Face sequence-classification repo (no sentence-transformers
+files, as ``cross-encoder/ms-marco-MiniLM-L6-v2`` is) is a ``CrossEncoder``. Each kind is opened
+with its own class (every class opens every other kind's folder without a word, and computes
+nonsense) and serves one task (``KINDS``): ``embed_text``, ``rerank`` (one-label cross-encoders,
+scores with the model's own activation, as ``predict``) or ``embed_sparse`` (as ``encode``,
+``max_active_dims`` included).
+
+Store format: the folder the class's ``save()`` writes, opened with the same class. Encoding
+follows the library's own ``encode`` / ``predict`` in two halves:
 
 - the front opens the same folder with its weights on torch's meta device (``device_map``,
   through accelerate: no memory, no reads of the weights) and tokenizes with the model's own
@@ -9,8 +18,10 @@ Store format: the folder ``SentenceTransformer.save()`` writes, opened with
   becomes one unpadded item, its token rows stacked into a small int32 array;
 - the engine pads a batch of items the way the tokenizer pads and runs the model's own
   forward, every module ``modules.json`` lists (pooling with ``prompt_length`` for
-  ``include_prompt=False``, ``Dense``, ``Normalize``), then ``truncate_dim``: that forward is the
-  model's one graph, ``embed`` (token ids -> sentence embedding), for either engine.
+  ``include_prompt=False``, ``Dense``, ``Normalize``; a reranker's head and activation; SPLADE
+  pooling), then ``truncate_dim`` / ``max_active_dims``: that forward is the model's one graph,
+  ``forward`` (token ids -> its output rows), for either engine. A reranker's item is a (query,
+  document) pair tokenized together, as ``predict`` tokenizes it.
 
 Both halves read how a model's tokenizer output splits (``TextFormat``) from one probe, at
 load: a model whose output does not split and re-pad exactly (multimodal processors,
@@ -26,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import register
-from ingrain_bento.families.base import EMBED_TEXT, LoadedModel, Preprocessor
+from ingrain_bento.families.base import LoadedModel, Preprocessor
 from ingrain_bento.refs import ModelRef
+from ingrain_bento.tasks import EMBED_SPARSE, EMBED_TEXT, RERANK
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ingrain_bento.families.sentence_transformers")
 
-CAPABILITIES = frozenset({EMBED_TEXT})
+ModelKind = Literal["SentenceTransformer", "CrossEncoder", "SparseEncoder"]
 # download_custom_model field -> path inside the saved folder
 CUSTOM_FILES = {
     "safetensors_url": "model.safetensors",
@@ -51,6 +63,7 @@ CUSTOM_FILES = {
     "modules_json_url": "modules.json",
 }
 PROBE = ["a", "a longer text, to pad the first one"]
+PROBE_PAIRS = [("a", "b"), ("a longer query", "a longer document, to pad the first pair")]
 # Files a Hub download leaves out: pickles (never loaded) and other runtimes' exports.
 UNSAFE_OR_UNUSED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.onnx", "*.ot",
                     "onnx/*", "openvino/*", "*.gguf"]
@@ -77,6 +90,53 @@ def check_modules(folder: Path) -> None:
     if foreign:
         raise BadRequest(f"modules.json names modules outside sentence-transformers ({', '.join(foreign)}): "
                          "only the library's own module classes are loaded.")
+
+
+class Kind(NamedTuple):
+    """What one kind of model is to the server: its library class, the task it serves, the key
+    of its forward's output, and the inputs its tokenizer is probed with."""
+
+    name: ModelKind
+    task: str
+    output: str
+    probe: Sequence[Any]
+
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (
+    Kind("SentenceTransformer", EMBED_TEXT, "sentence_embedding", PROBE),
+    Kind("CrossEncoder", RERANK, "scores", PROBE_PAIRS),
+    Kind("SparseEncoder", EMBED_SPARSE, "sentence_embedding", PROBE),
+)}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def model_kind(folder: Path) -> Kind:
+    """The kind of the model in ``folder``, from its files alone (see the module docstring)."""
+    kind = (_read_json(folder / "config_sentence_transformers.json") or {}).get("model_type")
+    if kind is not None:
+        if kind not in KINDS:
+            raise BadRequest(f"The model is a sentence-transformers {kind}: this server serves "
+                             f"{', '.join(KINDS)}.")
+        return KINDS[kind]
+    architectures = (_read_json(folder / "config.json") or {}).get("architectures") or []
+    if any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures):
+        return KINDS["CrossEncoder"]
+    return KINDS["SentenceTransformer"]
+
+
+def library_class(kind: Kind) -> Any:
+    import sentence_transformers
+
+    return getattr(sentence_transformers, kind.name)
 
 
 class TextFormat(NamedTuple):
@@ -134,8 +194,9 @@ def default_prompt(model: Any) -> str | None:
     return model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
 
 
-def text_format(model: Any, prompt: str | None) -> TextFormat | None:
-    """Probe once: the format when split + pad gives back exactly what ``preprocess`` batched."""
+def text_format(model: Any, prompt: str | None, probe: Sequence[Any] = PROBE) -> TextFormat | None:
+    """Probe once: the format when split + pad gives back exactly what ``preprocess`` batched
+    (``probe``: texts, or pairs for a reranker)."""
     import torch
 
     tokenizer = getattr(model, "tokenizer", None)
@@ -143,7 +204,7 @@ def text_format(model: Any, prompt: str | None) -> TextFormat | None:
     pad_by_key = {"input_ids": getattr(tokenizer, "pad_token_id", None) or 0,
                   "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
     try:
-        features = model.preprocess(PROBE, prompt=prompt)
+        features = model.preprocess(list(probe), prompt=prompt)
         tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
         fmt = TextFormat(tuple(tensors), tuple(int(pad_by_key.get(k, 0)) for k in tensors), padding_side,
                          tuple((k, v) for k, v in features.items() if k not in tensors))
@@ -160,22 +221,41 @@ def text_format(model: Any, prompt: str | None) -> TextFormat | None:
     return fmt if same else None
 
 
-def _dimension(model: Any) -> int:
+def _dimension(model: Any, kind: Kind) -> int | None:
+    """What ``/model_embedding_size`` reports: the embedding's size; a sparse encoder's vocabulary
+    (its ``get_embedding_dimension`` gives the hidden size when SPLADE pooling's config has none);
+    none for a reranker."""
+    if kind.name == "CrossEncoder":
+        return None
+    if kind.name == "SparseEncoder":
+        vocabulary = getattr(getattr(getattr(model[0], "model", None), "config", None), "vocab_size", None)
+        if vocabulary:
+            return int(vocabulary)
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     return int(getter())
 
 
-def _describe(model: Any) -> dict[str, Any]:
-    return {"embedding_size": _dimension(model), "capabilities": sorted(CAPABILITIES)}
+def _describe(model: Any, kind: Kind) -> dict[str, Any]:
+    if kind.name == "CrossEncoder" and model.num_labels != 1:
+        raise BadRequest(f"This cross-encoder has {model.num_labels} labels: /rerank serves rerankers, which "
+                         "score a pair with one.")
+    described: dict[str, Any] = {"capabilities": [kind.task], "kind": kind.name}
+    size = _dimension(model, kind)
+    if size is not None:  # BentoML's metadata takes no None
+        described["embedding_size"] = size
+    return described
 
 
-def _embed_graph(model: Any, fmt: TextFormat) -> Graph:
-    """The model's whole forward over its token arrays (what ``encode`` runs per batch)."""
+def _graph(model: Any, kind: Kind, fmt: TextFormat) -> Graph:
+    """The model's whole forward over its token arrays (what ``encode`` / ``predict`` runs per
+    batch), a reranker's activation included."""
     import torch
 
     from ingrain_bento.engines import Graph
 
-    class Embed(torch.nn.Module):
+    activation = getattr(model, "activation_fn", None) if kind.name == "CrossEncoder" else None
+
+    class Forward(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
@@ -183,21 +263,22 @@ def _embed_graph(model: Any, fmt: TextFormat) -> Graph:
         def forward(self, *tokens: torch.Tensor) -> torch.Tensor:
             features: dict[str, Any] = dict(zip(fmt.keys, tokens, strict=True))
             features.update(fmt.shared)
-            rows: torch.Tensor = self.model(features)["sentence_embedding"]
+            rows: torch.Tensor = self.model(features)[kind.output]
+            if activation is not None:  # predict upcasts half scores before its activation
+                rows = activation(rows.float())
             return rows
 
-    rows = split_rows(model.preprocess(PROBE, prompt=default_prompt(model)), fmt)
+    rows = split_rows(model.preprocess(list(kind.probe), prompt=default_prompt(model)), fmt)
     assert rows is not None
     axes = {0: "batch", 1: "tokens"}
-    return Graph(Embed(), pad_rows(rows, fmt), ["sentence_embedding"],
-                 {**{key: axes for key in fmt.keys}, "sentence_embedding": {0: "batch"}})
+    return Graph(Forward(), pad_rows(rows, fmt), [kind.output],
+                 {**{key: axes for key in fmt.keys}, kind.output: {0: "batch"}})
 
 
-def _open(folder: Path) -> tuple[Any, TextFormat | None]:
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(folder), device="cpu").eval()
-    return model, text_format(model, default_prompt(model))
+def _open(folder: Path) -> tuple[Any, Kind, TextFormat | None]:
+    kind = model_kind(folder)
+    model = library_class(kind)(str(folder), device="cpu").eval()
+    return model, kind, text_format(model, default_prompt(model), kind.probe)
 
 
 def _token_count(item: np.ndarray) -> int:
@@ -205,30 +286,51 @@ def _token_count(item: np.ndarray) -> int:
 
 
 class SentenceTransformerModel(LoadedModel):
-    capabilities = CAPABILITIES
-
-    def __init__(self, ref: ModelRef, runner: Runner, fmt: TextFormat | None, size: int, truncate_dim: int | None,
-                 context_length: int | None, library_model: Any = None) -> None:
+    def __init__(self, ref: ModelRef, runner: Runner, kind: Kind, fmt: TextFormat | None, size: int | None,
+                 context_length: int | None, truncate_dim: int | None = None, max_active_dims: int | None = None,
+                 library_model: Any = None) -> None:
         super().__init__(ref, runner)
+        self.capabilities = frozenset({kind.task})
         self.context_length = context_length
         self.format = fmt
         self._size = size
         self.truncate_dim = truncate_dim
+        self.max_active_dims = max_active_dims
         self.library_model = library_model  # the model itself, for one that takes raw texts (torch only)
 
     @property
-    def embedding_size(self) -> int:
+    def embedding_size(self) -> int | None:
         return self._size
 
     def item_tokens(self, task: str) -> Callable[[Any], int] | None:
         return _token_count if self.format is not None else None
 
+    def _forward(self, items: Sequence[Any]) -> np.ndarray:
+        assert self.format is not None
+        return self.runner.run("forward", pad_rows(items, self.format))[0]
+
     def encode_text(self, items: Sequence[Any]) -> np.ndarray:
         """Token items (or, for a model without a ``TextFormat``, raw texts) -> rows."""
         if self.format is None or isinstance(items[0], str):
             return self._encode_texts(items)
-        rows = self.runner.run("embed", pad_rows(items, self.format))[0]
+        rows = self._forward(items)
         return rows[:, :self.truncate_dim] if self.truncate_dim else rows
+
+    def rerank(self, items: Sequence[Any]) -> np.ndarray:
+        """(query, document) pair items -> one score each (the activation is in the graph)."""
+        return self._forward(items)
+
+    def embed_sparse(self, items: Sequence[Any]) -> np.ndarray:
+        """Text items -> dense rows of vocabulary size, pruned to ``max_active_dims`` as ``encode``
+        prunes them (the library's own ``select_max_active_dims``)."""
+        rows = self._forward(items)
+        if not self.max_active_dims:
+            return rows
+        import torch
+        from sentence_transformers.util import select_max_active_dims
+
+        pruned: np.ndarray = select_max_active_dims(torch.from_numpy(rows), self.max_active_dims).numpy()
+        return pruned
 
     def _encode_texts(self, items: Sequence[Any]) -> np.ndarray:
         if self.library_model is None or not all(isinstance(item, str) for item in items):
@@ -243,29 +345,55 @@ class SentenceTransformerModel(LoadedModel):
 
 
 class SentenceTransformerPreprocessor(Preprocessor):
-    capabilities = CAPABILITIES
-
     def __init__(self, folder: Path) -> None:
-        from sentence_transformers import SentenceTransformer
-
+        kind = model_kind(folder)
+        cls = library_class(kind)
         try:
-            model = SentenceTransformer(str(folder), model_kwargs={"device_map": "meta"})
+            model = cls(str(folder), model_kwargs={"device_map": "meta"})
         except Exception as exc:  # a module that cannot be built without its weights
             log.warning("preprocessor.load folder=%s without weights failed (%s): loading them on the CPU",
                         folder.name, type(exc).__name__)
-            model = SentenceTransformer(str(folder), device="cpu")
+            model = cls(str(folder), device="cpu")
+        self.kind = kind
+        self.capabilities = frozenset({kind.task})
         self.model = model
         self.prompt = default_prompt(model)
-        self.format = text_format(model, self.prompt)
+        self.format = text_format(model, self.prompt, kind.probe)
 
-    def prepare_texts(self, texts: Sequence[str]) -> list[Any]:
-        """One token item per text; the texts themselves when the model has no ``TextFormat``."""
-        if self.format is None:
-            return list(texts)
-        rows = split_rows(self.model.preprocess(list(texts), prompt=self.prompt), self.format)
+    def _split(self, inputs: list[Any], **kwargs: Any) -> list[Any]:
+        assert self.format is not None
+        rows = split_rows(self.model.preprocess(inputs, prompt=self.prompt, **kwargs), self.format)
         if rows is None:
             raise RuntimeError("the tokenizer's output changed shape since load")
         return rows
+
+    def prepare_texts(self, texts: Sequence[str]) -> list[Any]:
+        """One token item per text; the texts themselves when the model has no ``TextFormat``."""
+        if self.kind.name == "CrossEncoder":
+            raise BadRequest("This model is a reranker: it scores (query, document) pairs at /rerank.")
+        if self.format is None:
+            return list(texts)
+        return self._split(list(texts))
+
+    def prepare_pairs(self, query: str, documents: Sequence[str], max_tokens: int | None) -> list[Any]:
+        """One token item per (query, document) pair, tokenized as ``predict`` tokenizes pairs
+        (longest first, to the model's length). ``max_tokens`` cuts every document to that many
+        tokens first, with the model's own tokenizer (``truncation="only_second"``: exact for
+        every tokenizer kind, where cutting the text is not)."""
+        if self.kind.name != "CrossEncoder" or self.format is None:
+            raise BadRequest("This model is not a reranker.")
+        pairs = [(query, document) for document in documents]
+        if max_tokens is None:
+            return self._split(pairs)
+        tokenizer = self.model.tokenizer
+        asked = (self.prompt or "") + query
+        length = len(tokenizer(asked, add_special_tokens=False)["input_ids"]) + tokenizer.num_special_tokens_to_add(
+            pair=True)
+        limit = min(int(tokenizer.model_max_length), getattr(self.model, "max_length", None) or 10**9)
+        if length >= limit:  # the query alone fills the model: the library's own cut (longest first)
+            return self._split(pairs)
+        cut = {"text": {"truncation": "only_second", "max_length": min(limit, length + max_tokens)}}
+        return self._split(pairs, processing_kwargs=cut)
 
 
 class SentenceTransformersFamily:
@@ -290,16 +418,14 @@ class SentenceTransformersFamily:
     def describe_custom(self, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Open a downloaded custom folder once (proves the files form a model) and describe it;
         its ``modules.json`` may name the library's own module classes only."""
-        from sentence_transformers import SentenceTransformer
-
         check_modules(folder)
-        return _describe(SentenceTransformer(str(folder), device="cpu"))
+        kind = model_kind(folder)
+        return _describe(library_class(kind)(str(folder), device="cpu"), kind)
 
     def fetch(self, ref: ModelRef, folder: Path) -> dict[str, Any]:
         """Download a Hub id (never a folder of the server's that happens to have its name) with
         huggingface_hub, as the library does, safetensors only, and save it into ``folder``."""
         from huggingface_hub import snapshot_download
-        from sentence_transformers import SentenceTransformer
 
         try:
             snapshot = Path(snapshot_download(ref.name, ignore_patterns=UNSAFE_OR_UNUSED))
@@ -310,35 +436,38 @@ class SentenceTransformersFamily:
             raise BadRequest(f"{ref.name!r} has no safetensors weights: only safetensors are loaded, never "
                              "pickled .bin files.")
         check_modules(snapshot)
+        kind = model_kind(snapshot)
         try:
-            model = SentenceTransformer(str(snapshot), device="cpu")
+            model = library_class(kind)(str(snapshot), device="cpu")
         except (OSError, ValueError) as exc:
             raise BadRequest(f"{ref.name!r} is not a sentence-transformers model ({type(exc).__name__}).") from None
+        described = _describe(model, kind)
         model.save(str(folder), safe_serialization=True)
-        return _describe(model)
+        return described
 
     def bind_custom(self, ref: ModelRef, weights: Path, options: dict[str, Any], folder: Path) -> dict[str, Any]:
         raise BadRequest("sentence-transformers custom models load by their own name, not into an architecture.")
 
     def graphs(self, folder: Path) -> dict[str, Graph]:
-        model, fmt = _open(folder)
+        model, kind, fmt = _open(folder)
         if fmt is None:
             raise RuntimeError(RAW_TEXTS)
-        return {"embed": _embed_graph(model, fmt)}
+        return {"forward": _graph(model, kind, fmt)}
 
     def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
         from ingrain_bento.engines import Graph
 
-        model, fmt = _open(folder)
-        size, truncate_dim, context = _dimension(model), model.truncate_dim, model.max_seq_length
+        model, kind, fmt = _open(folder)
+        extra = {"size": _dimension(model, kind), "context_length": model.max_seq_length,
+                 "truncate_dim": getattr(model, "truncate_dim", None),
+                 "max_active_dims": getattr(model, "max_active_dims", None)}
         if fmt is None:  # the library's own encode, on the torch engine
-            if engine.backend != "torch":
+            if engine.backend != "torch" or kind.name != "SentenceTransformer":
                 raise RuntimeError(RAW_TEXTS)
             graph = Graph(model, {}, [])
             runner = engine.runner({"library": graph})
-            return SentenceTransformerModel(ref, runner, None, size, truncate_dim, context, library_model=graph.module)
-        return SentenceTransformerModel(ref, engine.runner({"embed": _embed_graph(model, fmt)}), fmt, size,
-                                        truncate_dim, context)
+            return SentenceTransformerModel(ref, runner, kind, None, library_model=graph.module, **extra)
+        return SentenceTransformerModel(ref, engine.runner({"forward": _graph(model, kind, fmt)}), kind, fmt, **extra)
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return SentenceTransformerPreprocessor(folder)

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import register
-from ingrain_bento.families.base import CLASSIFY, EMBED_IMAGE, ImagePipeline, LoadedModel, Preprocessor
+from ingrain_bento.families.base import ImagePipeline, LoadedModel, Preprocessor
 from ingrain_bento.refs import ModelRef, validate_tag
+from ingrain_bento.tasks import CLASSIFY, EMBED_IMAGE
 
 if TYPE_CHECKING:
     import numpy as np

@@ -8,9 +8,10 @@ FastAPI's OpenAPI document is completed once, on first use:
 
 - an HTTP bearer scheme, so Swagger UI's Authorize button sends ``Authorization: Bearer <key>``
   (optional: a server without ``INGRAIN_API_KEY`` takes requests without it);
-- an example request per route: the models in ``ingrain_bento.schemas`` carry none, and routes
-  that share a model want different values (``/load_clip_model`` and ``/load_timm_model`` both
-  take ``ModelRequest``), so "Try it out" starts from a request that works for that route.
+The example request of each route lives on the route (``service.py``, FastAPI's
+``openapi_examples``): routes that share a model want different values (``/load_clip_model`` and
+``/load_timm_model`` both take ``ModelRequest``), so "Try it out" starts from a request that works
+for that route. The model names those examples use are here.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
-__all__ = ["BODY_EXAMPLES", "DOCS_OPEN_PATHS", "DOCS_STATIC_PREFIX", "DOCS_URL", "OPENAPI_URL", "QUERY_EXAMPLES",
-           "SECURITY_SCHEME", "add_api_docs", "complete_openapi"]
+__all__ = ["CLIP", "DOCS_OPEN_PATHS", "DOCS_STATIC_PREFIX", "DOCS_URL", "OPENAPI_URL", "PNG", "RERANKER",
+           "SECURITY_SCHEME", "SPLADE", "ST", "TIMM", "add_api_docs", "complete_openapi"]
 
 DOCS_URL = "/docs"
 OPENAPI_URL = "/openapi.json"
@@ -41,32 +42,10 @@ SECURITY_SCHEME = "apiKey"
 ST = "intfloat/e5-small-v2"
 CLIP = "ViT-B-32::laion2b_s34b_b79k"
 TIMM = "resnet50.a1_in1k"
+RERANKER = "cross-encoder/ms-marco-MiniLM-L6-v2"
+SPLADE = "naver/splade-v3"
 PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8ISfHgA0wMeAAg1MCA"
        "NDKARQfGKMRAAAAAElFTkSuQmCC")  # an 8x8 red square
-
-BODY_EXAMPLES: dict[str, dict[str, Any]] = {
-    "/embed_text": {"name": ST, "text": ["query: hello", "query: world"], "normalize": True},
-    "/infer_text": {"name": ST, "text": ["query: hello"]},
-    "/embed_image": {"name": CLIP, "image": [PNG]},
-    "/infer_image": {"name": CLIP, "image": [PNG]},
-    "/embed": {"name": CLIP, "text": ["a red square"], "image": [PNG]},
-    "/infer": {"name": CLIP, "text": ["a red square"], "image": [PNG]},
-    "/classify_image": {"name": TIMM, "image": [PNG]},
-    "/load_clip_model": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
-    "/load_sentence_transformer_model": {"name": ST},
-    "/load_timm_model": {"name": TIMM, "pretrained": True},
-    "/load_model": {"name": ST, "library": "sentence_transformers"},
-    "/unload_model": {"name": ST},
-    "/delete_model": {"name": ST},
-    "/download_custom_model": {"library": "timm", "pretrained_name": "my-timm", "numClasses": 10,
-                               "safetensorsUrl": "https://example.com/model.safetensors"},
-    "/v1/embeddings": {"model": ST, "input": ["hello"], "dimensions": 128},
-}
-QUERY_EXAMPLES: dict[str, dict[str, str]] = {
-    "/model_embedding_size": {"name": ST},
-    "/model_classification_labels": {"name": TIMM},
-}
-
 
 def add_api_docs(app: FastAPI, open_paths: Iterable[str]) -> None:
     """Serve the page, its static files and the ``/`` redirect; complete the app's OpenAPI document.
@@ -99,7 +78,7 @@ def complete_openapi(app: FastAPI, open_paths: frozenset[str]) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = add_examples(add_bearer_auth(generate(), open_paths))
+            app.openapi_schema = add_bearer_auth(generate(), open_paths)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -115,17 +94,4 @@ def add_bearer_auth(spec: dict[str, Any], open_paths: frozenset[str]) -> dict[st
     for path in open_paths:
         for operation in spec["paths"].get(path, {}).values():
             operation["security"] = []
-    return spec
-
-
-def add_examples(spec: dict[str, Any]) -> dict[str, Any]:
-    """One example per route: the body Swagger UI's "Try it out" starts from, and query values."""
-    for path, operations in spec["paths"].items():
-        for operation in operations.values():
-            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
-            if body is not None and path in BODY_EXAMPLES:
-                body["example"] = BODY_EXAMPLES[path]
-            for parameter in operation.get("parameters", []):
-                if parameter["name"] in QUERY_EXAMPLES.get(path, {}):
-                    parameter["example"] = QUERY_EXAMPLES[path][parameter["name"]]
     return spec

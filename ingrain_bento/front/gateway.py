@@ -10,7 +10,8 @@ and computed there:
             -> Matryoshka truncation, normalization, the response schema
 
 Both API generations share these methods: the seed's ``/infer_image`` and the current
-``/embed_image`` differ only in what a classifier answers (``ImageOutput``).
+``/embed_image`` differ only in what a classifier answers (``ImageOutput``). What each task takes
+and gives is its entry in ``tasks.TASKS``: the gateway itself names no modality.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -26,11 +28,11 @@ import numpy as np
 from ingrain_bento import schemas as s
 from ingrain_bento.boundary import Engine, ModelHandle, ServedModel
 from ingrain_bento.errors import BadRequest, IngrainError, StaleModel
-from ingrain_bento.families.base import CLASSIFY, EMBED_IMAGE, EMBED_TEXT
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.front.inputs import InputPreparer
 from ingrain_bento.metrics import RequestMetrics
 from ingrain_bento.settings import Settings
+from ingrain_bento.tasks import CLASSIFY, EMBED_IMAGE, EMBED_SPARSE, EMBED_TEXT, RERANK, TASKS, refuse
 
 __all__ = ["ImageOutput", "ModelGateway"]
 
@@ -134,16 +136,11 @@ class ModelGateway:
             self._handles[key] = handle
         return handle
 
-    async def _rows(self, request: s.InferenceRequest, handle: ModelHandle, task: str) -> np.ndarray:
+    async def _rows(self, request: Any, handle: ModelHandle, task: str) -> np.ndarray:
         """Prepare this request's inputs for ``task`` and have the engine compute their rows."""
         if task not in handle.capabilities:
-            if task == EMBED_TEXT:
-                raise BadRequest(f"{handle.ref.display_id} is an image model: send 'image', not 'text'.")
-            raise BadRequest(f"{handle.ref.display_id} is a text model: send 'text', not 'image'.")
-        if task == EMBED_TEXT:
-            items = await self.inputs.texts(handle, request.texts, alone=self._in_flight == 1)
-        else:
-            items = await self.inputs.images(handle, request.images, request.image_download_headers)
+            raise refuse(handle.ref.display_id, task, handle.capabilities)
+        items = await self.inputs.prepare(TASKS[task].inputs, handle, request, alone=self._in_flight == 1)
         reply = await self.engine.infer(handle.ref, task, handle.tag, [items])
         await self._sync_version(reply.version)
         (rows,) = reply.results
@@ -151,9 +148,9 @@ class ModelGateway:
             raise rows
         return rows
 
-    async def _serve(self, request: s.InferenceRequest, route: str, tasks: Sequence[str]) -> list[np.ndarray]:
-        """Rows for each task, for one request: counted in the metrics, sent again once when the
-        model was stored anew under this worker's cached handle."""
+    async def _serve(self, request: Any, route: str, tasks: Sequence[str]) -> list[Any]:
+        """Each task's output (``Task.post`` of its rows), for one request: counted in the metrics,
+        sent again once when the model was stored anew under this worker's cached handle."""
         started, ok, model = time.perf_counter(), False, request.name
         self._in_flight += 1
         try:
@@ -162,8 +159,9 @@ class ModelGateway:
                 model = handle.ref.display_id
                 try:
                     rows = [await self._rows(request, handle, task) for task in tasks]
+                    outputs = [TASKS[task].post(part, request) for task, part in zip(tasks, rows, strict=True)]
                     ok = True
-                    return rows
+                    return outputs
                 except StaleModel:
                     if attempt == 2:
                         raise
@@ -174,30 +172,9 @@ class ModelGateway:
             if self.metrics is not None:
                 self.metrics.record_request(model, route, ok, time.perf_counter() - started)
 
-    @staticmethod
-    def _embeddings(rows: np.ndarray, n_dims: int | None, normalize: bool) -> list[list[float]]:
-        """Matryoshka: truncate to ``n_dims`` first, then normalize, so rows are unit length
-        (as torch's ``F.normalize``: divided by the norm, at least 1e-12)."""
-        matrix = rows.astype(np.float32, copy=False)
-        if n_dims is not None:
-            if n_dims < 1 or n_dims > matrix.shape[1]:
-                raise BadRequest(f"n_dims must be between 1 and the model's size {matrix.shape[1]}, not {n_dims}.")
-            matrix = matrix[:, :n_dims]
-        if normalize:
-            matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=-1, keepdims=True), 1e-12)
-        result: list[list[float]] = matrix.tolist()
-        return result
-
-    @staticmethod
-    def _probabilities(logits: np.ndarray, softmax: bool = True) -> list[list[float]]:
-        matrix = logits.astype(np.float32, copy=False)
-        if softmax:
-            exp = np.exp(matrix - matrix.max(axis=-1, keepdims=True))
-            matrix = exp / exp.sum(axis=-1, keepdims=True)
-        result: list[list[float]] = matrix.tolist()
-        return result
-
-    def _image_task(self, handle: ModelHandle, request: s.InferenceRequest, output: ImageOutput) -> str:
+    async def _image_task(self, request: s.InferenceRequest, output: ImageOutput) -> str:
+        """The seed's /infer_image gives a classifier's probabilities, /embed_image its features."""
+        handle = await self._handle(request)
         if output == "probabilities" and CLASSIFY in handle.capabilities:
             if request.n_dims is not None:
                 raise BadRequest("n_dims applies to embeddings; /infer_image on a classifier returns class "
@@ -205,44 +182,51 @@ class ModelGateway:
             return CLASSIFY
         return EMBED_IMAGE
 
-    def _image_output(self, rows: np.ndarray, task: str, request: s.InferenceRequest) -> list[list[float]]:
-        if task == CLASSIFY:
-            return self._probabilities(rows, softmax=request.normalize)
-        return self._embeddings(rows, request.n_dims, request.normalize)
-
     async def embed_text(self, request: s.InferenceRequest) -> s.EmbeddingsResponse:
         started = time.perf_counter()
-        (rows,) = await self._serve(request, "embed_text", [EMBED_TEXT])
-        return s.EmbeddingsResponse.model_construct(
-            embeddings=self._embeddings(rows, request.n_dims, request.normalize),
-            processing_time_ms=(time.perf_counter() - started) * 1000)
+        (embeddings,) = await self._serve(request, "embed_text", [EMBED_TEXT])
+        return s.EmbeddingsResponse.model_construct(embeddings=embeddings, processing_time_ms=_ms_since(started))
 
     async def embed_image(self, request: s.InferenceRequest, output: ImageOutput) -> s.EmbeddingsResponse:
         started = time.perf_counter()
-        task = self._image_task(await self._handle(request), request, output)
-        (rows,) = await self._serve(request, "embed_image", [task])
-        return s.EmbeddingsResponse.model_construct(embeddings=self._image_output(rows, task, request),
-                                                    processing_time_ms=(time.perf_counter() - started) * 1000)
+        (embeddings,) = await self._serve(request, "embed_image", [await self._image_task(request, output)])
+        return s.EmbeddingsResponse.model_construct(embeddings=embeddings, processing_time_ms=_ms_since(started))
 
     async def embed(self, request: s.InferenceRequest, output: ImageOutput) -> s.TextImageEmbeddingsResponse:
         started = time.perf_counter()
         tasks = [EMBED_TEXT] if request.text is not None else []
-        image_task = None
         if request.image is not None:
-            image_task = self._image_task(await self._handle(request), request, output)
-        rows = await self._serve(request, "embed", tasks + ([image_task] if image_task else []))
-        text_rows = self._embeddings(rows[0], request.n_dims, request.normalize) if request.text is not None else None
-        image_rows = self._image_output(rows[-1], image_task, request) if image_task else None
-        return s.TextImageEmbeddingsResponse.model_construct(
-            text_embeddings=text_rows, image_embeddings=image_rows,
-            processing_time_ms=(time.perf_counter() - started) * 1000)
+            tasks.append(await self._image_task(request, output))
+        outputs = await self._serve(request, "embed", tasks)
+        text_rows = outputs[0] if request.text is not None else None
+        image_rows = outputs[-1] if request.image is not None else None
+        return s.TextImageEmbeddingsResponse.model_construct(text_embeddings=text_rows, image_embeddings=image_rows,
+                                                             processing_time_ms=_ms_since(started))
 
     async def classify_image(self, request: s.InferenceRequest) -> s.ProbabilitiesResponse:
+        """Softmax probabilities, whatever ``normalize`` says (the seed's /infer_image honours it)."""
         started = time.perf_counter()
-        handle = await self._handle(request)
-        if CLASSIFY not in handle.capabilities:
-            raise BadRequest(f"{handle.ref.display_id} is not a classifier: /classify_image serves models "
-                             "that classify (timm).")
-        (logits,) = await self._serve(request, "classify_image", [CLASSIFY])
-        return s.ProbabilitiesResponse.model_construct(probabilities=self._probabilities(logits),
-                                                       processing_time_ms=(time.perf_counter() - started) * 1000)
+        (probabilities,) = await self._serve(request.model_copy(update={"normalize": True}), "classify_image",
+                                             [CLASSIFY])
+        return s.ProbabilitiesResponse.model_construct(probabilities=probabilities,
+                                                       processing_time_ms=_ms_since(started))
+
+    async def embed_sparse(self, request: s.SparseRequest) -> s.SparseEmbeddingsResponse:
+        started = time.perf_counter()
+        (vectors,) = await self._serve(request, "embed_sparse", [EMBED_SPARSE])
+        return s.SparseEmbeddingsResponse.model_construct(
+            embeddings=[s.SparseEmbedding.model_construct(indices=i, values=v) for i, v in vectors],
+            processing_time_ms=_ms_since(started))
+
+    async def rerank(self, request: s.RerankRequest) -> s.RerankResponse:
+        """The documents by relevance to the query, best first, cut to ``top_n``."""
+        (ranked,) = await self._serve(request, "rerank", [RERANK])
+        documents = request.document_texts
+        return s.RerankResponse(id=str(uuid.uuid4()), results=[
+            s.RerankResult(index=index, relevance_score=score,
+                           document=s.RerankDocument(text=documents[index]) if request.return_documents else None)
+            for index, score in ranked])
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

@@ -1,6 +1,7 @@
 """The FastAPI app the front service mounts, and everything HTTP-shaped around the routes.
 
-- one error shape: ``{"message": ...}``, or OpenAI's ``{"error": {...}}`` under ``/v1/``;
+- one error shape: ``{"message": ...}`` (as Cohere's clients read it too), or OpenAI's
+  ``{"error": {...}}`` on the OpenAI routes;
   never BentoML's list body, an HTML page or a stack trace;
 - the API key check and the request-size cap, as one ASGI middleware on the whole service
   (BentoML's own ``/metrics`` and ``/docs.json`` included; ``/health``, ``/livez``,
@@ -31,6 +32,7 @@ log = logging.getLogger("ingrain_bento.http")
 
 TOO_LONG = frozenset({"too_long", "string_too_long"})  # pydantic's error types of a size cap
 OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz", *DOCS_OPEN_PATHS})
+OPENAI_PATHS = ("/v1/embeddings", "/v1/models")  # errors in OpenAI's shape there (/v1/rerank is Cohere's)
 
 
 def is_open(path: str) -> bool:
@@ -38,13 +40,14 @@ def is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(DOCS_STATIC_PREFIX)
 
 
-def json_response(model: BaseModel, status_code: int = 200) -> Response:
-    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+def json_response(model: BaseModel, status_code: int = 200, exclude_none: bool = False) -> Response:
+    return Response(model.model_dump_json(exclude_none=exclude_none), status_code=status_code,
+                    media_type="application/json")
 
 
 def error_response(path: str, status_code: int, message: str, error_type: str = "invalid_request_error",
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    if path.startswith("/v1/"):
+    if path.startswith(OPENAI_PATHS):
         body: dict[str, Any] = {"error": {"message": message, "type": error_type, "code": status_code}}
     else:
         body = {"message": message}

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from ingrain_bento.batching import Batcher, call_guarded, in_executor
@@ -101,6 +102,16 @@ class InputPreparer:
 
         await asyncio.to_thread(import_all)
 
+    async def prepare(self, kind: str, handle: ModelHandle, request: Any, alone: bool = False) -> list[Any]:
+        """A request's items for a task whose inputs are ``kind`` (``tasks.Task.inputs``)."""
+        if kind == "texts":
+            return await self.texts(handle, request.texts, alone)
+        if kind == "images":
+            return await self.images(handle, request.images, request.image_download_headers)
+        if kind == "pairs":
+            return await self.pairs(handle, request.query, request.document_texts, request.max_tokens_per_doc)
+        raise ValueError(f"no preparation for inputs {kind!r}")
+
     async def texts(self, handle: ModelHandle, texts: list[str], alone: bool = False) -> list[Any]:
         """One item per text, tokenized with the texts of concurrent requests for this model;
         a short request that is ``alone`` in this worker and finds the tokenizer idle is
@@ -115,6 +126,16 @@ class InputPreparer:
         if alone and batcher.idle and sum(map(len, texts)) <= INLINE_TEXT_CHARS:
             return list(call_guarded(preprocessor.prepare_texts, texts))
         return list(await batcher.submit(texts))
+
+    async def pairs(self, handle: ModelHandle, query: str, documents: list[str], max_tokens: int | None) -> list[Any]:
+        """One item per (query, document) pair, tokenized together as the model's own tokenizer
+        pairs them, on the tokenizer thread (a request's pairs are already a batch)."""
+        preprocessor = await self.preprocessor(handle)
+        loop = asyncio.get_running_loop()
+        return list(await loop.run_in_executor(
+            self.tokenize_executor, partial(call_guarded, lambda docs: preprocessor.prepare_pairs(query, docs,
+                                                                                                  max_tokens)),
+            documents))
 
     async def images(self, handle: ModelHandle, values: list[str], headers: dict[str, str] | None) -> list[Any]:
         """One pixel item per image, in order; the first bad image fails the request (400 naming it)."""

@@ -30,7 +30,7 @@ from ingrain_bento.boundary import InferReply, LoadResult, ModelHandle, ServedMo
 from ingrain_bento.engines import Backend
 from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound, StaleModel
 from ingrain_bento.families import families, family
-from ingrain_bento.families.base import check_safetensors, modalities_of
+from ingrain_bento.families.base import check_safetensors
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.refs import DISPLAY_SEPARATOR, ModelRef, split_display_id, validate_name, validate_tag
@@ -38,6 +38,7 @@ from ingrain_bento.runner.pool import ModelPool, Resident
 from ingrain_bento.runner.state import ResidentState
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel, staging_dir
+from ingrain_bento.tasks import RERANK, modalities_of
 
 __all__ = ["RunnerEngine"]
 
@@ -206,6 +207,10 @@ class RunnerEngine:
         ref, entry, resident = self._stored_or_resident(name, pretrained)
         size = resident.model.embedding_size if resident else (entry.metadata.get("embedding_size") if entry else None)
         if size is None:
+            capabilities = resident.model.capabilities if resident else (entry.metadata if entry else {}).get(
+                "capabilities")
+            if capabilities and RERANK in capabilities:
+                raise BadRequest(f"{ref.display_id} is a reranker: it scores pairs, it has no embedding size.")
             raise ModelNotFound(f"The embedding size of {ref.display_id} is not known until it is loaded.")
         return int(size)
 

@@ -53,7 +53,8 @@ def test_embedding_size_and_text_only(client, hub_models, files_dir):
     from fixtures.compare import b64
 
     response = client.post("/embed_image", json={"name": name, "image": b64(files_dir / "red.png")})
-    assert response.status_code == 400 and "text model" in response.json()["message"]
+    message = response.json()["message"]
+    assert response.status_code == 400 and "cannot embed images: it can embed text (/embed_text)" in message
 
 
 def test_custom_checkpoint_from_urls(client, file_server, session_dir, files_dir):
@@ -122,7 +123,7 @@ def test_requests_tokenized_apart_and_batched_together_equal_encode(hub_models, 
 def test_the_front_opens_the_model_without_its_weights(hub_models, tmp_path):
     preprocessor, model = _halves(hub_models["minilm"], tmp_path)
     assert {p.device.type for p in preprocessor.model.parameters()} == {"meta"}
-    assert {p.device.type for p in model.runner.graphs["embed"].module.parameters()} == {"cpu"}
+    assert {p.device.type for p in model.runner.graphs["forward"].module.parameters()} == {"cpu"}
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])

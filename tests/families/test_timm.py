@@ -64,7 +64,8 @@ def test_labels_are_imagenet_descriptions_in_class_order(client, timm_model):
 
 def test_text_is_a_400(client, timm_model):
     response = client.post("/embed_text", json={"name": timm_model[0], "text": "hello"})
-    assert response.status_code == 400 and "image model" in response.json()["message"]
+    message = response.json()["message"]
+    assert response.status_code == 400 and "cannot embed text: it can classify images (/classify_image)" in message
 
 
 def test_hf_hub_name_loads_the_same_weights(client, hub_models, timm_model):

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from ingrain_bento import schemas
-from ingrain_bento.front.docs import BODY_EXAMPLES, DOCS_URL, OPENAPI_URL, SECURITY_SCHEME
+from ingrain_bento.front.docs import DOCS_URL, OPENAPI_URL, SECURITY_SCHEME
 
 KEY = "docs-page-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -62,6 +62,13 @@ def test_docs_page_and_its_files_are_served_here(client: Any) -> None:
     assert "SwaggerUIBundle" in client.get(f"{DOCS_URL}/static/swagger-ui-bundle.js").text
 
 
+def _example(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    """The example body a route carries (its ``openapi_examples``)."""
+    body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+    example: dict[str, Any] = next(iter(body["examples"].values()))["value"]
+    return example
+
+
 def test_every_route_has_its_schemas_and_an_example_body(client: Any) -> None:
     spec = client.get(OPENAPI_URL).json()
     scheme = spec["components"]["securitySchemes"][SECURITY_SCHEME]
@@ -75,11 +82,12 @@ def test_every_route_has_its_schemas_and_an_example_body(client: Any) -> None:
                 continue
             body = operation["requestBody"]["content"]["application/json"]
             model = getattr(schemas, body["schema"]["$ref"].rsplit("/", 1)[-1])
-            assert "example" in body, f"{method.upper()} {path} has no example body"
-            model.model_validate(body["example"])  # the example is a valid request
+            assert body.get("examples"), f"{method.upper()} {path} has no example body"
+            for example in body["examples"].values():
+                model.model_validate(example["value"])  # the example is a valid request
             with_body.append(path)
-    assert sorted(with_body) == sorted(BODY_EXAMPLES)  # no example for a route that is gone
-    assert spec["paths"]["/model_embedding_size"]["get"]["parameters"][0]["example"]
+    assert {"/embed_text", "/rerank", "/v2/rerank", "/embed_sparse", "/load_model", "/delete_model"} <= set(with_body)
+    assert spec["paths"]["/model_embedding_size"]["get"]["parameters"][0]["examples"]
 
 
 def test_an_unknown_route_names_the_docs_page(client: Any) -> None:
@@ -218,7 +226,8 @@ def test_the_docs_page_in_a_browser(real_server_factory: Any, hub_models: dict[s
 def check_the_page(sync_api: Any, chromium: str, url: str, model: str, profile: Path, screenshot: Path) -> Path:
     """Load the page, check its traffic and its route list, Authorize, and try two routes."""
     traffic = Traffic(url)
-    spec_paths = httpx.get(f"{url}{OPENAPI_URL}").json()["paths"]
+    spec = httpx.get(f"{url}{OPENAPI_URL}").json()
+    spec_paths = spec["paths"]
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(profile), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
@@ -237,14 +246,16 @@ def check_the_page(sync_api: Any, chromium: str, url: str, model: str, profile: 
             assert status == "200" and body == {"message": "The model server is running."}
             assert "Authorization" not in curl  # an open route: the schema says so
 
+            expected = _example(spec, "/embed_text")
+
             def name_the_fixture_model(example: dict[str, Any]) -> dict[str, Any]:
-                assert example == BODY_EXAMPLES["/embed_text"]  # the page starts from the example body
+                assert example == expected  # the page starts from the route's example body
                 return {**example, "name": model}
 
             status, body, curl = try_it_out(page, "post", "/embed_text", name_the_fixture_model)
             assert status == "200", body
             assert f"Authorization: Bearer {KEY}" in curl  # sent by Authorize (the server needs it)
-            assert len(body["embeddings"]) == len(BODY_EXAMPLES["/embed_text"]["text"])
+            assert len(body["embeddings"]) == len(expected["text"])
         finally:
             page.screenshot(path=str(screenshot), full_page=True)
             context.close()

@@ -118,3 +118,44 @@ def test_an_unreadable_state_file_restores_nothing(tmp_path):
     state = ResidentState("test", tmp_path)
     state.path.write_text("{not json")
     assert state.load() == []
+
+
+class BatchRecorder:
+    """The engine's metrics hooks, keeping each forward's size."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def record_batch(self, ref, task, backend, stats) -> None:
+        self.sizes.append(stats.items)
+
+    def record_outcome(self, ref, ok, seconds) -> None:
+        pass
+
+    def record_resident(self, sizes) -> None:
+        pass
+
+
+def test_a_rerank_of_200_documents_runs_as_forwards_of_max_batch_pairs_and_concurrent_ones_share_them(hub_models):
+    from ingrain_bento.families import family
+
+    request = s.ModelRequest(name=hub_models["reranker"], library="sentence_transformers")
+    recorder = BatchRecorder()
+
+    async def scenario(engine: RunnerEngine) -> None:
+        engine.pool.metrics = recorder  # type: ignore[assignment]
+        await engine.load(request)
+        handle = await engine.describe(request.name, None, request.library)
+        entry = engine.store.by_tag(handle.tag)
+        preprocessor = family("sentence_transformers").load_preprocessor(entry.path, handle.ref)
+        pairs = preprocessor.prepare_pairs("a query", [f"document number {i}" for i in range(200)], None)
+        (scores,) = (await engine.infer(handle.ref, "rerank", handle.tag, [pairs])).results
+        assert scores.shape == (200, 1)
+        assert max(recorder.sizes) <= 64 and sum(recorder.sizes) == 200
+        recorder.sizes.clear()
+        tens = [preprocessor.prepare_pairs(f"query {q}", [f"doc {q} {i}" for i in range(10)], None) for q in range(10)]
+        replies = await asyncio.gather(*(engine.infer(handle.ref, "rerank", handle.tag, [items]) for items in tens))
+        assert all(reply.results[0].shape == (10, 1) for reply in replies)
+        assert sum(recorder.sizes) == 100 and len(recorder.sizes) < 10, recorder.sizes  # shared forwards
+
+    run(scenario, max_batch_size=64)

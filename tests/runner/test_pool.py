@@ -7,11 +7,11 @@ import asyncio
 import pytest
 
 from ingrain_bento.errors import AtCapacity, ModelNotFound
-from ingrain_bento.families.base import EMBED_IMAGE
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.runner.pool import ModelPool
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore
+from ingrain_bento.tasks import EMBED_IMAGE
 
 A = ModelRef.parse("timm", "test_vit.r160_in1k", False)
 B = ModelRef.parse("timm", "test_convnext.r160_in1k", False)
