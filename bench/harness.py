@@ -247,9 +247,9 @@ def jpegs(n: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:
     return out
 
 
-def serve_random_vit(server: Server, work: Path, arch: str = "ViT-B-32") -> tuple[str, object, object]:
-    """``arch`` with random weights, served as a custom checkpoint from a loopback file server and
-    loaded; returns (model id, the in-process model, its preprocess) for the library side."""
+def random_clip_url(work: Path, arch: str = "ViT-B-32") -> tuple[str, object, object]:
+    """``arch`` with random weights as a safetensors file on a loopback file server (which runs
+    until the process ends): (its URL, the in-process model, its preprocess)."""
     import threading
     from functools import partial
     from http.server import ThreadingHTTPServer
@@ -265,11 +265,14 @@ def serve_random_vit(server: Server, work: Path, arch: str = "ViT-B-32") -> tupl
                                 str(files / "random.safetensors"))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(files)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/random.safetensors"
-        server.post("/download_custom_model", {"library": "open_clip", "pretrained_name": "bench-random",
-                                               "safetensors_url": url})
-    finally:
-        httpd.shutdown()
+    return f"http://127.0.0.1:{httpd.server_address[1]}/random.safetensors", model, preprocess
+
+
+def serve_random_vit(server: Server, work: Path, arch: str = "ViT-B-32") -> tuple[str, object, object]:
+    """``arch`` with random weights, served as a custom checkpoint from a loopback file server and
+    loaded; returns (model id, the in-process model, its preprocess) for the library side."""
+    url, model, preprocess = random_clip_url(work, arch)
+    server.post("/download_custom_model", {"library": "open_clip", "pretrained_name": "bench-random",
+                                           "safetensors_url": url})
     server.post("/load_clip_model", {"name": arch, "pretrained": "bench-random"})
     return f"{arch}::bench-random", model, preprocess

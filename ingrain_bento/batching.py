@@ -127,11 +127,7 @@ class Batcher(Generic[Item]):
             raise BatcherClosed("The model was unloaded while this request waited: send it again.")
         if self._task is None:
             self._task = asyncio.create_task(self._collect())
-        now = time.monotonic()
-        if self._last_arrival:
-            gap = now - self._last_arrival
-            self._arrival_gap = gap if self._arrival_gap == float("inf") else 0.8 * self._arrival_gap + 0.2 * gap
-        self._last_arrival = now
+        self._note_arrival()
         chunks = [_Chunk(items[i:i + self.max_batch]) for i in range(0, len(items), self.max_batch)]
         self._pending.extend(chunks)
         self._wakeup.set()
@@ -139,6 +135,21 @@ class Batcher(Generic[Item]):
         if len(rows) == 1:
             return rows[0]
         return np.concatenate(rows) if isinstance(rows[0], np.ndarray) else [row for part in rows for row in part]
+
+    def _note_arrival(self) -> None:
+        """Track the moving average of the time between submits (``under load``: shorter than the
+        wait window)."""
+        now = time.monotonic()
+        if self._last_arrival:
+            gap = now - self._last_arrival
+            self._arrival_gap = gap if self._arrival_gap == float("inf") else 0.8 * self._arrival_gap + 0.2 * gap
+        self._last_arrival = now
+
+    async def _forward_checked(self, items: Sequence[Any]) -> Any:
+        rows = await self.forward(items)
+        if len(rows) != len(items):
+            raise RuntimeError(f"forward returned {len(rows)} rows for {len(items)} items")
+        return rows
 
     async def _wait_for_more(self, timeout: float) -> bool:
         self._wakeup.clear()
@@ -196,9 +207,7 @@ class Batcher(Generic[Item]):
         items = [item for chunk in batch for item in chunk.items]
         started = time.perf_counter_ns()
         try:
-            rows = await self.forward(items)
-            if len(rows) != len(items):
-                raise RuntimeError(f"forward returned {len(rows)} rows for {len(items)} items")
+            rows = await self._forward_checked(items)
         except Exception as exc:
             if len(batch) == 1 or not self.isolate_failures:
                 _fail(batch, exc)
@@ -290,6 +299,8 @@ class TokenBudgetBatcher(Batcher[Item]):
     """A ``Batcher`` for texts whose forwards are sized by padded tokens (see the module
     docstring); ``tokens(item)`` is an item's length, ``max_tokens`` the budget of a forward."""
 
+    FREE_PADDING = 1.2  # padded / real tokens a forward may reach without having to pay for itself
+
     def __init__(self, forward: Forward, *, tokens: Callable[[Item], int], max_tokens: int, max_batch: int,
                  max_wait_s: float, merge: bool = True, on_batch: Callable[[BatchStats], None] | None = None) -> None:
         super().__init__(forward, max_batch=max_batch, max_wait_s=max_wait_s, merge=merge, on_batch=on_batch)
@@ -312,13 +323,6 @@ class TokenBudgetBatcher(Batcher[Item]):
         rows = await request.future
         return np.stack(rows)
 
-    def _note_arrival(self) -> None:
-        now = time.monotonic()
-        if self._last_arrival:
-            gap = now - self._last_arrival
-            self._arrival_gap = gap if self._arrival_gap == float("inf") else 0.8 * self._arrival_gap + 0.2 * gap
-        self._last_arrival = now
-
     async def _gather_and_run(self) -> None:
         """Wait the window out (under load), then one forward around the oldest item."""
         if self.merge and self._arrival_gap < self.max_wait_s:
@@ -330,7 +334,9 @@ class TokenBudgetBatcher(Batcher[Item]):
 
     def _select(self) -> list[_Slot]:
         """The oldest item, grown by neighbours in length order while that lowers the forward's
-        cost per real token: (overhead + items x longest) / (tokens of the items)."""
+        cost per real token, (overhead + items x longest) / (tokens of the items), or keeps the
+        forward's padding within ``FREE_PADDING`` (texts of about one length always share a forward,
+        whatever the learned overhead says: it is a noisy fit, and splitting them gains nothing)."""
         oldest: _Slot = self._pending.popleft()
         if not self.merge:
             return [oldest]
@@ -349,10 +355,14 @@ class TokenBudgetBatcher(Batcher[Item]):
                         score = (overhead + (count + 1) * top) / (real + max(1, lengths[index]))
                         if best is None or score < best[0]:
                             best = (score, side)
-            if best is None or best[0] > (overhead + count * longest) / real:
+            if best is None:
                 break
-            index = lo - 1 if best[1] < 0 else hi
-            lo, hi = (lo - 1, hi) if best[1] < 0 else (lo, hi + 1)
+            side = best[1]
+            index = lo - 1 if side < 0 else hi
+            grown = (count + 1) * max(longest, lengths[index]) / (real + max(1, lengths[index]))
+            if best[0] > (overhead + count * longest) / real and grown > self.FREE_PADDING:
+                break
+            lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
             count, real, longest = count + 1, real + max(1, lengths[index]), max(longest, lengths[index])
         chosen = pool[lo:hi]
         taken = {id(slot) for slot in chosen}
@@ -364,9 +374,7 @@ class TokenBudgetBatcher(Batcher[Item]):
         longest = max(slot.tokens for slot in slots)
         started = time.perf_counter_ns()
         try:
-            rows = await self.forward(items)
-            if len(rows) != len(items):
-                raise RuntimeError(f"forward returned {len(rows)} rows for {len(items)} items")
+            rows = await self._forward_checked(items)
         except Exception as exc:
             if len(slots) == 1:
                 _fail(slots, exc)

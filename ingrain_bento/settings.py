@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         "auto", validation_alias=_env("INGRAIN_BACKEND"),
         description="The engine a load gets when it names none: auto (per family and device, the faster one "
                     "measured: README \"Engines\"), torch, or onnx (onnx-int8 is per load only).")
+    onnx_spinning: bool = Field(False, validation_alias=_env("INGRAIN_ONNX_SPINNING"),
+                                description="ONNX Runtime's idle threads spin for work: less latency alone, more CPU "
+                                            "(README Performance).")
     export_timeout_s: float = Field(900.0, gt=0, validation_alias=_env("INGRAIN_EXPORT_TIMEOUT_S"),
                                     description="How long a model's ONNX export may take (then it loads with torch).")
     fp16_enabled: bool = Field(True, validation_alias=_env("FP16_ENABLED"),

@@ -51,6 +51,7 @@ class EngineChoice:
     half: bool  # fp16 weights (torch on CUDA)
     threads: int | None  # intra-op threads (INGRAIN_TORCH_THREADS), for either engine
     export: Path | None = None  # the store folder of the model's ONNX export (onnx backends)
+    spinning: bool = False  # ONNX Runtime's idle threads spin for work (INGRAIN_ONNX_SPINNING)
 
     def runner(self, graphs: Mapping[str, Graph]) -> Runner:
         if self.backend == "torch":
@@ -60,7 +61,7 @@ class EngineChoice:
         from ingrain_bento.engines.onnx import OnnxRunner
 
         assert self.export is not None, "an ONNX engine needs the model's export"
-        runner = OnnxRunner(self.export, graphs, self.backend, str(self.device), self.threads)
+        runner = OnnxRunner(self.export, graphs, self.backend, str(self.device), self.threads, self.spinning)
         for graph in graphs.values():
             graph.module = None  # the torch weights are not needed once the sessions are open
         return runner

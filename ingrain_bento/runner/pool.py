@@ -216,7 +216,8 @@ class ModelPool:
         return resident
 
     def _choice(self, backend: Backend, export: Path | None = None) -> EngineChoice:
-        return EngineChoice(backend, self.device, self.half, self.settings.torch_threads, export)
+        return EngineChoice(backend, self.device, self.half, self.settings.torch_threads, export,
+                            self.settings.onnx_spinning)
 
     async def _engine(self, stored: StoredModel, backend: Backend) -> tuple[EngineChoice, str | None]:
         """The engine to open ``stored`` with, and why it is not ``backend`` when it is not."""
