@@ -25,6 +25,12 @@ from typing import Annotated, Any, cast
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
+from ingrain_bento.settings import ensure_runner_token, get_settings  # noqa: E402
+
+# Generated here when unset, in the `bentoml serve` process before it starts the workers: every
+# worker inherits it.
+RUNNER_TOKEN = ensure_runner_token()
+
 import bentoml  # noqa: E402
 from fastapi import Body, Depends, Query  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
@@ -48,12 +54,9 @@ from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, Mo
 from ingrain_bento.model_list import baked_model_tags, preload_list  # noqa: E402
 from ingrain_bento.runner.engine import RunnerEngine  # noqa: E402
 from ingrain_bento.runner.state import ResidentState  # noqa: E402
-from ingrain_bento.settings import get_settings  # noqa: E402
-from ingrain_bento.wire import RunnerGate, RunnerTransport, ensure_runner_token  # noqa: E402
+from ingrain_bento.wire import RunnerGate, RunnerTransport  # noqa: E402
 
 SETTINGS = get_settings()
-# Set here, in the `bentoml serve` process, before it starts the workers: they inherit it.
-RUNNER_TOKEN = ensure_runner_token()
 RUNNER_NAME = "ingrain-runner"
 # BentoML's OpenTelemetry middleware costs ~10% of an event loop per request even with no
 # exporter, and its access log a line per request: both off unless asked for.

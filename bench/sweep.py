@@ -35,7 +35,7 @@ def library_rates(repo: str, n: int) -> dict[int, float]:
     model = SentenceTransformer(repo, device="cpu")
     rates = {}
     for level in LEVELS:
-        data = texts(min(n, max(64, level * 8)), 10_000 * level)
+        data = texts(min(n, max(256, level * 16)), 10_000 * level)
         model.encode(data[:level], batch_size=level)
         started = time.perf_counter()
         model.encode(data, batch_size=level)
@@ -50,7 +50,7 @@ def server_rates(repo: str, n: int, extra_env: dict[str, str]) -> dict[int, floa
         loadgen(WORK, f"{server.url}/embed_text", [{"name": repo, "text": t} for t in texts(256)], 64)  # warm
         rates = {}
         for level in LEVELS:
-            bodies = [{"name": repo, "text": t} for t in texts(min(n, max(64, level * 8)), 20_000 * level)]
+            bodies = [{"name": repo, "text": t} for t in texts(min(n, max(256, level * 16)), 20_000 * level)]
             run = loadgen(WORK, f"{server.url}/embed_text", bodies, level)
             if run["errors"]:
                 raise RuntimeError(f"{run['errors']} errors at concurrency {level}")

@@ -232,6 +232,7 @@ class ModelInfo(ApiModel):
     library: str
     state: ModelState
     modalities: list[str] = []
+    capabilities: list[str] = []  # its tasks: embed_text, embed_image, classify, rerank, embed_sparse
     embedding_size: int | None = None
     device: str | None = None
     dtype: str | None = None

@@ -7,13 +7,15 @@ prefixed ``INGRAIN_``. ``Settings()`` is cheap; ``get_settings()`` caches one pe
 
 from __future__ import annotations
 
+import os
+import secrets
 from functools import lru_cache
 from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["RUNNER_TOKEN_ENV", "Settings", "ensure_runner_token", "get_settings"]
 
 
 def _env(name: str) -> AliasChoices:
@@ -32,6 +34,10 @@ class Settings(BaseSettings):
         "auto", validation_alias=_env("INGRAIN_ENGINE_PROCESS"),
         description="Where the models live: in the front's own process, or in the runner service (auto: the "
                     "front's when the machine has no GPU and one front worker; README \"Two tiers\").")
+    runner_token: str | None = Field(None, validation_alias=_env("INGRAIN_RUNNER_TOKEN"),
+                                     description="The secret every call to the runner carries (generated per "
+                                                 "`bentoml serve` when unset; the same secret on both services when "
+                                                 "they run apart).")
     restore: bool = Field(True, validation_alias=_env("INGRAIN_RESTORE"),
                           description="A (re)started runner loads the models that were resident before.")
     load_wait_s: float = Field(30.0, gt=0, validation_alias=_env("INGRAIN_LOAD_WAIT_S"),
@@ -105,6 +111,16 @@ class Settings(BaseSettings):
                           description="BentoML's OpenTelemetry tracing middleware (off: no per-request spans).")
     preload: str | None = Field(None, validation_alias=_env("INGRAIN_PRELOAD"),
                                 description="Path of a models/*.yaml list to pull and load at start-up.")
+
+
+RUNNER_TOKEN_ENV = "INGRAIN_RUNNER_TOKEN"
+
+
+def ensure_runner_token() -> str:
+    """``INGRAIN_RUNNER_TOKEN``, generated (and put in the environment) when unset. Called by the
+    service module at import, in the ``bentoml serve`` process, before BentoML starts the workers:
+    every worker inherits it (and reads it in its settings)."""
+    return os.environ.setdefault(RUNNER_TOKEN_ENV, secrets.token_urlsafe(32))
 
 
 @lru_cache(maxsize=1)

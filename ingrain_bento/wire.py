@@ -18,9 +18,9 @@ middleware on the runner service): every call carries ``INGRAIN_RUNNER_TOKEN`` a
 and one without it is refused (401) before its body is read; a pickle body is refused (415) on
 every route, token or not; BentoML's probes (``/livez``, ``/readyz``) stay open. A reply says how
 long the runner itself took (``Server-Timing: runner;dur=<ms>``: what the hop costs is the rest,
-``bench/cost_model.py``). The token is
-generated once per ``bentoml serve`` when unset (``ensure_runner_token``, in the parent process,
-whose environment every worker inherits); services that run apart share it as a secret.
+``bench/cost_model.py``). The token is generated once per ``bentoml serve`` when unset
+(``settings.ensure_runner_token``, in the parent process, whose environment every worker
+inherits); services that run apart share it as a secret.
 
 Why aiohttp and not httpx for the client: one call over a Unix socket costs ~0.2 ms with aiohttp
 and 0.7-1.4 ms with httpx (its own CPU), measured on 2 cores; the front already depends on it.
@@ -32,8 +32,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
-import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -47,30 +45,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ingrain_bento.boundary import Engine, InferReply
 from ingrain_bento.errors import IngrainError, from_reply
 from ingrain_bento.refs import ModelRef
+from ingrain_bento.settings import RUNNER_TOKEN_ENV
 
 __all__ = [
     "CALLS", "FRAME_MEDIA_TYPE", "PICKLE_MEDIA_TYPE", "RUNNER_TOKEN_ENV", "CallCodec", "FrameError", "InferCodec",
-    "RunnerGate", "RunnerTransport", "TransportError", "decode_frame", "encode_frame", "ensure_runner_token",
-    "pack", "unpack",
+    "RunnerGate", "RunnerTransport", "TransportError", "decode_frame", "encode_frame", "pack", "unpack",
 ]
 
 log = logging.getLogger("ingrain_bento.wire")
 
 FRAME_MEDIA_TYPE = "application/x-ingrain-frame"
 PICKLE_MEDIA_TYPE = "application/vnd.bentoml+pickle"
-RUNNER_TOKEN_ENV = "INGRAIN_RUNNER_TOKEN"
 CALL_PREFIX = "/ingrain/"
 PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
 _LENGTH = struct.Struct("<I")
 _ALIGN = 8
 # Arrays a frame may carry: token ids, pixels, rows. Never objects (np.frombuffer refuses them too).
 _DTYPES = frozenset({"|u1", "|i1", "<i4", "<i8", "<f2", "<f4", "<f8", "|b1"})
-
-
-def ensure_runner_token() -> str:
-    """``INGRAIN_RUNNER_TOKEN``, generated (and put in the environment) when unset. Called where
-    the service module is imported, before BentoML starts the workers: they inherit it."""
-    return os.environ.setdefault(RUNNER_TOKEN_ENV, secrets.token_urlsafe(32))
 
 
 # ---- frames ---------------------------------------------------------------------------------

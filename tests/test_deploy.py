@@ -44,7 +44,7 @@ DEPLOYMENT = REPO / "deploy" / "bentocloud.yaml"
 
 # The env vars each BentoCloud secret named in the deployment must hold
 # (README Deploy: `bentoml secret create ingrain-api-key INGRAIN_API_KEY=<key>`).
-SECRETS = {"ingrain-api-key": {"INGRAIN_API_KEY"}}
+SECRETS = {"ingrain-api-key": {"INGRAIN_API_KEY"}, "ingrain-runner-token": {"INGRAIN_RUNNER_TOKEN"}}
 # BentoCloud's documented autoscaling behaviours (BentoML 1.4.40 types them as plain strings).
 SCALE_BEHAVIORS = {"disabled", "stable", "fast"}
 

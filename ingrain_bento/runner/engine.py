@@ -166,7 +166,7 @@ class RunnerEngine:
         exports = self.store.exports_of(entry.tag) if entry else []
         return s.ModelInfo(
             id=ident, name=name, pretrained=pretrained, library=library, state=state,
-            modalities=modalities_of(capabilities),
+            modalities=modalities_of(capabilities), capabilities=list(capabilities),
             embedding_size=model.embedding_size if model else meta.get("embedding_size"),
             device=model.device if model else None,
             dtype=model.dtype if model else None,

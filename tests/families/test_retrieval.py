@@ -97,6 +97,8 @@ def test_each_kind_answers_only_its_own_route_and_says_what_it_can_do(client, hu
         assert response.status_code == 400 and offered in response.json()["message"], (path, response.text)
     listed = {m["name"]: m for m in client.get("/repository_models").json()["models"]}
     assert listed[reranker]["modalities"] == listed[sparse]["modalities"] == ["text"]
+    assert (listed[reranker]["capabilities"], listed[sparse]["capabilities"], listed[embedder]["capabilities"]) == \
+        (["rerank"], ["embed_sparse"], ["embed_text"])
     size = client.get("/model_embedding_size", params={"name": reranker})
     assert size.status_code == 400 and "reranker" in size.json()["message"]
 
