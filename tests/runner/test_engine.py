@@ -2,7 +2,8 @@
 
 A request that meets an unload is served after a reload (or refused with a 400 when
 auto-loading is off); inputs prepared for another store entry are refused; what is resident is
-written to the store and loaded again by the next engine; the state version moves when a model
+written to the store and loaded again by the next engine (with the engine its load named, or
+the next engine's default); the state version moves when a model
 leaves, not when one arrives.
 """
 
@@ -99,19 +100,44 @@ def test_the_version_moves_when_a_model_leaves_not_when_one_arrives():
     run(scenario)
 
 
+def _restored(state: ResidentState, **settings) -> list[tuple[str, str | None]]:
+    async def second(engine: RunnerEngine) -> list[tuple[str, str | None]]:
+        await engine.start(preload=[])
+        return [(info.id, info.backend) for info in await engine.loaded_models()]
+
+    return run(second, state=state, **settings)
+
+
 def test_what_is_resident_is_kept_in_the_store_and_restored_by_the_next_runner(tmp_path):
     state = ResidentState("test", tmp_path)
 
     async def first(engine: RunnerEngine) -> None:
         await engine.load(VIT, "timm")
 
-    async def second(engine: RunnerEngine) -> list[str]:
-        await engine.start(preload=[])
-        return [info.id for info in await engine.loaded_models()]
-
     run(first, state=state)  # closing the engine (a clean shutdown) keeps the list
-    assert [(ref.display_id, backend) for ref, backend in state.load()] == [("test_vit.r160_in1k::false", "torch")]
-    assert run(second, state=state) == ["test_vit.r160_in1k::false"]
+    assert [(ref.display_id, backend) for ref, backend in state.load()] == [("test_vit.r160_in1k::false", None)]
+    assert _restored(state) == [("test_vit.r160_in1k::false", "torch")]
+
+
+def test_a_model_loaded_with_the_default_engine_is_restored_with_the_new_default(tmp_path):
+    state = ResidentState("test", tmp_path)
+
+    async def first(engine: RunnerEngine) -> None:
+        await engine.load(VIT, "timm")
+
+    run(first, state=state, backend="torch")
+    assert _restored(state, backend="onnx") == [("test_vit.r160_in1k::false", "onnx")]
+
+
+def test_a_model_loaded_with_an_engine_it_named_keeps_it_across_a_restart(tmp_path):
+    state = ResidentState("test", tmp_path)
+
+    async def first(engine: RunnerEngine) -> None:
+        await engine.load(VIT.model_copy(update={"backend": "torch"}), "timm")
+
+    run(first, state=state, backend="onnx")
+    assert [backend for _, backend in state.load()] == ["torch"]
+    assert _restored(state, backend="onnx") == [("test_vit.r160_in1k::false", "torch")]
 
 
 def test_an_unreadable_state_file_restores_nothing(tmp_path):
