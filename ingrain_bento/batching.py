@@ -48,6 +48,7 @@ class BatcherClosed(AtCapacity):
     """A submit after ``close()``: the model was unloaded while the request waited."""
 
 Item = TypeVar("Item")
+Unit = TypeVar("Unit")  # what a forward answers: a _Chunk (Batcher) or a _Slot (TokenBudgetBatcher)
 Forward = Callable[[Sequence[Any]], Awaitable[Any]]  # items -> one row per item (an array, or a list)
 
 
@@ -123,11 +124,7 @@ class Batcher(Generic[Item]):
         forward returns lists, as tokenization does)."""
         import numpy as np
 
-        if self._closed:
-            raise BatcherClosed("The model was unloaded while this request waited: send it again.")
-        if self._task is None:
-            self._task = asyncio.create_task(self._collect())
-        self._note_arrival()
+        self._admit()
         chunks = [_Chunk(items[i:i + self.max_batch]) for i in range(0, len(items), self.max_batch)]
         self._pending.extend(chunks)
         self._wakeup.set()
@@ -135,6 +132,14 @@ class Batcher(Generic[Item]):
         if len(rows) == 1:
             return rows[0]
         return np.concatenate(rows) if isinstance(rows[0], np.ndarray) else [row for part in rows for row in part]
+
+    def _admit(self) -> None:
+        """A submit's first step: refused once closed; starts the collector; notes the arrival."""
+        if self._closed:
+            raise BatcherClosed("The model was unloaded while this request waited: send it again.")
+        if self._task is None:
+            self._task = asyncio.create_task(self._collect())
+        self._note_arrival()
 
     def _note_arrival(self) -> None:
         """Track the moving average of the time between submits (``under load``: shorter than the
@@ -150,6 +155,23 @@ class Batcher(Generic[Item]):
         if len(rows) != len(items):
             raise RuntimeError(f"forward returned {len(rows)} rows for {len(items)} items")
         return rows
+
+    async def _forward_or_isolate(self, waiting: Sequence[Unit], items: Sequence[Any],
+                                  alone: Callable[[list[Unit]], Awaitable[None]]) -> tuple[Any, int] | None:
+        """The forward of ``items`` (those of ``waiting``, chunks or slots) and its nanoseconds; or,
+        when it fails, None once each of ``waiting`` is run ``alone`` (``isolate_failures``: one bad
+        request does not fail its neighbours) or failed."""
+        started = time.perf_counter_ns()
+        try:
+            rows = await self._forward_checked(items)
+        except Exception as exc:
+            if len(waiting) == 1 or not self.isolate_failures:
+                _fail(waiting, exc)
+                return None
+            for unit in waiting:
+                await alone([unit])
+            return None
+        return rows, time.perf_counter_ns() - started
 
     async def _wait_for_more(self, timeout: float) -> bool:
         self._wakeup.clear()
@@ -205,17 +227,9 @@ class Batcher(Generic[Item]):
 
     async def _run(self, batch: list[_Chunk[Item]]) -> None:
         items = [item for chunk in batch for item in chunk.items]
-        started = time.perf_counter_ns()
-        try:
-            rows = await self._forward_checked(items)
-        except Exception as exc:
-            if len(batch) == 1 or not self.isolate_failures:
-                _fail(batch, exc)
-                return
-            for chunk in batch:  # isolate the failing request from its neighbours
-                await self._run([chunk])
+        if (done := await self._forward_or_isolate(batch, items, self._run)) is None:
             return
-        elapsed = time.perf_counter_ns() - started
+        rows, elapsed = done
         offset = 0
         for chunk in batch:
             if not chunk.future.done():
@@ -312,11 +326,7 @@ class TokenBudgetBatcher(Batcher[Item]):
         """Rows for ``items``, in order (one array)."""
         import numpy as np
 
-        if self._closed:
-            raise BatcherClosed("The model was unloaded while this request waited: send it again.")
-        if self._task is None:
-            self._task = asyncio.create_task(self._collect())
-        self._note_arrival()
+        self._admit()
         request = _Request(items, [None] * len(items), len(items))
         self._pending.extend(_Slot(request, i, self.tokens(item)) for i, item in enumerate(items))
         self._wakeup.set()
@@ -372,17 +382,9 @@ class TokenBudgetBatcher(Batcher[Item]):
     async def _run_slots(self, slots: list[_Slot]) -> None:
         items = [slot.item for slot in slots]
         longest = max(slot.tokens for slot in slots)
-        started = time.perf_counter_ns()
-        try:
-            rows = await self._forward_checked(items)
-        except Exception as exc:
-            if len(slots) == 1:
-                _fail(slots, exc)
-                return
-            for slot in slots:  # isolate the failing request from its neighbours
-                await self._run_slots([slot])
+        if (done := await self._forward_or_isolate(slots, items, self._run_slots)) is None:
             return
-        elapsed = time.perf_counter_ns() - started
+        rows, elapsed = done
         self.cost.observe(len(slots) * longest, elapsed / 1e9)
         for slot, row in zip(slots, rows, strict=True):
             request = slot.request

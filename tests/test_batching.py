@@ -15,6 +15,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pytest
@@ -53,15 +54,16 @@ def values(rows: np.ndarray) -> list[float]:
     return rows[:, 0].tolist()
 
 
-def run(scenario, *, timeout: float = 5.0, **batcher_args):
-    """Run ``await scenario(batcher, forward)`` with a fresh batcher on a one-thread executor."""
+def run(scenario, *, timeout: float = 5.0, make=Batcher, **batcher_args):
+    """Run ``await scenario(batcher, forward)`` with a fresh batcher (``make(forward, **batcher_args)``)
+    on a one-thread executor."""
     forward = FakeForward(batcher_args.pop("delay_s", 0.02))
     batcher_args.setdefault("max_batch", 64)
     batcher_args.setdefault("max_wait_s", 0.005)
 
     async def main():
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(in_executor(forward, executor), **batcher_args)
+            batcher = make(in_executor(forward, executor), **batcher_args)
             try:
                 return await asyncio.wait_for(scenario(batcher, forward), timeout)
             finally:
@@ -364,21 +366,9 @@ def test_call_guarded_turns_a_panic_into_a_runtime_error():
 # ---- forwards sized by padded tokens (texts) ----------------------------------------------------
 # Here an item is its own length in tokens (``tokens=int``), and the fake forward's row is that length.
 
-def run_budget(scenario, *, timeout: float = 10.0, delay_s: float = 0.02, **batcher_args):
-    forward = FakeForward(delay_s)
-    batcher_args.setdefault("max_batch", 64)
-    batcher_args.setdefault("max_wait_s", 0.005)
+def run_budget(scenario, *, timeout: float = 10.0, tokens=int, **batcher_args):
     batcher_args.setdefault("max_tokens", 4096)
-
-    async def main():
-        with ThreadPoolExecutor(1) as executor:
-            batcher = TokenBudgetBatcher(in_executor(forward, executor), tokens=int, **batcher_args)
-            try:
-                return await asyncio.wait_for(scenario(batcher, forward), timeout)
-            finally:
-                await asyncio.wait_for(batcher.close(), timeout)
-
-    return asyncio.run(main()), forward
+    return run(scenario, timeout=timeout, make=partial(TokenBudgetBatcher, tokens=tokens), **batcher_args)
 
 
 def test_texts_queued_together_are_grouped_by_length_and_each_gets_its_own_row():
@@ -395,6 +385,23 @@ def test_texts_queued_together_are_grouped_by_length_and_each_gets_its_own_row()
     assert rows == [[float(n)] for n in lengths]
     groups = [sorted(call) for call in forward.calls[1:]]
     assert sorted(groups) == [[9, 10, 11, 12], [190, 198, 200, 205]], forward.calls
+
+
+def test_a_poisoned_text_fails_alone_and_the_texts_it_shared_a_forward_with_succeed():
+    async def scenario(batcher, forward):
+        blocker = asyncio.create_task(batcher.submit([50]))  # in flight while the others queue
+        await asyncio.sleep(0.005)
+        answers = await asyncio.gather(batcher.submit([1, 2]), batcher.submit([POISON]), batcher.submit([3]),
+                                       return_exceptions=True)
+        await blocker
+        return answers
+
+    (left, poisoned, right), forward = run_budget(scenario, tokens=lambda item: 10)  # one length: one forward
+    assert values(left) == [1.0, 2.0]
+    assert values(right) == [3.0]
+    assert isinstance(poisoned, ValueError)
+    assert sorted(forward.calls[1]) == sorted([1, 2, POISON, 3])  # they really shared a forward
+    assert sorted(forward.calls[2:]) == [[POISON], [1], [2], [3]]  # then each text ran alone
 
 
 def test_no_forward_goes_over_the_token_budget_and_a_big_request_is_split_by_it():
