@@ -64,8 +64,9 @@ class Resident:
 
     model: LoadedModel
     stored: StoredModel
-    requested: Backend  # the engine the load asked for (``model.backend`` differs after a fallback)
-    asked: str | None = None  # the load's own ``backend`` (None: the server default, resolved again on restore)
+    # The load's own ``backend`` (None: the server default, resolved again on restore); the engine it
+    # resolves to is ``ModelPool.backend_for(ref, asked)`` (``model.backend`` differs after a fallback).
+    asked: str | None = None
     batchers: dict[str, Batcher[Any]] = field(default_factory=dict)
     in_flight: int = 0
     last_used: float = field(default_factory=time.time)
@@ -127,7 +128,7 @@ class ModelPool:
         wanted = self.backend_for(ref, backend)
         resident = self._resident.get(ref)
         if resident is not None:
-            self._check_backend(ref, resident.requested, wanted, backend)
+            self._check_backend(ref, self.backend_for(ref, resident.asked), wanted, backend)
             self._resident.move_to_end(ref)
             return False
         loading = self._loading.get(ref)
@@ -211,7 +212,7 @@ class ModelPool:
         model.fallback = fallback
         if fallback:
             log.warning("pool.fallback model=%s backend=%s runs on torch: %s", ref.display_id, backend, fallback)
-        resident = Resident(model=model, stored=stored, requested=backend, asked=asked)
+        resident = Resident(model=model, stored=stored, asked=asked)
         self._resident[ref] = resident
         freeze_heap()
         self._report_resident()
