@@ -34,6 +34,16 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     return dict(item.split("=", 1) for item in args.server_env)
 
 
+def report(results: dict, json_path: Path | None) -> None:
+    """Print ``results`` a line each (floats to 3 places) and write them to ``json_path`` if given."""
+    import json
+
+    for key, value in results.items():
+        print(f"{key:34s} {value:.3f}" if isinstance(value, float) else f"{key:34s} {value}")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+
+
 def offline_workdir(prefix: str) -> Path:
     """A temporary folder (removed at exit) holding the HF cache and the BentoML store, offline."""
     work = Path(tempfile.mkdtemp(prefix=prefix))

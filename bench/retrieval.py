@@ -16,7 +16,6 @@ SparseEncoder (its masked-language-model head and SPLADE pooling). Then, against
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -31,6 +30,7 @@ from harness import (  # noqa: E402
     loadgen,
     offline_workdir,
     place_in_hf_cache,
+    report,
     server_env,
 )
 
@@ -149,10 +149,7 @@ def main() -> None:
     finally:
         server.stop()
         shutil.rmtree(WORK, ignore_errors=True)
-    for key, value in results.items():
-        print(f"{key:34s} {value:.3f}" if isinstance(value, float) else f"{key:34s} {value}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import shutil
 import sys
@@ -50,6 +49,7 @@ from harness import (  # noqa: E402
     loadgen,
     offline_workdir,
     place_minilm,
+    report,
     serve_random_vit,
     server_env,
 )
@@ -216,10 +216,7 @@ def main() -> None:
     finally:
         server.stop()
         shutil.rmtree(WORK, ignore_errors=True)
-    for key, value in results.items():
-        print(f"{key:34s} {value:.3f}" if isinstance(value, float) else f"{key:34s} {value}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report(results, args.json)
 
 
 if __name__ == "__main__":
