@@ -36,6 +36,7 @@ from fastapi import Body, Depends, Query  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
+from ingrain_bento.bentoml_seam import dependency_address  # noqa: E402
 from ingrain_bento.boundary import Engine  # noqa: E402
 from ingrain_bento.front.docs import CLIP, PNG, RERANKER, SPLADE, ST, TIMM  # noqa: E402
 from ingrain_bento.front.gateway import ModelGateway  # noqa: E402
@@ -43,6 +44,7 @@ from ingrain_bento.front.http import (  # noqa: E402
     GuardMiddleware,
     WorkerHeaderMiddleware,
     add_fallback_route,
+    answer_head_where_get,
     create_app,
     json_response,
 )
@@ -120,10 +122,7 @@ async def runner_engine() -> Engine:
 def runner_address() -> str | None:
     """The runner's address BentoML gives this front worker (``BENTOML_RUNNER_MAP``), or None when
     there is no runner process (``Service.to_asgi()``)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    address: str | None = BentoMLContainer.remote_runner_mapping.get().get(RUNNER_NAME)
-    return address
+    return dependency_address(RUNNER_NAME)
 
 
 app = create_app()
@@ -131,9 +130,10 @@ app = create_app()
 
 @bentoml.service(
     name="ingrain-bento",
-    # The Bento's Python packages: pyproject.toml's [project].dependencies, the one list (bentofile.yaml
-    # holds the rest of the container: base image, Python version).
-    image=bentoml.images.Image().pyproject_toml("pyproject.toml"),
+    # The Bento's Python packages: lock/runtime.txt, the versions the tests passed with, pinned
+    # (generated from pyproject.toml by lock/refresh.sh; bentofile.yaml holds the rest of the
+    # container: base image, Python version).
+    image=bentoml.images.Image().requirements_file("lock/runtime.txt"),
     http={"port": SETTINGS.port},
     workers=http_workers(SETTINGS),  # stateless: tokenizers, images, HTTP and JSON (README Performance)
     traffic={"timeout": 600, "concurrency": 256},
@@ -346,6 +346,7 @@ async def v1_models(gw: Gateway) -> Response:
     return json_response(await openai_models(gw))
 
 
+answer_head_where_get(app)
 add_fallback_route(app)
 
 # mypy does not apply class decorators: to it these names are still the plain classes.

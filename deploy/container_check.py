@@ -6,6 +6,8 @@
     python deploy/container_check.py resident URL MODEL          is MODEL resident (READY in /loaded_models)?
     python deploy/container_check.py drain URL MODEL CONTAINER STOP_TIMEOUT
                                                                  `docker stop` with a request in flight
+    python deploy/container_check.py lock INSTALLED              the image's packages (name==version
+                                                                 lines) against lock/runtime.txt
 
 Not a test module: pytest collects ``tests/`` only, and this file needs a running container.
 """
@@ -145,7 +147,28 @@ def drain(url: str, model: str, container: str, stop_timeout: str) -> None:
         sys.exit("the stop was not clean: see the two lines above")
 
 
-COMMANDS = {"bentofile": bentofile, "hf-cache": hf_cache, "embed": embed, "resident": resident, "drain": drain}
+def lock(installed: str) -> None:
+    """Exit 1 unless the image holds every package of ``lock/runtime.txt`` at its locked version.
+    ``installed``: a file of the image's ``name==version`` lines. Packages the image has beyond the
+    lock (the venv's own installers) are listed, not refused."""
+    from packaging.utils import canonicalize_name
+
+    def pins(path: Path) -> dict[str, str]:
+        lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        return {canonicalize_name(name): version for name, _, version in (line.partition("==") for line in lines)}
+
+    locked, image = pins(REPO / "lock" / "runtime.txt"), pins(Path(installed))
+    differing = {name: (version, image.get(name)) for name, version in locked.items() if image.get(name) != version}
+    print(f"  lock/runtime.txt: {len(locked)} packages; the image: {len(image)}; "
+          f"beyond the lock: {', '.join(sorted(image.keys() - locked.keys())) or 'none'}")
+    for name in ("torch", "torchvision", "transformers", "sentence-transformers", "bentoml"):
+        print(f"  {name}: image {image.get(name)}, lock {locked.get(name)}")
+    if differing:
+        sys.exit(f"  the image differs from the lock (locked, in the image): {differing}")
+
+
+COMMANDS = {"bentofile": bentofile, "hf-cache": hf_cache, "embed": embed, "resident": resident, "drain": drain,
+            "lock": lock}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

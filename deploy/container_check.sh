@@ -8,6 +8,8 @@
 #   - BentoML's own recipe (the Dockerfile `bentoml build` writes from bentofile.yaml) builds:
 #     the same Bento with only docker.base_image changed (`bentoml build -f`, BentoML's option),
 #     on a local Debian 12 base made with debootstrap, or on INGRAIN_BASE_IMAGE;
+#   - the image holds exactly the versions of lock/runtime.txt (every package, the one the tests
+#     passed with), whatever day it is built on;
 #   - the image runs as its non-root user, listens on 8687 (INGRAIN_PORT's default) and
 #     `-p 8687:8687` reaches it; /readyz, /docs; /load_model + /embed_text give the numbers of
 #     the library itself on the host (max abs diff <= 1e-5) for the real all-MiniLM-L6-v2
@@ -175,6 +177,12 @@ containerize() {  # containerize BENTO IMAGE LOG
 containerize "$LOCAL_TAG" "$IMAGE" "$WORK/logs/containerize.log"
 echo "  in the image: $(docker run --rm --entrypoint python "$IMAGE" -c "$versions" 2>/dev/null)"
 echo "  on the host:  $("$PYTHON" -c "$versions" 2>/dev/null)"
+
+step "the image's packages against the lock"
+docker run --rm --entrypoint python "$IMAGE" -c 'import importlib.metadata as m
+print("\n".join(sorted(f"{d.name}=={d.version}" for d in m.distributions())))' \
+  >"$WORK/logs/image-packages.txt"
+check "the image's packages are lock/runtime.txt's versions" helper lock "$WORK/logs/image-packages.txt"
 
 step "the image's settings"
 USER_ID=$(docker run --rm --entrypoint id "$IMAGE" -u)

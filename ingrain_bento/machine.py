@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Literal
 
+from ingrain_bento.bentoml_seam import machine_resources
 from ingrain_bento.settings import Settings
 
 __all__ = ["EngineProcess", "RunnerPlace", "default_http_workers", "engine_process", "http_workers", "runner_place",
@@ -25,10 +26,7 @@ MAX_HTTP_WORKERS = 16
 
 @lru_cache(maxsize=1)
 def _probe() -> tuple[float, int]:
-    from bentoml._internal.resource import system_resources
-
-    found = system_resources()
-    return float(found.get("cpu") or 1), len(found.get("nvidia.com/gpu") or [])
+    return machine_resources()
 
 
 def default_http_workers(cpus: float, gpus: int) -> int:

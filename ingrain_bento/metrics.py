@@ -3,7 +3,8 @@
 - Prometheus series (``prometheus_client``, so BentoML's own ``/metrics`` exposes them beside
   its request metrics, in its multiprocess mode). Every process of one ``bentoml serve``
   writes to the same multiprocess folder, so any front worker's ``/metrics`` sums them: the
-  front's ``RequestMetrics`` (requests and latency per route, runner-call retries) and the
+  front's ``RequestMetrics`` (requests and latency per route, runner-call retries, models whose
+  weights a front worker had to load) and the
   runner's ``ModelMetrics`` (items, batch sizes, forward time, resident models and bytes,
   runner starts);
 - the Ingrain JSON ``{"modelStats": [...]}`` (Triton's statistics shape) that the ``ingrain``
@@ -66,6 +67,8 @@ def _series() -> SimpleNamespace:
         runner_retries=prom.Counter("ingrain_runner_retries", "Runner calls sent again after a connection error"),
         runner_unavailable=prom.Counter("ingrain_runner_unavailable", "Requests answered 503, runner down"),
         runner_starts=prom.Counter("ingrain_runner_starts", "Runner processes started (restarts included)"),
+        front_weights=prom.Counter("ingrain_front_weights_loaded", "Times a front worker loaded a model's weights "
+                                   "because its weightless open failed", ["model"]),
         items=prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task", "backend"]),
         latency=prom.Histogram("ingrain_request_latency_seconds", "Inference request latency", ["model", "route"]),
         batch_size=prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task", "backend"],
@@ -95,6 +98,10 @@ class RequestMetrics:
 
     def record_runner_unavailable(self) -> None:
         self.series.runner_unavailable.inc()
+
+    def record_front_weights(self, model: str) -> None:
+        """This worker holds ``model``'s weights: its weightless open failed (``Preprocessor.front_weights``)."""
+        self.series.front_weights.labels(model).inc()
 
 
 class ModelMetrics:

@@ -215,6 +215,20 @@ class OpenAIEmbeddingRequest(BaseModel):
     dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        """OpenAI's API also takes token ids (a list of ints, or a list of such lists), which
+        LangChain's ``OpenAIEmbeddings`` sends by default: ids of OpenAI's tokenizer, meaningless
+        to any model here. Refused with what to do instead."""
+        if isinstance(value, list) and value and all(
+                isinstance(item, int) or (isinstance(item, list) and item and all(isinstance(i, int) for i in item))
+                for item in value):
+            raise ValueError("this server takes texts, not token ids (it tokenizes with each model's own "
+                             "tokenizer): send the texts as strings. LangChain's OpenAIEmbeddings sends token ids "
+                             "unless you pass check_embedding_ctx_length=False")
+        return value
+
 
 # ---- responses -------------------------------------------------------------------------
 
@@ -242,6 +256,9 @@ class ModelInfo(ApiModel):
     backend: str | None = None  # the engine running it (resident models)
     fallback: str | None = None  # why that is not the engine its load asked for
     exports: list[str] = []  # the engines it has an export in the store for ("onnx", "onnx-int8")
+    # Why the answering front worker holds the model's weights (its weightless open failed and it
+    # loaded them on the CPU, also counted in ingrain_front_weights_loaded_total); null: it holds none.
+    front_weights: str | None = None
 
 
 class ModelListResponse(ApiModel):

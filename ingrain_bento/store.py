@@ -25,11 +25,12 @@ from typing import Any
 
 import bentoml
 
+from ingrain_bento.bentoml_seam import bentoml_home
 from ingrain_bento.errors import Conflict, IngrainError, ModelNotFound, UpstreamFailed
 from ingrain_bento.families import family
 from ingrain_bento.refs import ModelRef
 
-__all__ = ["COMPLETE_MARKER", "ModelStore", "StoredExport", "StoredModel", "bentoml_home", "custom_store_name",
+__all__ = ["COMPLETE_MARKER", "ModelStore", "StoredExport", "StoredModel", "custom_store_name",
            "export_store_name", "staging_dir"]
 
 log = logging.getLogger("ingrain_bento.store")
@@ -89,13 +90,6 @@ def custom_store_name(library: str, pretrained_name: str) -> str:
     return f"custom-{library.replace('_', '-')[:9]}-{slug}-{digest}"
 
 
-def bentoml_home() -> Path:
-    """``$BENTOML_HOME``, as BentoML resolved it for this process."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    return Path(BentoMLContainer.bentoml_home.get())
-
-
 # Modules BentoML's metadata validator looks up in ``sys.modules`` on every store read
 # (``bentoml._internal.utils._validate_metadata_entry``: ``LazyType("scipy.sparse", ...)``). While
 # another thread imports one (a model library's first load imports scipy), the lookup finds it
@@ -111,6 +105,22 @@ def _import_validator_modules() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+
+
+def _hub_says_missing(exc: BaseException) -> str | None:
+    """The name of the Hub's own "no such repo / revision" error in ``exc`` or what it was raised
+    from (the libraries wrap it), else None. A gated repo exists: not one of these."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (RepositoryNotFoundError, RevisionNotFoundError)) and not isinstance(
+                current, GatedRepoError):
+            return type(current).__name__
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _folder_size(path: Path) -> int:
@@ -254,14 +264,20 @@ class ModelStore:
 
     @staticmethod
     def _fetch(ref: ModelRef, folder: Path) -> dict[str, Any]:
-        """The library's own download; what it raises that is not ours (no network, not in the
-        offline cache, a gated repo) is a 502 that says what to check."""
+        """The library's own download. A model the Hugging Face Hub says does not exist is a 404;
+        anything else it raises that is not ours (the Hub unreachable, offline and not in the
+        cache, a gated repo) is upstream: a 502 that says what to check. Messages name the error's
+        type only, never a server path."""
         try:
             return family(ref.library).fetch(ref, folder)
         except IngrainError:
             raise
         except Exception as exc:
             log.warning("store.fetch model=%s failed: %s", ref.display_id, exc)
+            missing = _hub_says_missing(exc)
+            if missing is not None:
+                raise ModelNotFound(f"{ref.display_id} is not on the Hugging Face Hub ({missing}): check the "
+                                    "name.") from None
             raise UpstreamFailed(f"{ref.display_id} could not be fetched through {ref.library} "
                                  f"({type(exc).__name__}): check the name and that the Hugging Face Hub can be "
                                  "reached (or that HF_HUB_CACHE holds it, with HF_HUB_OFFLINE=1).") from None

@@ -125,6 +125,13 @@ def test_openai_client_embeds_and_lists(server, hub_models):
     with pytest.raises(Exception) as error:
         client.embeddings.create(model="no-such-model", input="x")
     assert getattr(error.value, "status_code", None) == 404
+    # Token ids (LangChain's OpenAIEmbeddings sends them by default): a 400 that says what to do.
+    from openai import BadRequestError
+
+    for token_ids in ([[101, 7592, 2088, 102]], [101, 7592, 2088, 102]):
+        with pytest.raises(BadRequestError, match="check_embedding_ctx_length=False"):
+            client.embeddings.create(model=name, input=token_ids)
+    assert len(client.embeddings.create(model=name, input="still serving").data) == 1
 
 
 def test_both_cohere_clients_and_a_jina_body_rerank_beside_an_embedder_and_a_clip_model(server, hub_models):
@@ -273,11 +280,12 @@ def test_an_offline_bento_build_bakes_the_preload_list_and_serves_it(server, rea
 
 def _assert_the_bento_runs_on_a_gpu_with_the_projects_packages(home: Path, tag: str) -> None:
     """The built Bento's container: a CUDA base matching torch's CUDA build, the project's Python,
-    ``bentoml serve`` as its entrypoint, and exactly pyproject.toml's dependencies (plus BentoML's
-    own pin)."""
-    import tomllib
-
+    ``bentoml serve`` as its entrypoint, and exactly the packages of ``lock/runtime.txt`` (BentoML
+    adds its own pin, the lock's own)."""
     import torch
+    from packaging.utils import canonicalize_name
+
+    from fixtures.lock import read_lock
 
     name, version = tag.split(":")
     bento = home / "bentos" / name / version
@@ -288,7 +296,10 @@ def _assert_the_bento_runs_on_a_gpu_with_the_projects_packages(home: Path, tag: 
     entrypoint = (bento / "env" / "docker" / "entrypoint.sh").read_text()
     assert 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]' in dockerfile
     assert 'set -- bentoml serve "$@" "$BENTO_PATH"' in entrypoint
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    wanted = {dep.replace("'", '"') for dep in project["project"]["dependencies"]}
-    packed = [line for line in (bento / "env" / "python" / "requirements.txt").read_text().splitlines() if line]
-    assert set(packed) - {line for line in packed if line.startswith("bentoml==")} == wanted
+    lock = read_lock("runtime")
+    packed = [line for line in (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    pins = {canonicalize_name(name): version for name, _, version in (line.partition("==") for line in packed)}
+    assert pins == lock, {name: (pins.get(name), lock.get(name)) for name in pins.keys() | lock.keys()
+                          if pins.get(name) != lock.get(name)}
+    assert len(packed) - len(pins) <= 1, "only BentoML's own pin may repeat one of the lock's"

@@ -99,6 +99,12 @@ class Preprocessor:
 
     capabilities: frozenset[str] = frozenset()
     pixels: ImagePipeline | None = None  # the model's image transform, for a model that takes images
+    # The library's model as the front opened it, on torch's meta device (no weights, no memory),
+    # for a family whose preprocessing needs the model object; None for one that needs none.
+    model: Any = None
+    # Why this front holds the model's weights after all: its weightless open failed and it loaded
+    # them on the CPU (shown in /metrics and in the model's listing); None when it holds none.
+    front_weights: str | None = None
 
     def prepare_texts(self, texts: Sequence[str]) -> list[TextItem]:
         raise BadRequest("This model takes images, not text.")

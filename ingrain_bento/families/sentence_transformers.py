@@ -12,10 +12,11 @@ scores with the model's own activation, as ``predict``) or ``embed_sparse`` (as 
 Store format: the folder the class's ``save()`` writes, opened with the same class. Encoding
 follows the library's own ``encode`` / ``predict`` in two halves:
 
-- the front opens the same folder with its weights on torch's meta device (``device_map``,
-  through accelerate: no memory, no reads of the weights) and tokenizes with the model's own
-  ``preprocess``, the configured default prompt included as ``encode`` applies it; each text
-  becomes one unpadded item, its token rows stacked into a small int32 array;
+- the front opens the same folder with its weights on torch's meta device (``WEIGHTLESS``:
+  accelerate's ``device_map``, no kernelization; no memory, no reads of the weights) and
+  tokenizes with the model's own ``preprocess``, the configured default prompt included as
+  ``encode`` applies it; each text becomes one unpadded item, its token rows stacked into a small
+  int32 array;
 - the engine pads a batch of items the way the tokenizer pads and runs the model's own
   forward, every module ``modules.json`` lists (pooling with ``prompt_length`` for
   ``include_prompt=False``, ``Dense``, ``Normalize``; a reranker's head and activation; SPLADE
@@ -35,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from ingrain_bento.errors import BadRequest, ModelNotFound
+from ingrain_bento.errors import BadRequest
 from ingrain_bento.families import register
 from ingrain_bento.families.base import LoadedModel, Preprocessor
 from ingrain_bento.refs import ModelRef
@@ -68,6 +69,12 @@ PROBE_PAIRS = [("a", "b"), ("a longer query", "a longer document, to pad the fir
 UNSAFE_OR_UNUSED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.onnx", "*.ot",
                     "onnx/*", "openvino/*", "*.gguf"]
 MODULE_PACKAGE = "sentence_transformers."
+# The front's open of a model: every weight on torch's meta device (accelerate's ``device_map``),
+# and none of the load steps that rewrite weights. transformers kernelizes every model it loads
+# when the ``kernels`` package is installed (transformers 5.25 requires it), and kernelizing
+# refuses the meta device (``ValueError: Unsupported device type 'meta'``): without
+# ``use_kernels=False`` the front would quietly load every model's weights on the CPU.
+WEIGHTLESS: dict[str, Any] = {"device_map": "meta", "use_kernels": False}
 RAW_TEXTS = ("its tokenizer's output does not split into token rows (it takes raw texts): only the torch engine "
              "runs it")
 
@@ -349,10 +356,11 @@ class SentenceTransformerPreprocessor(Preprocessor):
         kind = model_kind(folder)
         cls = library_class(kind)
         try:
-            model = cls(str(folder), model_kwargs={"device_map": "meta"})
+            model = cls(str(folder), model_kwargs=dict(WEIGHTLESS))
         except Exception as exc:  # a module that cannot be built without its weights
+            self.front_weights = f"its weightless load failed ({type(exc).__name__}: {exc})"[:300]
             log.warning("preprocessor.load folder=%s without weights failed (%s): loading them on the CPU",
-                        folder.name, type(exc).__name__)
+                        folder.name, self.front_weights)
             model = cls(str(folder), device="cpu")
         self.kind = kind
         self.capabilities = frozenset({kind.task})
@@ -427,11 +435,9 @@ class SentenceTransformersFamily:
         huggingface_hub, as the library does, safetensors only, and save it into ``folder``."""
         from huggingface_hub import snapshot_download
 
-        try:
-            snapshot = Path(snapshot_download(ref.name, ignore_patterns=UNSAFE_OR_UNUSED))
-        except Exception as exc:  # not found, offline and not cached, gated: no server paths in the message
-            raise ModelNotFound(f"{ref.name!r} could not be fetched from the Hugging Face Hub "
-                                f"({type(exc).__name__}).") from None
+        # What the download raises (no such repo, offline and not cached, gated) is the store's to
+        # answer (``ModelStore._fetch``: a 404 for a model the Hub says does not exist, else a 502).
+        snapshot = Path(snapshot_download(ref.name, ignore_patterns=UNSAFE_OR_UNUSED))
         if not any(snapshot.rglob("*.safetensors")):
             raise BadRequest(f"{ref.name!r} has no safetensors weights: only safetensors are loaded, never "
                              "pickled .bin files.")

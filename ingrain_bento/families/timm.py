@@ -117,8 +117,8 @@ class TimmPreprocessor(Preprocessor):
         import torch
 
         with torch.device("meta"):
-            model = timm.create_model(f"local-dir:{folder}", pretrained=False)
-        self.pixels = _image_pipeline(model)
+            self.model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+        self.pixels = _image_pipeline(self.model)
 
 
 class TimmFamily:

@@ -50,7 +50,7 @@ class ModelGateway:
         self.metrics = metrics
         self.engine = engine
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
-        self.inputs = InputPreparer(settings, self.fetcher, one_torch_thread=not own_process)
+        self.inputs = InputPreparer(settings, self.fetcher, one_torch_thread=not own_process, metrics=metrics)
         self._handles: dict[HandleKey, ModelHandle] = {}
         self._version: int | None = None  # the engine's model-state version, as last seen
         self._importing: asyncio.Task[None] | None = None  # held so the loop does not drop the task
@@ -109,10 +109,17 @@ class ModelGateway:
         return s.MessageResponse(message=f"Custom model {name} downloaded successfully.")
 
     async def loaded_models(self) -> s.ModelListResponse:
-        return s.ModelListResponse(models=await self.engine.loaded_models())
+        return self._listing(await self.engine.loaded_models())
 
     async def repository_models(self) -> s.ModelListResponse:
-        return s.ModelListResponse(models=await self.engine.repository_models())
+        return self._listing(await self.engine.repository_models())
+
+    def _listing(self, models: list[s.ModelInfo]) -> s.ModelListResponse:
+        """The engine's listing, with ``front_weights`` on each model whose weights this worker holds."""
+        held = self.inputs.front_weights()
+        return s.ModelListResponse(models=[
+            model.model_copy(update={"front_weights": held[model.store_tag]}) if model.store_tag in held else model
+            for model in models])
 
     async def served_models(self) -> list[ServedModel]:
         return await self.engine.served_models()

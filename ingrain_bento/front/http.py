@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ingrain_bento.bentoml_seam import worker_index
 from ingrain_bento.errors import IngrainError, TooLarge
 from ingrain_bento.front.docs import DOCS_OPEN_PATHS, DOCS_STATIC_PREFIX, DOCS_URL, OPENAPI_URL, add_api_docs
 from ingrain_bento.schemas import validation_message
@@ -88,6 +89,17 @@ def create_app() -> FastAPI:
 
 
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def answer_head_where_get(app: FastAPI) -> None:
+    """HEAD answers wherever GET does (the same status and headers, no body), as HTTP says it
+    should: FastAPI's routes take only the methods they name, and a monitor's or a load balancer's
+    ``HEAD /health`` was a 405. Call it once every route is registered."""
+    from fastapi.routing import APIRoute
+
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.methods and "GET" in route.methods:
+            route.methods.add("HEAD")
 
 
 def add_fallback_route(app: FastAPI) -> None:
@@ -159,10 +171,8 @@ class WorkerHeaderMiddleware:
     load balance, and the tests that check every worker answers alike)."""
 
     def __init__(self, app: ASGIApp) -> None:
-        from bentoml import server_context
-
         self.app = app
-        self.header = (b"x-ingrain-worker", str(server_context.worker_index or 0).encode())
+        self.header = (b"x-ingrain-worker", str(worker_index()).encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -28,6 +28,7 @@ from ingrain_bento.families import families, family
 from ingrain_bento.families.base import Preprocessor
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.media import ImageLoader
+from ingrain_bento.metrics import RequestMetrics
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore
 
@@ -53,9 +54,11 @@ def _one_torch_thread() -> None:
 
 
 class InputPreparer:
-    def __init__(self, settings: Settings, fetcher: SafeFetcher, *, one_torch_thread: bool = True) -> None:
+    def __init__(self, settings: Settings, fetcher: SafeFetcher, *, one_torch_thread: bool = True,
+                 metrics: RequestMetrics | None = None) -> None:
         """``one_torch_thread``: this worker runs no forward (see ``_one_torch_thread``)."""
         self.settings = settings
+        self.metrics = metrics
         self.one_torch_thread = one_torch_thread
         self.store = ModelStore()
         self.loader = ImageLoader(fetcher, settings)
@@ -85,7 +88,20 @@ class InputPreparer:
         preprocessor = family(handle.ref.library).load_preprocessor(entry.path, handle.ref)
         log.info("front.preprocessor model=%s tag=%s seconds=%.2f", handle.ref.display_id, handle.tag,
                  time.perf_counter() - started)
+        if preprocessor.front_weights is not None and self.metrics is not None:
+            self.metrics.record_front_weights(handle.ref.display_id)
         return preprocessor
+
+    def front_weights(self) -> dict[str, str]:
+        """Store tag -> why this worker holds that model's weights, for the models whose
+        weightless open failed here (``Preprocessor.front_weights``)."""
+        held: dict[str, str] = {}
+        for tag, task in self._preprocessors.items():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                reason = task.result().front_weights
+                if reason is not None:
+                    held[tag] = reason
+        return held
 
     async def import_libraries(self) -> None:
         """Import every family's library in the background (sentence-transformers alone takes ~4 s

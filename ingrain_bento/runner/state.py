@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ingrain_bento.bentoml_seam import bentoml_home
 from ingrain_bento.refs import ModelRef
-from ingrain_bento.store import bentoml_home
 
 __all__ = ["ResidentState"]
 

@@ -123,7 +123,29 @@ def test_requests_tokenized_apart_and_batched_together_equal_encode(hub_models, 
 def test_the_front_opens_the_model_without_its_weights(hub_models, tmp_path):
     preprocessor, model = _halves(hub_models["minilm"], tmp_path)
     assert {p.device.type for p in preprocessor.model.parameters()} == {"meta"}
+    assert preprocessor.front_weights is None
     assert {p.device.type for p in model.runner.graphs["forward"].module.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("key", ["st", "reranker", "sparse"])
+def test_the_front_opens_every_kind_without_its_weights_with_or_without_kernels(hub_models, tmp_path, key):
+    """Embedders, rerankers and sparse encoders, stored as the server stores them: no parameter
+    of the front's model is on a real device. transformers kernelizes every model it loads when
+    ``kernels`` is installed (transformers 5.25 requires it), and kernelizing refuses the meta
+    device: the front's open must not kernelize."""
+    import importlib.util
+
+    from ingrain_bento.families import family
+    from ingrain_bento.refs import ModelRef
+
+    st = family("sentence_transformers")
+    ref = ModelRef.parse("sentence_transformers", hub_models[key], None)
+    st.fetch(ref, tmp_path)
+    preprocessor = st.load_preprocessor(tmp_path, ref)
+    assert {p.device.type for p in preprocessor.model.parameters()} == {"meta"}, preprocessor.front_weights
+    assert preprocessor.front_weights is None
+    if importlib.util.find_spec("kernels") is not None:
+        assert not getattr(preprocessor.model[0].auto_model, "use_kernels", False)
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -185,7 +207,7 @@ def test_a_name_is_a_hub_id_never_a_folder_of_the_server(client, hub_models, tmp
     SentenceTransformer(hub_models["st"], device="cpu").save(str(tmp_path / "local-only-model"))
     monkeypatch.chdir(tmp_path)
     response = client.post("/load_sentence_transformer_model", json={"name": "local-only-model"})
-    assert response.status_code == 404, response.text
+    assert response.status_code == 502, response.text  # fetched from the Hub (offline here), never opened
     assert str(tmp_path) not in response.json()["message"], "error messages never show server paths"
 
 

@@ -30,6 +30,19 @@ def timm_model(client, hub_models, files_dir):
     return name, model, pixels, [b64(p) for p in paths]
 
 
+def test_the_front_opens_the_model_without_its_weights(hub_models, tmp_path):
+    """The front builds the model on torch's meta device only to read its data config."""
+    from ingrain_bento.families import family
+    from ingrain_bento.refs import ModelRef
+
+    timm_family = family("timm")
+    ref = ModelRef.parse("timm", hub_models["timm"], None)
+    timm_family.fetch(ref, tmp_path)
+    preprocessor = timm_family.load_preprocessor(tmp_path, ref)
+    assert {p.device.type for p in preprocessor.model.parameters()} == {"meta"}
+    assert preprocessor.front_weights is None and preprocessor.pixels is not None
+
+
 def test_infer_image_is_softmax_or_logits(client, timm_model):
     name, model, pixels, images = timm_model
     with torch.inference_mode():

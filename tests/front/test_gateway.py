@@ -81,3 +81,46 @@ def test_a_model_stored_again_through_another_worker_is_prepared_again_here(hub_
         await engine.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_front_that_had_to_load_a_models_weights_says_so_in_its_listing_and_metrics(hub_models, monkeypatch):
+    """A front opens each model without its weights. When that open fails (here: a ``device_map``
+    naming no device), the front loads the weights on the CPU and still serves the model's
+    embeddings, and says so: ``front_weights`` in the listings, and the
+    ``ingrain_front_weights_loaded_total`` count, not only a log line."""
+    import prometheus_client
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    from ingrain_bento.families import sentence_transformers
+    from ingrain_bento.metrics import RequestMetrics
+
+    from fixtures.compare import MAX_ABS_DIFF, max_abs_diff
+
+    name = hub_models["minilm"]
+    texts = ["a front that holds weights", "still serves"]
+    monkeypatch.setattr(sentence_transformers, "WEIGHTLESS", {"device_map": {"": "no-such-device"}})
+
+    def fallbacks() -> float:
+        return prometheus_client.REGISTRY.get_sample_value("ingrain_front_weights_loaded_total", {"model": name}) or 0.0
+
+    def listed(models: list[s.ModelInfo]) -> s.ModelInfo:
+        return next(model for model in models if model.name == name)
+
+    async def scenario() -> None:
+        engine = RunnerEngine(Settings())
+        gateway = ModelGateway(engine, Settings(), RequestMetrics())
+        before = fallbacks()
+        await gateway.load(s.ModelRequest(name=name), "sentence_transformers")
+        assert listed((await gateway.loaded_models()).models).front_weights is None, "not opened by this front yet"
+        reply = await gateway.embed_text(s.TextRequest(name=name, text=texts))
+        expected = F.normalize(SentenceTransformer(name, device="cpu").encode(texts, convert_to_tensor=True), dim=-1)
+        assert max_abs_diff(reply.embeddings, expected, "front holding weights") <= MAX_ABS_DIFF
+        for listing in (await gateway.loaded_models(), await gateway.repository_models()):
+            reason = listed(listing.models).front_weights
+            assert reason is not None and "weightless load failed" in reason, reason
+        assert fallbacks() == before + 1
+        await gateway.close()
+        await engine.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 180))

@@ -96,3 +96,26 @@ def test_the_fetch_guard_holds_at_route_level(keyed_url, file_server, hub_models
     assert response.status_code == 400 and "Refusing" in response.json()["message"], response.text
     stored = httpx.get(f"{keyed_url}/repository_models", headers=AUTH).json()["models"]
     assert "from-loopback" not in {m["name"] for m in stored}
+
+
+def test_head_answers_wherever_get_does(client):
+    """Every GET route answers HEAD with GET's status and no body (it was a 405)."""
+    from fastapi.routing import APIRoute
+
+    import service
+
+    paths = sorted({route.path for route in service.app.routes
+                    if isinstance(route, APIRoute) and route.methods and "GET" in route.methods
+                    and "{" not in route.path})
+    assert {"/", "/health", "/loaded_models", "/v1/models"} <= set(paths)
+    for path in paths:
+        got, head = client.get(path, follow_redirects=False), client.head(path, follow_redirects=False)
+        assert head.status_code == got.status_code != 405, (path, head.status_code, got.status_code)
+        assert head.content == b"", path
+    assert client.head("/embed_text").status_code == 405, "a POST route still refuses HEAD"
+
+
+@pytest.mark.parametrize(("path", "status"), [("/", 307), ("/health", 200)])
+def test_head_on_a_real_server_is_the_status_without_a_body(keyed_url, path, status):
+    response = httpx.head(f"{keyed_url}{path}")
+    assert response.status_code == status and response.content == b""

@@ -1,0 +1,138 @@
+"""Where the desired state lives, behind one interface, and how it is changed: compare-and-swap.
+
+A ``StateHome`` reads the record with a token (what the writer must still find there) and writes
+a new record only if that token is still current; otherwise it raises ``WriteConflict`` and the
+writer reads again (``update``). Two homes:
+
+- ``LocalStateHome`` (this module): one file beside the store, for the runners of one machine.
+  The token is the file's SHA-256; the swap holds an exclusive ``flock`` on a lock file beside
+  it, and the new record replaces the old with ``os.replace`` (a writer killed mid-write leaves
+  the old record).
+- ``S3StateHome`` (``s3.py``): one object in a bucket, for replicas on many machines; the swap
+  is S3's conditional write.
+
+``open_home`` picks one from a URL: ``s3://bucket/prefix`` or a local folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+from pydantic import ValidationError
+
+from ingrain_bento.errors import AtCapacity
+from ingrain_bento.model_state.desired import DesiredState
+
+__all__ = ["LocalStateHome", "StateHome", "StoreUnreachable", "Versioned", "WriteConflict", "open_home", "update"]
+
+log = logging.getLogger("ingrain_bento.model_state")
+
+STATE_FILE = "desired-state.json"
+UPDATE_ATTEMPTS = 20  # swaps lost to other writers before a change gives up (each reads again first)
+
+
+class WriteConflict(Exception):
+    """Another writer changed the record since it was read: read again, then retry."""
+
+
+class StoreUnreachable(AtCapacity):
+    """The home of the model state does not answer: a 503 that names it (resident models keep serving)."""
+
+
+class Versioned(NamedTuple):
+    state: DesiredState
+    token: str | None  # what a write must still find there; None: no record yet
+
+
+class StateHome(Protocol):
+    """One home of the desired state."""
+
+    location: str  # where it is, for messages and logs ("/srv/store/ingrain-state", "s3://bucket/prefix")
+
+    def read(self) -> Versioned:
+        """The current record (an empty one, token None, before the first write)."""
+
+    def write(self, state: DesiredState, token: str | None) -> str:
+        """Write ``state`` if the record is still the one ``token`` names (None: still absent);
+        return the new token. Raises ``WriteConflict`` otherwise, ``StoreUnreachable`` when the
+        home does not answer."""
+
+
+def update(home: StateHome, change: Callable[[DesiredState], DesiredState]) -> DesiredState:
+    """Apply ``change`` to the current record with compare-and-swap: read, change, write if no
+    one wrote in between, else read again. Concurrent writers each get their change in, in some
+    order, none lost (the last write wins on a field both change). Returns the record written
+    (or the current one, when ``change`` changed nothing)."""
+    for _ in range(UPDATE_ATTEMPTS):
+        current, token = home.read()
+        changed = change(current)
+        if changed == current:
+            return current
+        try:
+            home.write(changed, token)
+        except WriteConflict:
+            continue
+        return changed
+    raise StoreUnreachable(f"The model state at {home.location} kept changing under this write "
+                           f"({UPDATE_ATTEMPTS} attempts): try again.")
+
+
+def parse_state(data: bytes, location: str) -> DesiredState:
+    """A record's bytes as a ``DesiredState``; a record that does not parse is refused loudly
+    (never silently taken as empty: that would unload every model everywhere)."""
+    try:
+        return DesiredState.model_validate_json(data)
+    except ValidationError as exc:
+        raise StoreUnreachable(f"The model state at {location} does not parse ({exc.error_count()} errors): "
+                               "fix or remove it.") from None
+
+
+class LocalStateHome:
+    """The desired state as one file in ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / STATE_FILE
+        self.location = str(folder)
+
+    def _read(self) -> tuple[bytes | None, str | None]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def read(self) -> Versioned:
+        data, token = self._read()
+        return Versioned(DesiredState() if data is None else parse_state(data, self.location), token)
+
+    def write(self, state: DesiredState, token: str | None) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = state.model_dump_json(indent=1).encode()
+        with open(self.folder / f"{STATE_FILE}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if self._read()[1] != token:
+                raise WriteConflict(self.location)
+            with tempfile.NamedTemporaryFile("wb", dir=self.folder, delete=False, suffix=".tmp") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(handle.name, self.path)
+        return hashlib.sha256(data).hexdigest()
+
+
+def open_home(location: str) -> StateHome:
+    """The home a location names: ``s3://bucket/prefix`` (any S3-compatible store, reached with
+    the standard ``AWS_*`` variables), else a local folder."""
+    if location.startswith("s3://"):
+        from ingrain_bento.model_state.s3 import S3StateHome
+
+        return S3StateHome(location)
+    return LocalStateHome(Path(location))

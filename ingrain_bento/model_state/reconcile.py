@@ -1,0 +1,119 @@
+"""How one runner drives what it holds toward the desired state.
+
+``plan_changes`` compares the record (``desired.py``) with what a runner holds and says what to
+do; ``Reconciler.step`` reads the record from its home and does it, through a ``RunnerModels``
+(the runner's resident models and local store):
+
+- unload a pinned model the record no longer holds (an unpinned one, loaded on demand by a
+  request, stays: this runner may keep or evict it as it likes);
+- unload any model, pinned or not, whose store entry was deleted, and drop deleted entries from
+  the local store;
+- load what the record holds and the runner does not, with the engine the record names;
+- pin a model the runner holds unpinned and the record pins.
+
+Unloads come first, so their room is free for the loads. A load that fails (the model does not
+fit, the files are not there yet) is kept in ``failures`` with its reason, for the listings and
+the metrics, and tried again at the next step: a runner never diverges silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol
+
+from ingrain_bento.model_state.desired import DesiredModel, DesiredState, model_key
+from ingrain_bento.model_state.home import StateHome
+from ingrain_bento.refs import ModelRef
+
+__all__ = ["Held", "Plan", "Reconciler", "RunnerModels", "plan_changes"]
+
+log = logging.getLogger("ingrain_bento.model_state")
+
+
+class Held(NamedTuple):
+    """One model a runner holds: which, whether pinned, and its store entry's tag."""
+
+    ref: ModelRef
+    pinned: bool
+    tag: str | None = None
+
+
+class Plan(NamedTuple):
+    unload: list[ModelRef]
+    drop: list[str]  # store tags to delete from the local store
+    load: list[DesiredModel]
+    pin: list[ModelRef]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.unload or self.drop or self.load or self.pin)
+
+
+class RunnerModels(Protocol):
+    """A runner as the reconciler drives it."""
+
+    def held(self) -> Mapping[str, Held]:
+        """Model key (``desired.model_key``) -> the model, for every model resident or loading."""
+
+    def stored_tags(self) -> set[str]:
+        """The tags of the local store's entries."""
+
+    async def load(self, model: DesiredModel) -> None:
+        """Make ``model`` resident with its engine, pinned as it says; raise with the reason if not."""
+
+    async def unload(self, ref: ModelRef) -> None: ...
+
+    async def drop_entry(self, tag: str) -> None: ...
+
+    async def pin(self, ref: ModelRef) -> None: ...
+
+
+def plan_changes(desired: DesiredState, held: Mapping[str, Held], stored_tags: set[str]) -> Plan:
+    """What a runner holding ``held`` (with ``stored_tags`` in its store) must do to match ``desired``."""
+    unload = [model.ref for key, model in sorted(held.items())
+              if (model.pinned and key not in desired.models) or model.tag in desired.deleted]
+    unloading = {model_key(ref) for ref in unload}
+    load = [model for key, model in sorted(desired.models.items()) if key not in held or key in unloading]
+    pin = [held[key].ref for key, model in sorted(desired.models.items())
+           if model.pinned and key in held and not held[key].pinned and key not in unloading]
+    return Plan(unload, sorted(stored_tags & desired.deleted.keys()), load, pin)
+
+
+class Reconciler:
+    """Brings one runner to the desired state, one ``step`` at a time."""
+
+    def __init__(self, home: StateHome, runner: RunnerModels) -> None:
+        self.home = home
+        self.runner = runner
+        self.generation: int | None = None  # the last generation this runner reached (failures aside)
+        self.failures: dict[str, str] = {}  # model key -> why this runner could not make it resident
+
+    async def step(self) -> Plan:
+        """Read the record, then unload, drop, load and pin as ``plan_changes`` says. The home
+        unreachable raises ``StoreUnreachable`` before anything changes: what is resident stays."""
+        desired = (await asyncio.to_thread(self.home.read)).state
+        plan = plan_changes(desired, self.runner.held(), self.runner.stored_tags())
+        for ref in plan.unload:
+            await self.runner.unload(ref)
+        for tag in plan.drop:
+            await self.runner.drop_entry(tag)
+        for model in plan.load:
+            key = model_key(model.ref)
+            try:
+                await self.runner.load(model)
+            except Exception as exc:  # kept, shown, and tried again at the next step
+                self.failures[key] = f"{type(exc).__name__}: {exc}"
+                log.warning("reconcile.load model=%s failed: %s", key, self.failures[key])
+            else:
+                self.failures.pop(key, None)
+        for ref in plan.pin:
+            await self.runner.pin(ref)
+        self.failures = {key: why for key, why in self.failures.items() if key in desired.models}
+        self.generation = desired.generation
+        if not plan.empty:
+            log.info("reconcile.step generation=%d unloaded=%d dropped=%d loaded=%d pinned=%d failed=%d",
+                     desired.generation, len(plan.unload), len(plan.drop), len(plan.load), len(plan.pin),
+                     len(self.failures))
+        return plan
