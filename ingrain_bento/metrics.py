@@ -67,8 +67,10 @@ def _series() -> SimpleNamespace:
         runner_retries=prom.Counter("ingrain_runner_retries", "Runner calls sent again after a connection error"),
         runner_unavailable=prom.Counter("ingrain_runner_unavailable", "Requests answered 503, runner down"),
         runner_starts=prom.Counter("ingrain_runner_starts", "Runner processes started (restarts included)"),
+        # Not per model: a labelled series exists only once a model increments it, and this one
+        # should read 0 from the start. The listings name the model (``ModelInfo.front_weights``).
         front_weights=prom.Counter("ingrain_front_weights_loaded", "Times a front worker loaded a model's weights "
-                                   "because its weightless open failed", ["model"]),
+                                   "because its weightless open failed"),
         items=prom.Counter("ingrain_items", "Texts and images embedded or classified", ["model", "task", "backend"]),
         latency=prom.Histogram("ingrain_request_latency_seconds", "Inference request latency", ["model", "route"]),
         batch_size=prom.Histogram("ingrain_batch_size", "Items per forward pass", ["model", "task", "backend"],
@@ -99,9 +101,9 @@ class RequestMetrics:
     def record_runner_unavailable(self) -> None:
         self.series.runner_unavailable.inc()
 
-    def record_front_weights(self, model: str) -> None:
-        """This worker holds ``model``'s weights: its weightless open failed (``Preprocessor.front_weights``)."""
-        self.series.front_weights.labels(model).inc()
+    def record_front_weights(self) -> None:
+        """This worker loaded a model's weights: its weightless open failed (``Preprocessor.front_weights``)."""
+        self.series.front_weights.inc()
 
 
 class ModelMetrics:

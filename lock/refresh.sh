@@ -54,7 +54,8 @@ EOF
 }
 {
     header "Every package the tests ran with: pip install -r lock/test.txt -e '.[test]'"
-    "$VENV_PY" -m pip freeze --exclude-editable
+    # --all: setuptools too (a dependency of the server's packages); pip itself is the installer's own
+    "$VENV_PY" -m pip freeze --all --exclude-editable | grep -v '^pip=='
 } >"$WORK/tree/lock/test.txt"
 "$VENV_PY" -m pip install --dry-run --ignore-installed --quiet --report "$WORK/runtime-report.json" \
     -c "$WORK/tree/lock/test.txt" "$WORK/tree" >"$WORK/logs/runtime-resolve.txt" 2>&1

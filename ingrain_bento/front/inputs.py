@@ -89,7 +89,7 @@ class InputPreparer:
         log.info("front.preprocessor model=%s tag=%s seconds=%.2f", handle.ref.display_id, handle.tag,
                  time.perf_counter() - started)
         if preprocessor.front_weights is not None and self.metrics is not None:
-            self.metrics.record_front_weights(handle.ref.display_id)
+            self.metrics.record_front_weights()
         return preprocessor
 
     def front_weights(self) -> dict[str, str]:

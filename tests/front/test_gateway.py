@@ -102,7 +102,7 @@ def test_a_front_that_had_to_load_a_models_weights_says_so_in_its_listing_and_me
     monkeypatch.setattr(sentence_transformers, "WEIGHTLESS", {"device_map": {"": "no-such-device"}})
 
     def fallbacks() -> float:
-        return prometheus_client.REGISTRY.get_sample_value("ingrain_front_weights_loaded_total", {"model": name}) or 0.0
+        return prometheus_client.REGISTRY.get_sample_value("ingrain_front_weights_loaded_total") or 0.0
 
     def listed(models: list[s.ModelInfo]) -> s.ModelInfo:
         return next(model for model in models if model.name == name)
