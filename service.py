@@ -44,7 +44,6 @@ from ingrain_bento.front.http import (  # noqa: E402
     GuardMiddleware,
     WorkerHeaderMiddleware,
     add_fallback_route,
-    answer_head_where_get,
     create_app,
     json_response,
 )
@@ -346,7 +345,6 @@ async def v1_models(gw: Gateway) -> Response:
     return json_response(await openai_models(gw))
 
 
-answer_head_where_get(app)
 add_fallback_route(app)
 
 # mypy does not apply class decorators: to it these names are still the plain classes.

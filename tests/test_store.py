@@ -14,6 +14,8 @@ from ingrain_bento.errors import BadRequest, Conflict, ModelNotFound, UpstreamFa
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.store import COMPLETE_MARKER, ModelStore, custom_store_name
 
+from fixtures.hub import hub_that_knows_no_model, point_hub_at
+
 
 def test_pull_writes_a_labelled_local_dir_folder_once():
     store = ModelStore()
@@ -135,57 +137,28 @@ def test_the_store_reads_while_another_thread_imports_a_model_library(tmp_path):
 
 
 @pytest.fixture
-def hub_that_knows_no_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    """A stand-in for the Hugging Face Hub on loopback that answers every request as the Hub
-    answers for a repository that does not exist (404 with ``X-Error-Code: RepoNotFound``);
-    huggingface_hub online, pointed at it, with an empty cache."""
-    import http.server
-
-    import huggingface_hub.constants as hub
-
-    class NoSuchRepo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(404)
-            self.send_header("X-Error-Code", "RepoNotFound")
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error": "Repository not found"}')
-
-        do_HEAD = do_GET
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr(hub, "ENDPOINT", url)
-    monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    yield url
-    server.shutdown()
+def no_model_hub(tmp_path: Path) -> Iterator[str]:
+    """huggingface_hub online, pointed at a loopback stand-in that knows no model (fixtures/hub.py)."""
+    with hub_that_knows_no_model(tmp_path / "hub-cache") as url:
+        yield url
 
 
 @pytest.mark.parametrize(("library", "name"), [("sentence_transformers", "someone/no-such-model"),
                                                ("timm", "hf-hub:someone/no-such-model")])
-def test_a_model_the_hub_says_does_not_exist_is_a_404(hub_that_knows_no_model, tmp_path, library, name):
+def test_a_model_the_hub_says_does_not_exist_is_a_404(no_model_hub, tmp_path, library, name):
     with pytest.raises(ModelNotFound, match="is not on the Hugging Face Hub") as error:
         ModelStore._fetch(ModelRef.parse(library, name), tmp_path)
     assert str(tmp_path) not in error.value.message
 
 
-def test_the_hub_unreachable_is_a_502_not_a_404(hub_that_knows_no_model, monkeypatch, tmp_path):
+def test_the_hub_unreachable_is_a_502_not_a_404(no_model_hub, monkeypatch, tmp_path):
     """A load the Hub never answered is upstream's failure, not an unknown model."""
     import socket
-
-    import huggingface_hub.constants as hub
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there
-    monkeypatch.setattr(hub, "ENDPOINT", nowhere)
-    monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", nowhere + "/{repo_id}/resolve/{revision}/{filename}")
+    point_hub_at(monkeypatch, nowhere)
     with pytest.raises(UpstreamFailed, match="could not be fetched") as error:
         ModelStore._fetch(ModelRef.parse("sentence_transformers", "someone/some-model"), tmp_path)
     assert error.value.status_code == 502

@@ -59,6 +59,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="ingrain-bento", description="Ingrain-compatible model server on BentoML.",
                   openapi_url=OPENAPI_URL, docs_url=None, redoc_url=None)  # add_api_docs serves /docs
     add_api_docs(app, OPEN_PATHS)
+    app.add_middleware(HeadAsGetMiddleware)
 
     @app.exception_handler(IngrainError)
     async def _ingrain_error(request: Request, exc: IngrainError) -> Response:
@@ -91,17 +92,6 @@ def create_app() -> FastAPI:
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-def answer_head_where_get(app: FastAPI) -> None:
-    """HEAD answers wherever GET does (the same status and headers, no body), as HTTP says it
-    should: FastAPI's routes take only the methods they name, and a monitor's or a load balancer's
-    ``HEAD /health`` was a 405. Call it once every route is registered."""
-    from fastapi.routing import APIRoute
-
-    for route in app.routes:
-        if isinstance(route, APIRoute) and route.methods and "GET" in route.methods:
-            route.methods.add("HEAD")
-
-
 def add_fallback_route(app: FastAPI) -> None:
     """Register last: an unknown path is a JSON 404, a known path with the wrong method a 405
     (without it, the mounted app's miss falls through to BentoML's plain-text 404)."""
@@ -116,6 +106,28 @@ def add_fallback_route(app: FastAPI) -> None:
         raise StarletteHTTPException(404)
 
     app.add_api_route("/{path:path}", fallback, methods=ALL_METHODS, include_in_schema=False)
+
+
+class HeadAsGetMiddleware:
+    """HEAD answers wherever GET does, as HTTP says it should: the GET route runs and its status
+    and headers go back without the body (a monitor's or a load balancer's ``HEAD /health``).
+    FastAPI's routes take only the methods they name (HEAD was a 405), and adding HEAD to their
+    methods would list a HEAD operation beside every GET one in the API reference."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
 
 
 class GuardMiddleware:

@@ -113,6 +113,8 @@ def test_head_answers_wherever_get_does(client):
         assert head.status_code == got.status_code != 405, (path, head.status_code, got.status_code)
         assert head.content == b"", path
     assert client.head("/embed_text").status_code == 405, "a POST route still refuses HEAD"
+    operations = {method for item in service.app.openapi()["paths"].values() for method in item}
+    assert "head" not in operations, "the API reference lists no HEAD operation beside each GET"
 
 
 @pytest.mark.parametrize(("path", "status"), [("/", 307), ("/health", 200)])
