@@ -12,7 +12,7 @@
 #   4. only when all of it passes: the candidate replaces lock/*.txt here, and what moved is
 #      printed. Otherwise the lock is left as it was and the script exits non-zero.
 #
-# Run from anywhere: bash lock/refresh.sh   (about 25 minutes on 2 cores: the install, then the suite)
+# Run from anywhere: bash lock/refresh.sh   (about 18 minutes on 2 cores: 7 to install, 11 for the suite)
 #   INGRAIN_LOCK_DIR   work folder (default: a new temporary folder); its logs/ keep each step's output
 #   PYTHON             the Python the venv is made from (default python3; the lock is for its version)
 set -euo pipefail
