@@ -53,14 +53,14 @@ def test_the_servers_lock_is_the_test_locks_own_versions():
 
 def test_these_tests_run_with_exactly_the_locked_versions():
     """What the README's test command installs (``pip install -r lock/test.txt``) is what runs."""
-    installed = {}
-    for name in read_lock("test"):
+    installed: dict[str, str | None] = {}
+    pins = read_lock("test")
+    for name in pins:
         try:
             installed[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             installed[name] = None
-    differing = {name: (pinned, installed[name]) for name, pinned in read_lock("test").items()
-                 if installed[name] != pinned}
+    differing = {name: (pinned, installed[name]) for name, pinned in pins.items() if installed[name] != pinned}
     assert not differing, ("these packages differ from lock/test.txt (pinned, installed): "
                            f"{differing}; install with pip install -r lock/test.txt -e '.[test]'")
 

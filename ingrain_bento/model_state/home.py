@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -31,8 +30,6 @@ from ingrain_bento.errors import AtCapacity
 from ingrain_bento.model_state.desired import DesiredState
 
 __all__ = ["LocalStateHome", "StateHome", "StoreUnreachable", "Versioned", "WriteConflict", "open_home", "update"]
-
-log = logging.getLogger("ingrain_bento.model_state")
 
 STATE_FILE = "desired-state.json"
 UPDATE_ATTEMPTS = 20  # swaps lost to other writers before a change gives up (each reads again first)

@@ -9,8 +9,8 @@ The client is boto3: the reference S3 client, the one every S3-compatible store 
 reads the standard ``AWS_*`` variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_REGION``, and ``AWS_ENDPOINT_URL`` for a store other than AWS) and takes the conditional
 headers as plain arguments. Its calls block: they are few and small (one record every few
-seconds), and an async caller runs them on a thread. Timeouts are short and retries few: an unreachable bucket must
-turn into a prompt 503, not a hung management call.
+seconds), and an async caller runs them on a thread. Timeouts are short and retries few: an
+unreachable bucket must turn into a prompt 503, not a hung management call.
 """
 
 from __future__ import annotations
