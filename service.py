@@ -4,9 +4,10 @@
   HTTP API, on one FastAPI app mounted at ``/``; each route is a line into
   ``ingrain_bento.front.gateway.ModelGateway``, which prepares inputs here and computes with an
   ``Engine`` (``ingrain_bento.boundary``).
-- ``IngrainRunner`` (one worker, on the GPU when there is one): the model state when it lives
-  apart from the front. ``wire.RunnerGate`` serves its calls (raw frames, token-checked; it has
-  no BentoML APIs, so nothing of it reads pickle).
+- ``IngrainRunner`` (``INGRAIN_RUNNERS`` workers, one per GPU when there are any): the models when
+  they live apart from the front, each worker with its own copy, all following one desired model
+  state (``ingrain_bento.runner.sync``). ``wire.RunnerGate`` serves its calls (raw frames,
+  token-checked; it has no BentoML APIs, so nothing of it reads pickle).
 
 Where the engine runs is ``machine.engine_process``: in the front's own process (no GPU, one
 front worker: the default on small CPU machines, where a second process only costs) or in the
@@ -36,7 +37,7 @@ from fastapi import Body, Depends, Query  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
-from ingrain_bento.bentoml_seam import dependency_address  # noqa: E402
+from ingrain_bento.bentoml_seam import dependency_address, worker_index  # noqa: E402
 from ingrain_bento.boundary import Engine  # noqa: E402
 from ingrain_bento.front.docs import CLIP, PNG, RERANKER, SPLADE, ST, TIMM  # noqa: E402
 from ingrain_bento.front.gateway import ModelGateway  # noqa: E402
@@ -50,11 +51,17 @@ from ingrain_bento.front.http import (  # noqa: E402
 from ingrain_bento.front.openai import openai_embeddings, openai_models  # noqa: E402
 from ingrain_bento.front.remote_engine import RemoteEngine  # noqa: E402
 from ingrain_bento.logs import configure_logging  # noqa: E402
-from ingrain_bento.machine import engine_process, http_workers, runner_place, runner_resources  # noqa: E402
+from ingrain_bento.machine import (  # noqa: E402
+    engine_process,
+    http_workers,
+    runner_count,
+    runner_place,
+    runner_resources,
+)
 from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, ModelMetrics, RequestMetrics  # noqa: E402
 from ingrain_bento.model_list import baked_model_tags, preload_list  # noqa: E402
 from ingrain_bento.runner.engine import RunnerEngine  # noqa: E402
-from ingrain_bento.runner.state import ResidentState  # noqa: E402
+from ingrain_bento.runner.sync import open_model_state, runner_id  # noqa: E402
 from ingrain_bento.wire import RunnerGate, RunnerTransport  # noqa: E402
 
 SETTINGS = get_settings()
@@ -67,17 +74,19 @@ OBSERVABILITY: dict[str, Any] = {
 }
 
 
-def new_engine() -> RunnerEngine:
-    """The model state, with what it restores after a restart kept per Bento, version and device."""
+def new_engine(index: int = 0) -> RunnerEngine:
+    """Runner ``index``'s engine, following the desired model state (kept per Bento, version and
+    device on this machine alone; in the bucket with ``INGRAIN_SHARED_STORE``)."""
     context = bentoml.server_context
-    state = (ResidentState(f"{context.bento_name}-{context.bento_version}-{SETTINGS.device or 'auto'}")
-             if SETTINGS.restore else None)
-    return RunnerEngine(SETTINGS, ModelMetrics(), state)
+    name = f"{context.bento_name}-{context.bento_version}-{SETTINGS.device or 'auto'}"
+    home, mirror = open_model_state(SETTINGS, name, runner_count(SETTINGS))
+    return RunnerEngine(SETTINGS, ModelMetrics(), home, runner_id=runner_id(SETTINGS, index), runner_index=index,
+                        mirror=mirror)
 
 
 @bentoml.service(
     name=RUNNER_NAME,
-    workers=1,  # the models live in this process: one runner per device
+    workers=runner_count(SETTINGS),  # the models live in each worker's memory: one runner per device
     resources=runner_resources(SETTINGS),
     traffic={"timeout": 600},
     **OBSERVABILITY,
@@ -99,7 +108,7 @@ class IngrainRunner:
         """The engine, started once: at start-up, or by the first call of a front that holds no
         models (services deployed apart on a machine where ``engine_process`` guessed "front")."""
         if self.engine is None:
-            self.engine = new_engine()
+            self.engine = new_engine(max(0, worker_index() - 1))  # BentoML numbers workers from 1
             self.starting = asyncio.create_task(self.engine.start(preload_list(SETTINGS)))
         return self.engine
 
@@ -153,7 +162,7 @@ class IngrainBento:
         else:
             engine = self.remote_engine = RemoteEngine(RunnerTransport(address, RUNNER_TOKEN),
                                                        max_requests_per_call=SETTINGS.max_batch_size,
-                                                       metrics=RequestMetrics())
+                                                       metrics=RequestMetrics(), runners=runner_count(SETTINGS))
         self.gateway = ModelGateway(engine, SETTINGS, RequestMetrics(), own_process=self.local_engine is not None)
         self.warming: asyncio.Task[None] | None = None
 

@@ -8,14 +8,16 @@
     OUT=/tmp/gpu-out INGRAIN_PROJECT=$PWD python bench/gpu_kit.py --quick   # a CPU dry run
     # on the GPU machine (device tool; carry .gpu):
     bash .gpu/kit/run.sh  # the kit's own phases, unchanged: hub,lib,fp16,fp32
-    python3 bench/gpu_kit.py --phases fronts   # this file: the front-worker sweep
+    python3 bench/gpu_kit.py --phases fronts,runners   # this file: the front-worker and runner sweeps
 
 The kit's phases use the public API only and run as they are. Its ``workers4`` phase edited
 ``workers=1`` in service.py to give each HTTP worker its own model copy: with two tiers that
 edit would multiply the runner; this file replaces it with ``fronts``: the same loads with
 ``INGRAIN_HTTP_WORKERS`` at 1, 4, 8 and the machine's default (``default_http_workers``), one
-runner, so the figures show how many front workers feed the GPU. Figures land in
-``$OUT/gpu.json`` beside the kit's.
+runner, so the figures show how many front workers feed the GPU. ``runners`` runs the same loads
+with ``INGRAIN_RUNNERS`` at 1 and at the machine's GPU count (one runner per GPU, each with its own
+copy of the models, README "Several runners and replicas"), and ``runners_scaling`` is the second
+over the first (the goal: at least 1.9 at 2 GPUs). Figures land in ``$OUT/gpu.json`` beside the kit's.
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ def load_kit() -> Any:
     raise SystemExit("the GPU kit is missing: cp -r ../shared/gpu .gpu/kit")
 
 
-def fronts_phase(k: Any, n: int, images: list[bytes], procs: int, levels: list[int]) -> None:
-    """The kit's helpers (Server, load, texts, fig) with INGRAIN_HTTP_WORKERS at each level."""
-    for workers in levels:
-        tag = f"fronts{workers}"
-        server = k.Server(tag, {"FP16_ENABLED": "true", "INGRAIN_HTTP_WORKERS": str(workers)})
+def sweep_phase(k: Any, n: int, images: list[bytes], procs: int, setups: dict[str, dict[str, str]]) -> None:
+    """The kit's helpers (Server, load, texts, fig) with each setup's environment: a tag (the
+    figures' prefix) -> the settings."""
+    for tag, env in setups.items():
+        server = k.Server(tag, {"FP16_ENABLED": "true", **env})
         try:
             k.fig(f"{tag}_ready_s", server.ready_s)
             server.call("POST", "/load_model", {"name": k.MINILM, "library": "sentence_transformers"})
@@ -85,7 +87,22 @@ def main() -> None:
     if "hub" in args.phases:
         kit.build_hub(False)
     if "fronts" in args.phases:
-        fronts_phase(kit, n, kit.jpegs(n_img), procs, levels)
+        sweep_phase(kit, n, kit.jpegs(n_img), procs,
+                    {f"fronts{w}": {"INGRAIN_HTTP_WORKERS": str(w)} for w in levels})
+    if "runners" in args.phases:
+        gpus = 2 if args.quick else max(2, gpu_count())
+        sweep_phase(kit, n, kit.jpegs(n_img), procs, {f"runners{r}": {"INGRAIN_RUNNERS": str(r)} for r in (1, gpus)})
+        figures = kit.RESULTS["figures"]
+        one, many = figures.get("runners1_minilm_256x1"), figures.get(f"runners{gpus}_minilm_256x1")
+        if isinstance(one, dict) and isinstance(many, dict) and one.get("items_per_s"):
+            kit.fig("runners_scaling", many["items_per_s"] / one["items_per_s"])
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs, as BentoML's probe sees them (what ``INGRAIN_RUNNERS`` defaults to)."""
+    from ingrain_bento.bentoml_seam import machine_resources
+
+    return machine_resources()[1]
 
 
 if __name__ == "__main__":

@@ -133,11 +133,16 @@ class Server:
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.env = {**os.environ, **(extra_env or {})}
+        self.start()
+
+    def start(self) -> None:
+        """Start ``bentoml serve`` on this server's port; return once ``/readyz`` answers 200."""
+        log = self.log
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=ROOT, env={**os.environ, **(extra_env or {})}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        deadline = time.monotonic() + 180
+            cwd=ROOT, env=self.env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited: {log.read_text()[-2000:]}")

@@ -13,8 +13,8 @@ from typing import Any, Literal
 from ingrain_bento.bentoml_seam import machine_resources
 from ingrain_bento.settings import Settings
 
-__all__ = ["EngineProcess", "RunnerPlace", "default_http_workers", "engine_process", "http_workers", "runner_place",
-           "runner_resources"]
+__all__ = ["EngineProcess", "RunnerPlace", "default_http_workers", "engine_process", "http_workers", "runner_count",
+           "runner_place", "runner_resources"]
 
 EngineProcess = Literal["front", "runner"]
 # Where a front finds the runner service: none at all (``Service.to_asgi()``), on this machine (a
@@ -44,10 +44,20 @@ def http_workers(settings: Settings) -> int:
     return settings.http_workers or default_http_workers(*_probe())
 
 
+def runner_count(settings: Settings) -> int:
+    """Runner workers on this machine: ``INGRAIN_RUNNERS``, else one per GPU (1 without one, or
+    when ``INGRAIN_DEVICE`` picks a device by hand)."""
+    if settings.runners:
+        return settings.runners
+    return max(1, _probe()[1]) if not settings.device else 1
+
+
 def runner_resources(settings: Settings) -> dict[str, Any] | None:
-    """One GPU for the runner when the machine has one and ``INGRAIN_DEVICE`` does not pick a
-    device by hand, so BentoML (and BentoCloud) place the runner on a GPU and the front on CPUs."""
-    return {"gpu": 1} if _probe()[1] and not settings.device else None
+    """A GPU per runner worker when the machine has them and ``INGRAIN_DEVICE`` does not pick a
+    device by hand, so BentoML (and BentoCloud) place the runner on GPUs and the front on CPUs
+    (BentoML shows every assigned GPU to every worker; runner ``i`` takes device ``i``)."""
+    gpus = _probe()[1]
+    return {"gpu": min(gpus, runner_count(settings))} if gpus and not settings.device else None
 
 
 def runner_place(address: str | None) -> RunnerPlace:
@@ -67,6 +77,9 @@ def engine_process(settings: Settings, runner: RunnerPlace) -> EngineProcess:
     process only costs a hop, serialization and its CPU on cores the forwards need (README "Two
     tiers", measured); else the runner service. The runner asks with ``runner="local"``: it
     cannot know where its fronts are, and is started by the first call if it guessed wrong."""
+    if settings.engine_process == "front" and runner_count(settings) > 1:
+        raise ValueError(f"INGRAIN_ENGINE_PROCESS=front holds the models in the front, which has no runners: unset "
+                         f"INGRAIN_RUNNERS={runner_count(settings)}, or let the runners hold them.")
     if settings.engine_process == "front" and http_workers(settings) > 1:
         raise ValueError(f"INGRAIN_ENGINE_PROCESS=front needs one front worker, not {http_workers(settings)}: each "
                          "would hold models of its own. Set INGRAIN_HTTP_WORKERS=1, or let the runner hold them.")
@@ -74,5 +87,7 @@ def engine_process(settings: Settings, runner: RunnerPlace) -> EngineProcess:
         return settings.engine_process
     if runner == "none":
         return "front"
+    if runner_count(settings) > 1:
+        return "runner"
     on_cpu = settings.device == "cpu" or (not settings.device and not _probe()[1])
     return "front" if runner == "local" and on_cpu and http_workers(settings) == 1 else "runner"

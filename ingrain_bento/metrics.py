@@ -82,6 +82,12 @@ def _series() -> SimpleNamespace:
         resident_models=prom.Gauge("ingrain_resident_models", "Models on the device", multiprocess_mode="livesum"),
         resident_bytes=prom.Gauge("ingrain_resident_bytes", "Bytes of resident weights", ["model"],
                                   multiprocess_mode="livesum"),
+        desired_failed=prom.Gauge("ingrain_desired_models_failed", "Models of the desired model state that a runner "
+                                  "could not make resident (summed over runners)", multiprocess_mode="livesum"),
+        generation=prom.Gauge("ingrain_model_state_generation", "The desired model state's generation a runner "
+                              "reached", multiprocess_mode="livemin"),
+        sync_unreachable=prom.Counter("ingrain_model_state_unreachable", "Sync steps that could not reach the home "
+                                      "of the model state (INGRAIN_SHARED_STORE)"),
     )
 
 
@@ -148,6 +154,14 @@ class ModelMetrics:
         for model, size in sizes.items():
             self.series.resident_bytes.labels(model).set(size)
         self._reported = set(sizes)
+
+    def record_sync(self, generation: int, failed: int) -> None:
+        """A runner's sync step: the generation it reached, and how many desired models it could not load."""
+        self.series.generation.set(generation)
+        self.series.desired_failed.set(failed)
+
+    def record_sync_unreachable(self) -> None:
+        self.series.sync_unreachable.inc()
 
     def ingrain_json(self) -> dict[str, Any]:
         """Ingrain's ``{"modelStats": [...]}``: counts and ns as strings, as Ingrain sends them."""

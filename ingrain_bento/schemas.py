@@ -239,6 +239,15 @@ class MessageResponse(ApiModel):
 ModelState = Literal["READY", "UNAVAILABLE", "LOADING"]
 
 
+class RunnerInfo(ApiModel):
+    """One live runner's hold on a model (``ModelInfo.runners``): ``id`` is ``<replica>/<index>``."""
+
+    id: str
+    device: str
+    state: Literal["READY", "LOADING", "FAILED"]
+    message: str | None = None  # why it FAILED (it does not fit, its files are missing)
+
+
 class ModelInfo(ApiModel):
     id: str
     name: str
@@ -259,6 +268,8 @@ class ModelInfo(ApiModel):
     # Why the answering front worker holds the model's weights (its weightless open failed and it
     # loaded them on the CPU, also counted in ingrain_front_weights_loaded_total); null: it holds none.
     front_weights: str | None = None
+    # Every live runner of every replica that holds the model, loads it, or could not load it.
+    runners: list[RunnerInfo] = []
 
 
 class ModelListResponse(ApiModel):

@@ -111,6 +111,19 @@ class Settings(BaseSettings):
                           description="BentoML's OpenTelemetry tracing middleware (off: no per-request spans).")
     preload: str | None = Field(None, validation_alias=_env("INGRAIN_PRELOAD"),
                                 description="Path of a models/*.yaml list to pull and load at start-up.")
+    runners: int | None = Field(None, ge=1, le=64, validation_alias=_env("INGRAIN_RUNNERS"),
+                                description="Runner worker processes on this machine, one per device, each with its "
+                                            "own copy of the models (default: the number of GPUs, 1 without one).")
+    shared_store: str | None = Field(None, pattern=r"^s3://[^/]+(/.*)?$",
+                                     validation_alias=_env("INGRAIN_SHARED_STORE"),
+                                     description="`s3://bucket/prefix`: the store entries and the desired model state "
+                                                 "shared by every replica (the S3 client reads the standard `AWS_*` "
+                                                 "variables, `AWS_ENDPOINT_URL` included); unset: this machine alone.")
+    replica_id: str | None = Field(None, min_length=1, max_length=120, pattern=r"^[A-Za-z0-9._:-]+$",
+                                   validation_alias=_env("INGRAIN_REPLICA_ID"),
+                                   description="This replica's name in listings (default: the host name and port).")
+    sync_s: float = Field(2.0, gt=0, le=300, validation_alias=_env("INGRAIN_SYNC_S"),
+                          description="How often a runner checks the desired model state and reports what it holds.")
 
 
 RUNNER_TOKEN_ENV = "INGRAIN_RUNNER_TOKEN"

@@ -4,6 +4,10 @@ Entries are written through ``bentoml.models.create`` (so ``bentoml models list`
 with ``library``/``name``/``pretrained`` labels) and marked complete only after BentoML has
 saved them: a crashed or failed download leaves nothing that lists. A file lock per tag in
 ``$BENTOML_HOME`` keeps processes sharing one store from pulling the same model twice.
+
+With ``shared`` (``model_state.entries.SharedEntries``), every entry written or deleted is
+recorded in the desired model state, and, with ``INGRAIN_SHARED_STORE``, kept in the bucket: a
+model missing here is fetched from there before it is downloaded from its source.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import bentoml
 
@@ -30,7 +34,7 @@ from ingrain_bento.errors import Conflict, IngrainError, ModelNotFound, Upstream
 from ingrain_bento.families import family
 from ingrain_bento.refs import ModelRef
 
-__all__ = ["COMPLETE_MARKER", "ModelStore", "StoredExport", "StoredModel", "custom_store_name",
+__all__ = ["COMPLETE_MARKER", "EntrySharing", "ModelStore", "StoredExport", "StoredModel", "custom_store_name",
            "export_store_name", "staging_dir"]
 
 log = logging.getLogger("ingrain_bento.store")
@@ -123,6 +127,18 @@ def _hub_says_missing(exc: BaseException) -> str | None:
     return None
 
 
+class EntrySharing(Protocol):
+    """Where the store reports its entries and fetches other replicas' (``model_state.entries``)."""
+
+    def added(self, tag: str, ref: ModelRef) -> None: ...
+
+    def removed(self, tag: str) -> None: ...
+
+    def shared_tag(self, tag_name: str) -> str | None: ...
+
+    def fetch(self, tag: str) -> bool: ...
+
+
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -130,8 +146,23 @@ def _folder_size(path: Path) -> int:
 class ModelStore:
     """Find, pull, import, bind, list and delete checkpoints in the BentoML model store."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: EntrySharing | None = None) -> None:
         _import_validator_modules()
+        self.shared = shared
+
+    def _added(self, entry: StoredModel, ref: ModelRef) -> StoredModel:
+        if self.shared is not None:
+            self.shared.added(entry.tag, ref)
+        return entry
+
+    def _from_shared(self, tag_name: str) -> StoredModel | None:
+        """The entry another replica stored under ``tag_name``, fetched into this store."""
+        if self.shared is None:
+            return None
+        tag = self.shared.shared_tag(tag_name)
+        if tag is None or not self.shared.fetch(tag):
+            return None
+        return self.by_tag(tag_name)
 
     @contextmanager
     def _lock(self, tag_name: str) -> Iterator[None]:
@@ -260,7 +291,11 @@ class ModelStore:
             if existing is not None:
                 return existing
             self._remove_incomplete(ref.store_name)
-            return self._create(ref.store_name, self._labels(ref), lambda folder: self._fetch(ref, folder))
+            shared = self._from_shared(ref.store_name)
+            if shared is not None:
+                return shared
+            entry = self._create(ref.store_name, self._labels(ref), lambda folder: self._fetch(ref, folder))
+            return self._added(entry, ref)
 
     @staticmethod
     def _fetch(ref: ModelRef, folder: Path) -> dict[str, Any]:
@@ -296,6 +331,7 @@ class ModelStore:
                 lambda folder: family(ref.library).bind_custom(ref, weights, options, folder),
                 {"custom": True, "options": options},
             )
+        self._added(entry, ref)
         self.delete_tag(unbound.tag)
         return entry
 
@@ -309,6 +345,7 @@ class ModelStore:
             ref = ModelRef.parse(library, pretrained_name)
             tag_name, labels, extra = ref.store_name, self._labels(ref), {"custom": True}
         else:
+            ref = ModelRef(library, pretrained_name, pretrained_name)  # its record until bound
             tag_name = custom_store_name(library, pretrained_name)
             labels = {"library": library, "name": pretrained_name, "pretrained": pretrained_name}
             extra = {"custom": True, "unbound": True, "options": options}
@@ -317,7 +354,7 @@ class ModelStore:
                 raise Conflict(f"A {library} model named {pretrained_name!r} is already stored: "
                                "delete it first or choose another pretrained_name.")
             self._remove_incomplete(tag_name)
-            return self._create(tag_name, labels, write, extra)
+            return self._added(self._create(tag_name, labels, write, extra), ref)
 
     def is_taken(self, library: str, pretrained_name: str) -> bool:
         """Whether a stored model of ``library`` already uses ``pretrained_name``."""
@@ -339,13 +376,17 @@ class ModelStore:
         self.delete_tag(entry.tag)
         return entry
 
-    def delete_tag(self, tag: str) -> None:
-        """Delete an entry, and the exports made from it."""
-        for export in self.exports_of(str(bentoml.models.get(tag).tag)):
+    def delete_tag(self, tag: str, *, shared: bool = True) -> None:
+        """Delete an entry, and the exports made from it; ``shared``: everywhere (recorded, and
+        removed from the bucket), else from this store only (a runner following a deletion)."""
+        full_tag = str(bentoml.models.get(tag).tag)
+        for export in self.exports_of(full_tag):
             with self._lock(export.tag.split(":")[0]):
                 bentoml.models.delete(export.tag)
         with self._lock(tag.split(":")[0]):
             bentoml.models.delete(tag)
+        if shared and self.shared is not None:
+            self.shared.removed(full_tag)
 
     def _remove_incomplete(self, tag_name: str) -> None:
         """Clear what a crashed writer left under ``tag_name`` (called with its lock held)."""

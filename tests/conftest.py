@@ -15,8 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="ingrain-tests-"))
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -174,6 +176,49 @@ def real_server_factory(hub_models: dict[str, str]) -> Iterator[type[RealServer]
         server.stop()
 
 
+# An S3-compatible bucket on loopback: moto's server mode (``moto[server]``, PyPI), the stand-in
+# here for AWS S3, MinIO or GCS's S3 API; conditional writes included. The model state reaches it
+# the way a deployment reaches its bucket: boto3 with the standard ``AWS_*`` variables.
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Any]:
+    """The server; ``stop()`` and ``start()`` it to cut the bucket off and bring it back (its data
+    stays: moto keeps it in this process)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server: Any) -> str:
+    return f"http://127.0.0.1:{s3_server._port}"
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> str:
+    """The standard variables pointing boto3 at the loopback bucket server; returns the endpoint."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(name, value)
+    return s3_endpoint
+
+
+@pytest.fixture
+def bucket_url(aws_env: str) -> str:
+    """A new, empty bucket, as ``s3://bucket/prefix``."""
+    from ingrain_bento.model_state.s3 import s3_client
+
+    name = f"ingrain-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=name)
+    return f"s3://{name}/replicas/prod"
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return SESSION_DIR
@@ -186,8 +231,12 @@ def files_dir(custom_files: dict[str, Path]) -> Path:
 
 
 def pytest_sessionfinish(session: object, exitstatus: int) -> None:
+    """The session folder goes, unless ``INGRAIN_KEEP_TEST_DIR=1`` (to read the servers' logs)."""
     import shutil
 
+    if os.environ.get("INGRAIN_KEEP_TEST_DIR") == "1":
+        print(f"\nkept {SESSION_DIR}")
+        return
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 

@@ -1,12 +1,20 @@
-"""How many front workers a machine gets when ``INGRAIN_HTTP_WORKERS`` is not set, and which
-process holds the models (README "Two tiers")."""
+"""How many front workers a machine gets when ``INGRAIN_HTTP_WORKERS`` is not set, how many
+runners (one per GPU, ``INGRAIN_RUNNERS``), and which process holds the models (README "Two
+tiers", "Several runners and replicas")."""
 
 from __future__ import annotations
 
 import pytest
 
 from ingrain_bento import machine
-from ingrain_bento.machine import default_http_workers, engine_process, http_workers, runner_place
+from ingrain_bento.machine import (
+    default_http_workers,
+    engine_process,
+    http_workers,
+    runner_count,
+    runner_place,
+    runner_resources,
+)
 from ingrain_bento.settings import Settings
 
 
@@ -42,6 +50,7 @@ def test_where_the_runner_is_comes_from_its_address(address, place):
     (2, 0, {}, "remote", "runner"),  # deployed apart
     (16, 1, {"engine_process": "front", "http_workers": 1}, "local", "front"),  # the setting wins
     (2, 0, {"engine_process": "runner"}, "local", "runner"),
+    (2, 0, {"runners": 2}, "local", "runner"),  # several runners: the models live in them
 ])
 def test_which_process_holds_the_models(monkeypatch, cpus, gpus, settings, runner, expected):
     monkeypatch.setattr(machine, "_probe", lambda: (float(cpus), gpus))
@@ -52,3 +61,23 @@ def test_models_in_the_front_with_several_front_workers_is_refused(monkeypatch):
     monkeypatch.setattr(machine, "_probe", lambda: (16.0, 0))
     with pytest.raises(ValueError, match="one front worker"):
         engine_process(Settings(engine_process="front", http_workers=2), "local")
+
+
+@pytest.mark.parametrize("gpus, settings, runners, resources", [
+    (0, {}, 1, None),  # no GPU: one runner on the CPU
+    (1, {}, 1, {"gpu": 1}),
+    (4, {}, 4, {"gpu": 4}),  # one runner per GPU, each shown every GPU and taking its own
+    (0, {"runners": 3}, 3, None),  # any number on a CPU machine (tests)
+    (4, {"runners": 2}, 2, {"gpu": 2}),
+    (4, {"device": "cuda:1"}, 1, None),  # a device picked by hand: one runner on it
+])
+def test_one_runner_per_device(monkeypatch, gpus, settings, runners, resources):
+    monkeypatch.setattr(machine, "_probe", lambda: (16.0, gpus))
+    assert runner_count(Settings(**settings)) == runners
+    assert runner_resources(Settings(**settings)) == resources
+
+
+def test_models_in_the_front_with_several_runners_is_refused(monkeypatch):
+    monkeypatch.setattr(machine, "_probe", lambda: (2.0, 0))
+    with pytest.raises(ValueError, match="INGRAIN_RUNNERS"):
+        engine_process(Settings(engine_process="front", runners=2), "local")

@@ -82,7 +82,9 @@ class ModelGateway:
             await forget()
 
     async def _sync_version(self, version: int) -> None:
-        if version != self._version:
+        """Forget when the model-state generation moves forward; an older one is a runner that has
+        not caught up yet (several runners answer in turn): nothing to forget."""
+        if self._version is None or version > self._version:
             if self._version is not None:
                 await self._forget()
             self._version = version

@@ -5,12 +5,16 @@
 - **Coalescing.** Per (model, task, store entry), a front worker keeps one ``infer`` call in
   flight; requests that arrive meanwhile queue and go together in the next call (a ``Batcher``
   whose items are requests). The runner merges the calls of every front worker into its
-  forwards, and a call's cost is paid per batch, not per request.
+  forwards, and a call's cost is paid per batch, not per request. With ``INGRAIN_RUNNERS`` > 1
+  there is one such lane per runner, and requests take the lanes in turn: up to that many calls
+  in flight, each on its own connection, which the runners' shared socket hands to whichever
+  runner accepts it first (the least busy, as a rule): inference spreads over the runners.
 - **Faults.** The runner is *down* only when it does not answer at all: a connection error on a
   call, or two missed liveness probes (``/livez``, a heartbeat every 2 s). A runner that answers
   but is still restoring its models is up: it answers management at once and each model as soon
-  as it is resident. After a connection error an idempotent call is sent once more if the runner
-  answers its probe; any other call answers 503 with ``Retry-After``. While down, every call
+  as it is resident. After a connection error an idempotent call is sent again if the runner
+  answers its probe (once per runner worker: with ``INGRAIN_RUNNERS`` > 1 a runner that died
+  mid-call has the call retried on another); any other call answers 503 with ``Retry-After``. While down, every call
   (those in flight included) fails fast with that 503 (after a 0.2 s probe, which lets a runner
   that answers again serve at once) until the runner answers again. Never a hang, never a reset
   connection.
@@ -53,11 +57,17 @@ Outcome = tuple[Any, int]  # (rows or IngrainError, state version)
 
 class RemoteEngine:
     def __init__(self, transport: RunnerTransport, *, max_requests_per_call: int,
-                 metrics: RequestMetrics | None = None) -> None:
+                 metrics: RequestMetrics | None = None, runners: int = 1) -> None:
+        """``runners``: the runner workers behind the address (``INGRAIN_RUNNERS``); an idempotent
+        call is sent again up to that many times after a dropped connection, each time on a new
+        connection, which the runners' shared socket may hand to another runner."""
         self.transport = transport
+        self.attempts = runners + 1
         self.max_requests_per_call = max_requests_per_call
         self.metrics = metrics
-        self._coalescers: dict[CoalesceKey, Batcher[Any]] = {}
+        self.lanes = runners
+        self._coalescers: dict[tuple[CoalesceKey, int], Batcher[Any]] = {}
+        self._turn = 0
         self._up = asyncio.Event()
         self._up.set()
         self._in_flight: set[asyncio.Future[Any]] = set()
@@ -107,14 +117,15 @@ class RemoteEngine:
 
     async def infer(self, ref: ModelRef, task: str, tag: str, requests: Sequence[Sequence[Any]]) -> InferReply:
         """Each request joins the next call for its model (see Coalescing above)."""
-        coalescer = self._coalescer((ref, task, tag))
+        self._turn = (self._turn + 1) % self.lanes
+        coalescer = self._coalescer(((ref, task, tag), self._turn))
         outcomes: list[list[Outcome]] = await asyncio.gather(*(coalescer.submit([items]) for items in requests))
         return InferReply([outcome[0][0] for outcome in outcomes], max(outcome[0][1] for outcome in outcomes))
 
-    def _coalescer(self, key: CoalesceKey) -> Batcher[Any]:
+    def _coalescer(self, key: tuple[CoalesceKey, int]) -> Batcher[Any]:
         coalescer = self._coalescers.get(key)
         if coalescer is None:
-            ref, task, tag = key
+            ref, task, tag = key[0]
 
             async def one_call(requests: Sequence[Sequence[Any]]) -> list[Outcome]:
                 reply: InferReply = await self._invoke("infer", ref=ref, task=task, tag=tag, requests=requests)
@@ -135,7 +146,7 @@ class RemoteEngine:
         codec = CALLS[method]
         body = codec.encode_args(arguments)
         self._start_watch()
-        for attempt in (1, 2):
+        for attempt in range(1, self.attempts + 1):
             await self._ensure_up()
             try:
                 reply = await self._send(method, body)
@@ -144,7 +155,7 @@ class RemoteEngine:
             except TransportError as exc:
                 probe = await self.transport.probe(timeout_s=PROBE_TIMEOUT_S)
                 alive = probe == "answers"
-                if alive and attempt == 1 and codec.idempotent:
+                if alive and attempt < self.attempts and codec.idempotent:
                     log.info("runner.retry method=%s after %s", method, exc)
                     if self.metrics is not None:
                         self.metrics.record_runner_retry()
@@ -155,7 +166,7 @@ class RemoteEngine:
             if reply.status == 200:
                 return codec.decode_result(reply.body)
             raise self._error(method, reply.status, reply.body)
-        raise AssertionError("unreachable: the second attempt returns or raises")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _send(self, method: str, body: bytes) -> Any:
         """One call, failed at once when the runner is marked down meanwhile (``_mark_down``

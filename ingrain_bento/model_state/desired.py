@@ -6,8 +6,11 @@
 - ``entries``: the store entries that exist (BentoML tag -> the model it holds);
 - ``deleted``: the entries that were deleted (tag -> the generation that deleted them), so a
   runner that still has one drops it from its local store;
-- ``generation``: moves with every change. It is also the model-state version the fronts cache
-  against (``StaleModel``), so it means the same on every replica.
+- ``generation``: moves with every change;
+- ``removals``: moves when a model stops being resident or stored, everywhere. It is the
+  model-state version the fronts cache against (they drop their handles and tokenizers when it
+  moves; ``StaleModel``), so it means the same on every replica. A load does not move it: the
+  fronts' caches stay warm.
 
 A ``DesiredState`` is an immutable value: each change returns a new one with the generation
 moved, which a home (``home.py``) writes with compare-and-swap. Nothing here reads or writes
@@ -60,6 +63,7 @@ class DesiredState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     generation: int = Field(default=0, ge=0)
+    removals: int = Field(default=0, ge=0)
     models: dict[str, DesiredModel] = {}
     entries: dict[str, StoredEntry] = {}
     deleted: dict[str, int] = {}
@@ -83,7 +87,7 @@ class DesiredState(BaseModel):
         key = model_key(ref)
         if key not in self.models:
             return self
-        return self._next(models={k: v for k, v in self.models.items() if k != key})
+        return self._next(models={k: v for k, v in self.models.items() if k != key}, removals=self.removals + 1)
 
     def with_entry(self, tag: str, ref: ModelRef) -> DesiredState:
         """The store holds ``ref`` under ``tag`` (a new entry clears an old deletion of the same tag)."""
@@ -103,4 +107,4 @@ class DesiredState(BaseModel):
             gone = model_key(ModelRef(entry.library, entry.name, entry.pretrained))
             models = {k: v for k, v in models.items() if k != gone}
         return self._next(models=models, entries={k: v for k, v in self.entries.items() if k != tag},
-                          deleted={**self.deleted, tag: self.generation + 1})
+                          deleted={**self.deleted, tag: self.generation + 1}, removals=self.removals + 1)

@@ -8,6 +8,8 @@ writer reads again (``update``). Two homes:
   The token is the file's SHA-256; the swap holds an exclusive ``flock`` on a lock file beside
   it, and the new record replaces the old with ``os.replace`` (a writer killed mid-write leaves
   the old record).
+- ``MemoryStateHome`` (this module): in this process only, for an engine that shares nothing and
+  keeps nothing across a restart (``INGRAIN_RESTORE=false`` with one runner, and tests).
 - ``S3StateHome`` (``s3.py``): one object in a bucket, for replicas on many machines; the swap
   is S3's conditional write.
 
@@ -20,6 +22,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -28,10 +31,13 @@ from pydantic import ValidationError
 
 from ingrain_bento.errors import AtCapacity
 from ingrain_bento.model_state.desired import DesiredState
+from ingrain_bento.model_state.reports import RunnerReport, report_name
 
-__all__ = ["LocalStateHome", "StateHome", "StoreUnreachable", "Versioned", "WriteConflict", "open_home", "update"]
+__all__ = ["LocalStateHome", "MemoryStateHome", "StateHome", "StoreUnreachable", "Versioned", "WriteConflict",
+           "open_home", "update"]
 
 STATE_FILE = "desired-state.json"
+REPORTS = "reports"  # beside the record: one report per runner (``reports.py``)
 UPDATE_ATTEMPTS = 20  # swaps lost to other writers before a change gives up (each reads again first)
 
 
@@ -60,6 +66,15 @@ class StateHome(Protocol):
         """Write ``state`` if the record is still the one ``token`` names (None: still absent);
         return the new token. Raises ``WriteConflict`` otherwise, ``StoreUnreachable`` when the
         home does not answer."""
+
+    def write_report(self, report: RunnerReport) -> None:
+        """Write (replace) one runner's report."""
+
+    def remove_report(self, runner_id: str) -> None:
+        """Remove one runner's report (a clean shutdown: it drops out of listings at once)."""
+
+    def read_reports(self) -> list[RunnerReport]:
+        """Every runner's last report, stale ones included; an unreadable one is skipped."""
 
 
 def update(home: StateHome, change: Callable[[DesiredState], DesiredState]) -> DesiredState:
@@ -117,12 +132,67 @@ class LocalStateHome:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if self._read()[1] != token:
                 raise WriteConflict(self.location)
-            with tempfile.NamedTemporaryFile("wb", dir=self.folder, delete=False, suffix=".tmp") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, self.path)
+            _replace(self.path, data)
         return hashlib.sha256(data).hexdigest()
+
+    def write_report(self, report: RunnerReport) -> None:
+        folder = self.folder / REPORTS
+        folder.mkdir(parents=True, exist_ok=True)
+        _replace(folder / report_name(report.id), report.model_dump_json().encode())
+
+    def remove_report(self, runner_id: str) -> None:
+        (self.folder / REPORTS / report_name(runner_id)).unlink(missing_ok=True)
+
+    def read_reports(self) -> list[RunnerReport]:
+        reports = []
+        for path in sorted((self.folder / REPORTS).glob("*.json")):
+            try:
+                reports.append(RunnerReport.model_validate_json(path.read_bytes()))
+            except (OSError, ValidationError):
+                continue  # removed meanwhile, or not a report
+        return reports
+
+
+class MemoryStateHome:
+    """The desired state in this process's memory (see the module docstring)."""
+
+    location = "memory"
+
+    def __init__(self) -> None:
+        # The counts start at the clock, not 0: fronts treat a version below the one they saw as
+        # old news, and a restarted process must still move it forward.
+        now = int(time.time())
+        self._state = DesiredState(generation=now, removals=now)
+        self._token = "0"
+        self._reports: dict[str, RunnerReport] = {}
+
+    def read(self) -> Versioned:
+        return Versioned(self._state, self._token)
+
+    def write(self, state: DesiredState, token: str | None) -> str:
+        if self._token != token:
+            raise WriteConflict(self.location)
+        self._state = state
+        self._token = str(int(self._token) + 1)
+        return self._token
+
+    def write_report(self, report: RunnerReport) -> None:
+        self._reports[report.id] = report
+
+    def remove_report(self, runner_id: str) -> None:
+        self._reports.pop(runner_id, None)
+
+    def read_reports(self) -> list[RunnerReport]:
+        return list(self._reports.values())
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically: a writer killed mid-write leaves the previous file."""
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
 
 
 def open_home(location: str) -> StateHome:

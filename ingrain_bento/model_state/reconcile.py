@@ -8,10 +8,12 @@ do; ``Reconciler.step`` reads the record from its home and does it, through a ``
   request, stays: this runner may keep or evict it as it likes);
 - unload any model, pinned or not, whose store entry was deleted, and drop deleted entries from
   the local store;
-- load what the record holds and the runner does not, with the engine the record names;
+- fetch the store entries the record holds and the local store lacks (from the shared store);
+- load what the record holds and the runner does not, with the engine the record names (all of
+  them at once, so that a request for any of them waits for it rather than finding it unknown);
 - pin a model the runner holds unpinned and the record pins.
 
-Unloads come first, so their room is free for the loads. A load that fails (the model does not
+Unloads come first, so their room is free for the loads, and fetches before loads. A load that fails (the model does not
 fit, the files are not there yet) is kept in ``failures`` with its reason, for the listings and
 the metrics, and tried again at the next step: a runner never diverges silently.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 from ingrain_bento.model_state.desired import DesiredModel, DesiredState, model_key
@@ -45,10 +47,11 @@ class Plan(NamedTuple):
     drop: list[str]  # store tags to delete from the local store
     load: list[DesiredModel]
     pin: list[ModelRef]
+    fetch: list[str] = []  # store tags to bring into the local store from the shared one
 
     @property
     def empty(self) -> bool:
-        return not (self.unload or self.drop or self.load or self.pin)
+        return not (self.unload or self.drop or self.load or self.pin or self.fetch)
 
 
 class RunnerModels(Protocol):
@@ -60,14 +63,18 @@ class RunnerModels(Protocol):
     def stored_tags(self) -> set[str]:
         """The tags of the local store's entries."""
 
-    async def load(self, model: DesiredModel) -> None:
-        """Make ``model`` resident with its engine, pinned as it says; raise with the reason if not."""
+    async def load(self, models: Sequence[DesiredModel]) -> Mapping[str, str]:
+        """Make ``models`` resident, each with its engine, pinned as it says; the ones that could
+        not be, by model key, with the reason."""
 
     async def unload(self, ref: ModelRef) -> None: ...
 
     async def drop_entry(self, tag: str) -> None: ...
 
     async def pin(self, ref: ModelRef) -> None: ...
+
+    async def fetch_entry(self, tag: str) -> None:
+        """Bring the entry ``tag`` into the local store from the shared store (no-op without one)."""
 
 
 def plan_changes(desired: DesiredState, held: Mapping[str, Held], stored_tags: set[str]) -> Plan:
@@ -78,7 +85,8 @@ def plan_changes(desired: DesiredState, held: Mapping[str, Held], stored_tags: s
     load = [model for key, model in sorted(desired.models.items()) if key not in held or key in unloading]
     pin = [held[key].ref for key, model in sorted(desired.models.items())
            if model.pinned and key in held and not held[key].pinned and key not in unloading]
-    return Plan(unload, sorted(stored_tags & desired.deleted.keys()), load, pin)
+    fetch = sorted(desired.entries.keys() - stored_tags - desired.deleted.keys())
+    return Plan(unload, sorted(stored_tags & desired.deleted.keys()), load, pin, fetch)
 
 
 class Reconciler:
@@ -89,23 +97,28 @@ class Reconciler:
         self.runner = runner
         self.generation: int | None = None  # the last generation this runner reached (failures aside)
         self.failures: dict[str, str] = {}  # model key -> why this runner could not make it resident
+        self.desired: DesiredState | None = None  # the record as the last step read it
 
     async def step(self) -> Plan:
         """Read the record, then unload, drop, load and pin as ``plan_changes`` says. The home
         unreachable raises ``StoreUnreachable`` before anything changes: what is resident stays."""
-        desired = (await asyncio.to_thread(self.home.read)).state
+        desired = self.desired = (await asyncio.to_thread(self.home.read)).state
         plan = plan_changes(desired, self.runner.held(), self.runner.stored_tags())
         for ref in plan.unload:
             await self.runner.unload(ref)
         for tag in plan.drop:
             await self.runner.drop_entry(tag)
-        for model in plan.load:
-            key = model_key(model.ref)
+        for tag in plan.fetch:
             try:
-                await self.runner.load(model)
-            except Exception as exc:  # kept, shown, and tried again at the next step
-                self.failures[key] = f"{type(exc).__name__}: {exc}"
-                log.warning("reconcile.load model=%s failed: %s", key, self.failures[key])
+                await self.runner.fetch_entry(tag)
+            except Exception as exc:  # a load that needs it fails with its own reason; tried again next step
+                log.warning("reconcile.fetch tag=%s failed: %s", tag, exc)
+        failed = await self.runner.load(plan.load) if plan.load else {}
+        for model in plan.load:  # kept, shown, and tried again at the next step
+            key = model_key(model.ref)
+            if key in failed:
+                self.failures[key] = failed[key]
+                log.warning("reconcile.load model=%s failed: %s", key, failed[key])
             else:
                 self.failures.pop(key, None)
         for ref in plan.pin:
@@ -113,7 +126,7 @@ class Reconciler:
         self.failures = {key: why for key, why in self.failures.items() if key in desired.models}
         self.generation = desired.generation
         if not plan.empty:
-            log.info("reconcile.step generation=%d unloaded=%d dropped=%d loaded=%d pinned=%d failed=%d",
-                     desired.generation, len(plan.unload), len(plan.drop), len(plan.load), len(plan.pin),
-                     len(self.failures))
+            log.info("reconcile.step generation=%d unloaded=%d dropped=%d fetched=%d loaded=%d pinned=%d failed=%d",
+                     desired.generation, len(plan.unload), len(plan.drop), len(plan.fetch), len(plan.load),
+                     len(plan.pin), len(self.failures))
         return plan

@@ -7,7 +7,7 @@ since 2024, and MinIO and moto do too.
 
 The client is boto3: the reference S3 client, the one every S3-compatible store documents. It
 reads the standard ``AWS_*`` variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_REGION``, and ``AWS_ENDPOINT_URL`` for a store other than AWS) and takes the conditional
+``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL`` for a store other than AWS) and takes the conditional
 headers as plain arguments. Its calls block: they are few and small (one record every few
 seconds), and an async caller runs them on a thread. Timeouts are short and retries few: an
 unreachable bucket must turn into a prompt 503, not a hung management call.
@@ -19,7 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ingrain_bento.model_state.desired import DesiredState
-from ingrain_bento.model_state.home import STATE_FILE, StoreUnreachable, Versioned, WriteConflict, parse_state
+from ingrain_bento.model_state.home import REPORTS, STATE_FILE, StoreUnreachable, Versioned, WriteConflict, parse_state
+from ingrain_bento.model_state.reports import RunnerReport, report_name
 
 __all__ = ["S3StateHome", "split_s3_url"]
 
@@ -47,7 +48,8 @@ class S3StateHome:
 
     def __init__(self, url: str, client: Any = None) -> None:
         self.bucket, prefix = split_s3_url(url)
-        self.key = f"{prefix}/{STATE_FILE}" if prefix else STATE_FILE
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.key = f"{self.prefix}{STATE_FILE}"
         self.location = url
         self.client = client if client is not None else s3_client()
 
@@ -85,3 +87,42 @@ class S3StateHome:
         except BotoCoreError as exc:
             raise self._unreachable(exc) from None
         return str(reply["ETag"])
+
+    def write_report(self, report: RunnerReport) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}{REPORTS}/{report_name(report.id)}",
+                                   Body=report.model_dump_json(), ContentType="application/json")
+        except (BotoCoreError, ClientError) as exc:
+            raise self._unreachable(exc) from None
+
+    def remove_report(self, runner_id: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}{REPORTS}/{report_name(runner_id)}")
+        except (BotoCoreError, ClientError) as exc:
+            raise self._unreachable(exc) from None
+
+    def read_reports(self) -> list[RunnerReport]:
+        from botocore.exceptions import BotoCoreError, ClientError
+        from pydantic import ValidationError
+
+        reports = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=f"{self.prefix}{REPORTS}/")
+            keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+            for key in keys:
+                try:
+                    body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+                    reports.append(RunnerReport.model_validate_json(body))
+                except ValidationError:
+                    continue
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                        raise
+        except (BotoCoreError, ClientError) as exc:
+            raise self._unreachable(exc) from None
+        return reports

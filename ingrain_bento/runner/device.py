@@ -20,10 +20,13 @@ def apply_torch_threads(settings: Settings) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
-def pick_device(settings: Settings) -> torch.device:
-    """``INGRAIN_DEVICE`` if set, else the first CUDA device BentoML gave this worker, else the CPU."""
+def pick_device(settings: Settings, index: int = 0) -> torch.device:
+    """``INGRAIN_DEVICE`` if set, else CUDA device ``index`` (modulo the devices BentoML gave this
+    worker: runner ``i`` of ``INGRAIN_RUNNERS`` takes device ``i``), else the CPU."""
     import torch
 
     if settings.device:
         return torch.device(settings.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", index % torch.cuda.device_count())

@@ -3,14 +3,20 @@
 It resolves names, manages the store and the resident pool (load, unload, evict, delete,
 custom downloads), answers every listing, and runs inference on prepared items: it takes
 arrays and returns arrays, and knows nothing of HTTP or of the API's wire formats. It runs in
-the front's own process (one front worker, no GPU) or in the runner service, which every front
-worker calls, so listings are the same from any of them. ``version`` moves when a model stops
-being resident or stored and travels with every inference reply, so fronts know when to drop
-their cached handles and tokenizers.
+the front's own process (one front worker, no GPU) or in each runner worker (one per device,
+``INGRAIN_RUNNERS``), which every front worker calls.
 
-A started engine answers at once: what was resident before a restart, and the preload list,
-are restored in the background (``start``), each ``LOADING`` until it is resident; a request
-for one waits for it (at most ``INGRAIN_LOAD_WAIT_S``, then a 503 with ``Retry-After``).
+One model state for every runner of every replica (``runner/sync.py``): each management change
+is made here and recorded in the desired state, which every other runner follows; listings
+merge what every live runner reports (``ModelInfo.runners``). ``version`` is the desired state's
+count of removals (it moves when a model stops being resident or stored, anywhere): it travels
+with every inference reply, so fronts know when to drop their cached handles and tokenizers,
+whichever runner or replica answers.
+
+A started engine answers at once: what the desired state holds (what was resident before a
+restart, what other runners hold) and the preload list are loaded in the background (``start``),
+each ``LOADING`` until it is resident; a request for one waits for it (at most
+``INGRAIN_LOAD_WAIT_S``, then a 503 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from ingrain_bento.families import families, family
 from ingrain_bento.families.base import check_safetensors
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.metrics import ModelMetrics
+from ingrain_bento.model_state import DesiredState, StateHome, StoreUnreachable, model_key
+from ingrain_bento.model_state.entries import S3EntryMirror, SharedEntries
+from ingrain_bento.model_state.home import MemoryStateHome
+from ingrain_bento.model_state.reports import RunnerReport, runner_entries
 from ingrain_bento.refs import DISPLAY_SEPARATOR, ModelRef, split_display_id, validate_name, validate_tag
 from ingrain_bento.runner.pool import ModelPool, Resident
-from ingrain_bento.runner.state import ResidentState
+from ingrain_bento.runner.sync import ModelStateSync
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel, staging_dir
 from ingrain_bento.tasks import RERANK, modalities_of
@@ -47,55 +57,66 @@ UNLOAD_RETRIES = 3  # a request that meets an unload uses the model again (a rel
 
 
 class RunnerEngine:
-    def __init__(self, settings: Settings, metrics: ModelMetrics | None = None,
-                 state: ResidentState | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: ModelMetrics | None = None, home: StateHome | None = None,
+                 *, runner_id: str = "local/0", runner_index: int = 0, mirror: S3EntryMirror | None = None) -> None:
+        """``home``: where the desired model state lives (None: this process's memory, shared with
+        no other runner and kept across no restart); ``mirror``: the shared store's entries."""
         self.settings = settings
         self.metrics = metrics
-        self.state = state
-        self.version = 0  # moves when a model stops being resident or stored: fronts drop their caches
-        self._resident: set[ModelRef] = set()
-        self.store = ModelStore()
-        self.pool = ModelPool(self.store, settings, metrics, on_change=self._resident_changed)
+        self.home = home or MemoryStateHome()
+        shared = SharedEntries(self.home, mirror)
+        self.store = ModelStore(shared)
+        self.pool = ModelPool(self.store, settings, metrics, on_evict=self._evicted, device_index=runner_index)
+        self.sync = ModelStateSync(self.home, self.pool, self.store, runner_id, settings.sync_s, shared, metrics)
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
 
-    def _resident_changed(self, resident: list[tuple[ModelRef, str | None]]) -> None:
-        refs = {ref for ref, _ in resident}
-        if self._resident - refs:
-            self.version += 1
-        self._resident = refs
-        if self.state is not None:
-            self.state.save(resident)
+    @property
+    def version(self) -> int:
+        """The desired state's count of removals, as this runner last read or wrote it."""
+        return self.sync.version
 
     async def start(self, preload: Sequence[tuple[ModelRef, str | None]]) -> None:
-        """Load what was resident when this engine last ran, then the preload list, one at a time
-        while serving (each is ``LOADING`` meanwhile); a failure is logged, not fatal."""
-        restored = self.state.load() if self.state is not None else []
-        if restored:
-            log.info("runner.restore models=%s", ",".join(ref.display_id for ref, _ in restored))
-        wanted = dict(restored)
-        for ref, backend in preload:
-            wanted.setdefault(ref, backend)
-        await self.pool.restore(list(wanted.items()))
+        """Record the preload list, then load what the desired state holds (what was resident when
+        this engine last ran, what other runners hold), one at a time while serving (each is
+        ``LOADING`` meanwhile), then follow the desired state; a failure is logged, not fatal."""
+        await self.sync.start(preload)
 
     async def close(self) -> None:
+        await self.sync.close()
         await self.pool.close()
         await self.fetcher.aclose()
 
+    async def _evicted(self, ref: ModelRef) -> None:
+        """A pinned model was evicted to make room: an unload, everywhere."""
+        try:
+            await self.sync.record(lambda state: state.without_resident(ref))
+        except StoreUnreachable as exc:
+            log.warning("runner.evict model=%s not recorded: %s", ref.display_id, exc)
+
     # ---- names ---------------------------------------------------------------------------
 
-    def resolve(self, name: str, pretrained: str | bool | None = None, library: str | None = None,
-                *, resident_only: bool = False) -> ModelRef:
-        """The one model a request names; 404 when the server does not know it, 409 when ambiguous."""
+    @staticmethod
+    def _candidates(name: str, pretrained: str | bool | None, library: str | None) -> list[ModelRef]:
+        """The models a name can mean: one per library that parses it."""
         base, tag = split_display_id(name, pretrained)
         validate_name(base)
         if library:
-            return ModelRef.parse(library, base, tag)
+            return [ModelRef.parse(library, base, tag)]
         candidates = []
         for library_name in families():
             try:
                 candidates.append(ModelRef.parse(library_name, base, tag))
             except BadRequest:
                 continue
+        return candidates
+
+    def resolve(self, name: str, pretrained: str | bool | None = None, library: str | None = None,
+                *, resident_only: bool = False) -> ModelRef:
+        """The one model a request names; 404 when the server does not know it, 409 when ambiguous."""
+        base, tag = split_display_id(name, pretrained)
+        candidates = self._candidates(name, pretrained, library)
+        if library:
+            return candidates[0]
         matches = [ref for ref in candidates if self.pool.get(ref) or self.pool.is_loading(ref)]
         if not matches and not resident_only:
             matches = [ref for ref in candidates if self.store.find(ref) is not None]
@@ -123,20 +144,45 @@ class RunnerEngine:
         if lib is None:
             raise BadRequest(f"Send 'library': one of {', '.join(sorted(families()))}.")
         ref = ModelRef.parse(lib, request.name, request.pretrained)
-        return LoadResult(ref.display_id, await self.pool.load(ref, request.backend))
+        backend = request.backend
+
+        def resident(state: DesiredState) -> DesiredState:
+            recorded = state.models.get(model_key(ref))
+            keep = backend is None and recorded is not None and recorded.pinned  # "already loaded": as it is
+            return state if keep else state.with_resident(ref, backend)
+
+        async with self.sync.changing():
+            loaded = await self.pool.load(ref, backend)
+            try:
+                await self.sync.record(resident)
+            except StoreUnreachable:
+                if loaded:  # not recorded, so not kept: nothing changed
+                    await self.pool.unload(ref)
+                raise
+        return LoadResult(ref.display_id, loaded)
 
     async def unload(self, request: s.ModelRequest) -> str:
-        ref = self.resolve(request.name, request.pretrained, request.library, resident_only=True)
-        await self.pool.unload(ref)
+        async with self.sync.changing() as current:
+            try:
+                ref = self.resolve(request.name, request.pretrained, request.library, resident_only=True)
+            except ModelNotFound:  # not here, but other runners may hold it
+                recorded = [ref for ref in self._candidates(request.name, request.pretrained, request.library)
+                            if model_key(ref) in current.models]
+                if len(recorded) != 1:
+                    raise
+                ref = recorded[0]
+            await self.sync.record(lambda state: state.without_resident(ref))
+            if self.pool.get(ref) is not None:
+                await self.pool.unload(ref)
         return ref.display_id
 
     async def delete(self, request: s.ModelRequest) -> str:
-        ref = self._resolve_stored(request)
-        started = time.perf_counter()
-        if self.pool.get(ref) is not None:
-            await self.pool.unload(ref)
-        entry = await asyncio.to_thread(self.store.delete, ref)
-        self.version += 1
+        async with self.sync.changing():
+            ref = self._resolve_stored(request)
+            started = time.perf_counter()
+            if self.pool.get(ref) is not None:
+                await self.pool.unload(ref)
+            entry = await asyncio.to_thread(self.store.delete, ref)
         log.info("runner.delete model=%s tag=%s bytes=%d seconds=%.2f", ref.display_id, entry.tag, entry.size_bytes,
                  time.perf_counter() - started)
         return ref.display_id
@@ -153,7 +199,7 @@ class RunnerEngine:
             raise
 
     def _info(self, entry: StoredModel | None, resident: Resident | None, ref: ModelRef | None,
-              state: s.ModelState) -> s.ModelInfo:
+              state: s.ModelState, reports: list[RunnerReport] | None = None) -> s.ModelInfo:
         if ref is not None:
             ident, name, pretrained, library = ref.display_id, ref.name, ref.api_pretrained, ref.library
         else:
@@ -175,22 +221,48 @@ class RunnerEngine:
             backend=model.backend if model else None,
             fallback=model.fallback if model else None,
             exports=sorted(e.backend for e in exports if not e.metadata.get("report", {}).get("failure")),
+            runners=[s.RunnerInfo.model_validate(r) for r in runner_entries(reports or [], model_key(ref))]
+            if ref is not None else [],
         )
 
+    @staticmethod
+    def _merged_state(key: str, desired: DesiredState | None, reports: list[RunnerReport]) -> s.ModelState:
+        """A pinned model (the desired state holds it) is READY when every live runner has it; one
+        loaded on demand, when a runner has it. LOADING while one loads it or lacks it (or could
+        not load it: ``runners`` says why); else UNAVAILABLE."""
+        states = [r.models[key].state for r in reports if key in r.models]
+        if desired is not None and key in desired.models:
+            return "READY" if len(states) == len(reports) and all(x == "READY" for x in states) else "LOADING"
+        return "READY" if "READY" in states else "LOADING" if "LOADING" in states else "UNAVAILABLE"
+
     async def loaded_models(self) -> list[s.ModelInfo]:
-        return [self._info(r.stored, r, r.model.ref, "READY") for r in self.pool.resident()]
+        """Every model that is resident on a live runner (or that the desired state holds)."""
+        desired, reports = await self.sync.snapshot()
+        refs = {model_key(r.model.ref): r.model.ref for r in self.pool.resident()}
+        for report in reports:
+            for key, model in report.models.items():
+                refs.setdefault(key, model.ref)
+        for key, wanted in (desired.models if desired else {}).items():
+            if wanted.pinned:
+                refs.setdefault(key, wanted.ref)
+        infos = []
+        for key, ref in refs.items():
+            resident = self.pool.get(ref)
+            entry = resident.stored if resident else self.store.find(ref)
+            infos.append(self._info(entry, resident, ref, self._merged_state(key, desired, reports), reports))
+        return infos
 
     async def repository_models(self) -> list[s.ModelInfo]:
+        desired, reports = await self.sync.snapshot()
         infos, seen = [], set()
         for entry in self.store.entries():
             resident = self.pool.get(entry.ref) if entry.ref else None
-            state: s.ModelState = ("READY" if resident else "LOADING" if entry.ref and self.pool.is_loading(entry.ref)
-                                   else "UNAVAILABLE")
-            infos.append(self._info(entry, resident, entry.ref, state))
+            state = self._merged_state(model_key(entry.ref), desired, reports) if entry.ref else "UNAVAILABLE"
+            infos.append(self._info(entry, resident, entry.ref, state, reports))
             seen.add(entry.ref)
         for ref in self.pool.loading():
             if ref not in seen:
-                infos.append(self._info(None, None, ref, "LOADING"))
+                infos.append(self._info(None, None, ref, "LOADING", reports))
         return infos
 
     async def served_models(self) -> list[ServedModel]:
@@ -227,6 +299,10 @@ class RunnerEngine:
 
     async def download_custom(self, request: s.CustomModelRequest) -> str:
         """Fetch a custom model's files (safetensors only) into the store; its name."""
+        async with self.sync.changing():
+            return await self._download_custom(request)
+
+    async def _download_custom(self, request: s.CustomModelRequest) -> str:
         entry_family = family(request.library)
         library = entry_family.name
         name = validate_tag(request.pretrained_name, "pretrained_name")

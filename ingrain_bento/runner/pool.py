@@ -9,6 +9,12 @@ optional byte budget of resident weights; at capacity the policy either unloads 
 recently used *idle* model (``evict``) or answers 503 (``reject``). A model with requests in
 flight is never evicted under them; an explicit unload lets queued requests finish first.
 
+Models loaded through the management API (and restored, and followed from the desired model
+state) are *pinned*; models loaded on demand by a request are not. Eviction takes an unpinned
+model first. A load through the API may still evict a pinned one (as Ingrain server does), and
+then the pool tells ``on_evict`` so the eviction is recorded as an unload everywhere; a load that
+follows the desired state (``evict_pinned=False``) never does: it fails with the reason instead.
+
 Each load picks its engine (``engines.choose_backend``: the load's ``backend``, else
 ``INGRAIN_BACKEND``); an ONNX engine needs the model's export, made once (``engines.export``),
 and a model that has none loads with torch, ``fallback`` saying why. A model resident with one
@@ -22,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -67,6 +73,7 @@ class Resident:
     # The load's own ``backend`` (None: the server default, resolved again on restore); the engine it
     # resolves to is ``ModelPool.backend_for(ref, asked)`` (``model.backend`` differs after a fallback).
     asked: str | None = None
+    pinned: bool = True  # loaded through the API or restored (False: on demand by a request; evicted first)
     batchers: dict[str, Batcher[Any]] = field(default_factory=dict)
     in_flight: int = 0
     last_used: float = field(default_factory=time.time)
@@ -78,11 +85,16 @@ class Resident:
 
 class ModelPool:
     def __init__(self, store: ModelStore, settings: Settings, metrics: ModelMetrics | None = None,
-                 on_change: Callable[[list[tuple[ModelRef, str | None]]], None] | None = None) -> None:
+                 on_change: Callable[[list[tuple[ModelRef, str | None]]], None] | None = None,
+                 on_evict: Callable[[ModelRef], Awaitable[None]] | None = None, device_index: int = 0) -> None:
+        """``on_change``: the resident refs (and the engine each load asked for) after each change;
+        ``on_evict``: a pinned model was evicted; ``device_index``: which CUDA device (one runner per device)."""
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self.on_change = on_change  # the resident refs (and the engine each load asked for) after each change
+        self.on_change = on_change
+        self.on_evict = on_evict
+        self.device_index = device_index
         # One forward at a time per device: torch already uses every core (or the GPU) per forward.
         self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
         self._device: torch.device | None = None
@@ -95,8 +107,13 @@ class ModelPool:
     def device(self) -> torch.device:
         if self._device is None:
             apply_torch_threads(self.settings.torch_threads)
-            self._device = pick_device(self.settings)
+            self._device = pick_device(self.settings, self.device_index)
         return self._device
+
+    @property
+    def has_device(self) -> bool:
+        """Whether the device is picked yet (picking it imports torch)."""
+        return self._device is not None
 
     @property
     def half(self) -> bool:
@@ -122,20 +139,28 @@ class ModelPool:
         """The engine a load of ``ref`` asking for ``requested`` (None: the server default) gets."""
         return choose_backend(requested, self.settings.backend, self.device.type, ref.library)
 
-    async def load(self, ref: ModelRef, backend: str | None = None) -> bool:
-        """Make ``ref`` resident; False when it already was (or another request loaded it). A
-        ``backend`` other than the one it is resident (or loading) with is a 409."""
+    async def load(self, ref: ModelRef, backend: str | None = None, *, evict_pinned: bool = True) -> bool:
+        """Make ``ref`` resident and pinned; False when it already was (or another request loaded
+        it). A ``backend`` other than the one it is resident (or loading) with is a 409."""
         wanted = self.backend_for(ref, backend)
         resident = self._resident.get(ref)
         if resident is not None:
             self._check_backend(ref, self.backend_for(ref, resident.asked), wanted, backend)
             self._resident.move_to_end(ref)
+            resident.pinned = True
             return False
         loading = self._loading.get(ref)
         if loading is not None:
             self._check_backend(ref, loading[0], wanted, backend)
-        await asyncio.shield(self._start_load(ref, wanted, asked=backend))
+        resident = await asyncio.shield(self._start_load(ref, wanted, asked=backend, evict_pinned=evict_pinned))
+        resident.pinned = True
         return loading is None
+
+    def pin(self, ref: ModelRef) -> None:
+        """Keep a model loaded on demand until it is unloaded (the desired state holds it)."""
+        resident = self._resident.get(ref)
+        if resident is not None:
+            resident.pinned = True
 
     @staticmethod
     def _check_backend(ref: ModelRef, current: Backend, wanted: Backend, asked: str | None) -> None:
@@ -143,18 +168,24 @@ class ModelPool:
             raise Conflict(f"{ref.display_id} is loaded with the {current} engine: unload it first to load it with "
                            f"{wanted}.")
 
-    async def restore(self, refs: Sequence[tuple[ModelRef, str | None]]) -> None:
-        """Load ``refs`` one at a time: what was resident before a restart, with the engine its load
-        asked for (one loaded with the default gets today's default), and the preload list. All of
-        them are ``LOADING`` at once, so a request for one waits for it (``wait_resident``) instead
-        of finding it unknown; a failure is logged, not fatal."""
+    async def restore(self, refs: Sequence[tuple[ModelRef, str | None]]) -> dict[ModelRef, BaseException]:
+        """Load ``refs``, pinned, one at a time, each with the engine its load asked for (None: the
+        server's default): what the desired model state holds (after a restart, or what another
+        runner loaded) and the preload list. All of them are ``LOADING`` at once, so a request for
+        one waits for it (``wait_resident``) instead of finding it unknown. None evicts a pinned
+        model; a failure is logged and returned, not raised."""
         turn = asyncio.Lock()
         loads = {ref: self._start_load(ref, self.backend_for(ref, backend), asked=backend, turn=turn,
-                                       delay_s=self.settings.restore_delay_s)
+                                       delay_s=self.settings.restore_delay_s, evict_pinned=False)
                  for ref, backend in refs if ref not in self._resident}
+        failures: dict[ModelRef, BaseException] = {}
         for ref, outcome in zip(loads, await asyncio.gather(*loads.values(), return_exceptions=True), strict=True):
             if isinstance(outcome, BaseException):
                 log.error("pool.restore failed to load model=%s: %s", ref.display_id, outcome)
+                failures[ref] = outcome
+            else:
+                outcome.pinned = True
+        return failures
 
     async def wait_resident(self, ref: ModelRef, wait_s: float | None) -> Resident:
         """``ref`` resident, loading it if needed (with the default engine); a 503 with
@@ -163,8 +194,8 @@ class ModelPool:
         resident = self._resident.get(ref)
         if resident is None:
             try:
-                resident = await asyncio.wait_for(asyncio.shield(self._start_load(ref, self.backend_for(ref, None))),
-                                                  wait_s)
+                resident = await asyncio.wait_for(
+                    asyncio.shield(self._start_load(ref, self.backend_for(ref, None), pinned=False)), wait_s)
             except TimeoutError:
                 raise ModelStillLoading(f"{ref.display_id} is still loading: send the request again shortly.",
                                         STILL_LOADING_RETRY_S) from None
@@ -173,14 +204,17 @@ class ModelPool:
         return resident
 
     def _start_load(self, ref: ModelRef, backend: Backend, *, asked: str | None = None,
-                    turn: asyncio.Lock | None = None, delay_s: float = 0.0) -> asyncio.Task[Resident]:
+                    turn: asyncio.Lock | None = None, delay_s: float = 0.0, pinned: bool = True,
+                    evict_pinned: bool = True) -> asyncio.Task[Resident]:
         """The one load of ``ref`` in progress, started if there is none (a storm of loads loads
         once); it leaves ``_loading`` when it ends, whoever awaits it. ``turn``: a lock the loads
-        of a restore take in turn; ``delay_s``: a pause first (``INGRAIN_RESTORE_DELAY_S``)."""
+        of a restore take in turn; ``delay_s``: a pause first (``INGRAIN_RESTORE_DELAY_S``);
+        ``pinned``: what the model is once resident; ``evict_pinned``: may make room by evicting
+        a pinned model."""
         loading = self._loading.get(ref)
         if loading is not None:
             return loading[1]
-        task = asyncio.create_task(self._load(ref, backend, asked, turn, delay_s))
+        task = asyncio.create_task(self._load(ref, backend, asked, turn, delay_s, pinned, evict_pinned))
         self._loading[ref] = (backend, task)
 
         def finished(done: asyncio.Task[Resident]) -> None:
@@ -191,17 +225,18 @@ class ModelPool:
         return task
 
     async def _load(self, ref: ModelRef, backend: Backend, asked: str | None, turn: asyncio.Lock | None,
-                    delay_s: float) -> Resident:
+                    delay_s: float, pinned: bool, evict_pinned: bool) -> Resident:
         async with turn or contextlib.nullcontext():
             await asyncio.sleep(delay_s)
-            return await self._load_now(ref, backend, asked)
+            return await self._load_now(ref, backend, asked, pinned, evict_pinned)
 
-    async def _load_now(self, ref: ModelRef, backend: Backend, asked: str | None) -> Resident:
+    async def _load_now(self, ref: ModelRef, backend: Backend, asked: str | None, pinned: bool,
+                        evict_pinned: bool) -> Resident:
         started = time.perf_counter()
         stored = await asyncio.to_thread(self.store.pull, ref)
         estimate = int(stored.metadata.get("weights_bytes", stored.size_bytes)) // (2 if self.half else 1)
         engine, fallback = await self._engine(stored, backend)
-        await self._make_room(ref, estimate)
+        await self._make_room(ref, estimate, evict_pinned)
         try:
             model = await self._open(ref, stored, engine)
         except _EngineFailed as exc:  # an export that ONNX Runtime cannot open: torch, and why
@@ -212,7 +247,7 @@ class ModelPool:
         model.fallback = fallback
         if fallback:
             log.warning("pool.fallback model=%s backend=%s runs on torch: %s", ref.display_id, backend, fallback)
-        resident = Resident(model=model, stored=stored, asked=asked)
+        resident = Resident(model=model, stored=stored, asked=asked, pinned=pinned)
         self._resident[ref] = resident
         freeze_heap()
         self._report_resident()
@@ -247,7 +282,7 @@ class ModelPool:
     def _used_bytes(self) -> int:
         return sum(r.model.memory_bytes for r in self._resident.values()) + sum(self._reserved.values())
 
-    async def _make_room(self, ref: ModelRef, needed_bytes: int) -> None:
+    async def _make_room(self, ref: ModelRef, needed_bytes: int, evict_pinned: bool) -> None:
         budget = self.settings.max_model_memory
         if budget is not None and needed_bytes > budget:
             raise AtCapacity(f"{ref.display_id} needs about {needed_bytes} bytes, over the memory budget "
@@ -260,12 +295,26 @@ class ModelPool:
                         f"The server is at capacity ({len(self._resident)} models loaded, MAX_LOADED_MODELS="
                         f"{self.settings.max_loaded_models}): unload a model first."
                     )
-                victim = next((r for r, res in self._resident.items() if res.in_flight == 0), None)
+                victim = self._victim(evict_pinned)
                 if victim is None:
+                    if not evict_pinned and any(res.in_flight == 0 for res in self._resident.values()):
+                        raise AtCapacity(f"{ref.display_id} does not fit beside the pinned models (MAX_LOADED_MODELS="
+                                         f"{self.settings.max_loaded_models}): unload one, or raise the limit.")
                     raise AtCapacity("The server is at capacity and every loaded model is busy: try again shortly.")
-                log.info("pool.evict model=%s to load %s", victim.display_id, ref.display_id)
+                pinned = self._resident[victim].pinned
+                log.info("pool.evict model=%s pinned=%s to load %s", victim.display_id, pinned, ref.display_id)
                 await self.unload(victim)
+                if pinned and self.on_evict is not None:
+                    await self.on_evict(victim)
             self._reserved[ref] = needed_bytes
+
+    def _victim(self, evict_pinned: bool) -> ModelRef | None:
+        """The least recently used idle model, an unpinned one first."""
+        idle = [ref for ref, res in self._resident.items() if res.in_flight == 0]
+        unpinned = [ref for ref in idle if not self._resident[ref].pinned]
+        if unpinned:
+            return unpinned[0]
+        return idle[0] if idle and evict_pinned else None
 
     async def unload(self, ref: ModelRef) -> None:
         """Take ``ref`` off the device; queued requests finish first, then memory is released."""

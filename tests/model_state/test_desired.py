@@ -20,6 +20,15 @@ def test_every_change_moves_the_generation_and_the_same_change_again_does_not():
     assert loaded.without_resident(MINILM).models == {} and loaded.without_resident(MINILM).generation == 2
 
 
+def test_removals_move_when_a_model_leaves_or_an_entry_is_deleted_not_when_one_arrives():
+    stored = DesiredState().with_entry("st-minilm:v1", MINILM).with_resident(MINILM, None)
+    assert stored.removals == 0
+    unloaded = stored.without_resident(MINILM)
+    assert unloaded.removals == 1 and unloaded.without_resident(MINILM).removals == 1
+    deleted = stored.without_entry("st-minilm:v1")
+    assert deleted.removals == 1 and deleted.models == {} and "st-minilm:v1" in deleted.deleted
+
+
 def test_an_on_demand_load_never_unpins_an_api_load():
     pinned = DesiredState().with_resident(CLIP, None, pinned=True)
     assert pinned.with_resident(CLIP, None, pinned=False) is pinned

@@ -5,7 +5,7 @@ one is the model pool); the homes are the real ones."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -44,14 +44,22 @@ class Runner:
     def stored_tags(self) -> set[str]:
         return set(self.tags)
 
-    async def load(self, model: DesiredModel) -> None:
-        key = model_key(model.ref)
-        self.calls.append(f"load {key}")
-        if key in self.too_big:
-            raise MemoryError(f"{key} does not fit")
-        tag = next((tag for tag, held in self.tags.items() if held == key), None)
-        self.models[key] = Held(model.ref, model.pinned, tag)
-        self.backends[key] = model.backend
+    async def load(self, models: Sequence[DesiredModel]) -> Mapping[str, str]:
+        failed = {}
+        for model in models:
+            key = model_key(model.ref)
+            self.calls.append(f"load {key}")
+            if key in self.too_big:
+                failed[key] = f"MemoryError: {key} does not fit"
+                continue
+            tag = next((tag for tag, held in self.tags.items() if held == key), None)
+            self.models[key] = Held(model.ref, model.pinned, tag)
+            self.backends[key] = model.backend
+        return failed
+
+    async def fetch_entry(self, tag: str) -> None:
+        self.calls.append(f"fetch {tag}")
+        self.tags[tag] = "fetched"
 
     async def unload(self, ref: ModelRef) -> None:
         self.calls.append(f"unload {model_key(ref)}")

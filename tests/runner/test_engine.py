@@ -2,9 +2,9 @@
 
 A request that meets an unload is served after a reload (or refused with a 400 when
 auto-loading is off); inputs prepared for another store entry are refused; what is resident is
-written to the store and loaded again by the next engine (with the engine its load named, or
-the next engine's default); the state version moves when a model
-leaves, not when one arrives.
+recorded in the desired model state and loaded again by the next engine (with the engine its
+load named, or the next engine's default); the state version is the desired state's
+its count of removals: it moves when a model stops being resident or stored, not when one arrives.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 
 from ingrain_bento import schemas as s
 from ingrain_bento.errors import BadRequest, ModelNotFound, StaleModel
+from ingrain_bento.model_state import LocalStateHome, StateHome, StoreUnreachable
 from ingrain_bento.runner.engine import RunnerEngine
-from ingrain_bento.runner.state import ResidentState
 from ingrain_bento.settings import Settings
 
 VIT = s.ModelRequest(name="test_vit.r160_in1k", pretrained=False)
@@ -27,11 +27,11 @@ def _pixels(count: int) -> list[np.ndarray]:
     return [np.full((160, 160, 3), i, dtype=np.uint8) for i in range(count)]
 
 
-def run(scenario, state: ResidentState | None = None, **settings):
+def run(scenario, home: StateHome | None = None, **settings):
     settings.setdefault("backend", "torch")  # these are about the model state, not an engine
 
     async def main():
-        engine = RunnerEngine(Settings(**settings), state=state)
+        engine = RunnerEngine(Settings(**settings), home=home)
         try:
             return await asyncio.wait_for(scenario(engine), 120)
         finally:
@@ -47,7 +47,7 @@ def test_a_request_that_meets_an_unload_is_served_after_the_reload():
         calls = [asyncio.create_task(engine.infer(handle.ref, "embed_image", handle.tag, [_pixels(3)]))
                  for _ in range(6)]
         await asyncio.sleep(0)
-        await engine.unload(VIT)
+        await engine.pool.unload(handle.ref)  # the pool's unload itself, at once (the route first records it)
         replies = await asyncio.gather(*calls)
         results = [result for reply in replies for result in reply.results]
         assert all(isinstance(r, np.ndarray) and r.shape[0] == 3 for r in results), results
@@ -91,59 +91,77 @@ def test_describe_gives_the_store_entry_and_capabilities_and_404_for_a_stranger(
 
 def test_the_version_moves_when_a_model_leaves_not_when_one_arrives():
     async def scenario(engine: RunnerEngine) -> None:
-        start = engine.version
+        await engine.start(preload=[])
+        loaded = engine.version
         await engine.load(VIT, "timm")
-        assert engine.version == start
+        assert engine.version == loaded
+        handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
+        await engine.pool.unload(handle.ref)  # an eviction of a model loaded on demand: no change recorded
+        await engine.infer(handle.ref, "embed_image", handle.tag, [_pixels(1)])  # loads it on demand
+        assert engine.version == loaded
         await engine.unload(VIT)
-        assert engine.version == start + 1
+        assert engine.version > loaded
 
     run(scenario)
 
 
-def _restored(state: ResidentState, **settings) -> list[tuple[str, str | None]]:
+def _recorded(home: StateHome) -> list[tuple[str, str | None]]:
+    return [(model.ref.display_id, model.backend) for model in home.read().state.models.values()]
+
+
+def _restored(home: StateHome, **settings) -> list[tuple[str, str | None]]:
     async def second(engine: RunnerEngine) -> list[tuple[str, str | None]]:
         await engine.start(preload=[])
         return [(info.id, info.backend) for info in await engine.loaded_models()]
 
-    return run(second, state=state, **settings)
+    return run(second, home=home, **settings)
 
 
-def test_what_is_resident_is_kept_in_the_store_and_restored_by_the_next_runner(tmp_path):
-    state = ResidentState("test", tmp_path)
+def test_what_is_resident_is_kept_in_the_desired_state_and_restored_by_the_next_runner(tmp_path):
+    home = LocalStateHome(tmp_path)
 
     async def first(engine: RunnerEngine) -> None:
         await engine.load(VIT, "timm")
 
-    run(first, state=state)  # closing the engine (a clean shutdown) keeps the list
-    assert [(ref.display_id, backend) for ref, backend in state.load()] == [("test_vit.r160_in1k::false", None)]
-    assert _restored(state) == [("test_vit.r160_in1k::false", "torch")]
+    run(first, home=home)  # closing the engine (a clean shutdown) keeps the record
+    assert _recorded(home) == [("test_vit.r160_in1k::false", None)]
+    assert _restored(home) == [("test_vit.r160_in1k::false", "torch")]
 
 
 def test_a_model_loaded_with_the_default_engine_is_restored_with_the_new_default(tmp_path):
-    state = ResidentState("test", tmp_path)
+    home = LocalStateHome(tmp_path)
 
     async def first(engine: RunnerEngine) -> None:
         await engine.load(VIT, "timm")
 
-    run(first, state=state, backend="torch")
-    assert _restored(state, backend="onnx") == [("test_vit.r160_in1k::false", "onnx")]
+    run(first, home=home, backend="torch")
+    assert _restored(home, backend="onnx") == [("test_vit.r160_in1k::false", "onnx")]
 
 
 def test_a_model_loaded_with_an_engine_it_named_keeps_it_across_a_restart(tmp_path):
-    state = ResidentState("test", tmp_path)
+    home = LocalStateHome(tmp_path)
 
     async def first(engine: RunnerEngine) -> None:
         await engine.load(VIT.model_copy(update={"backend": "torch"}), "timm")
 
-    run(first, state=state, backend="onnx")
-    assert [backend for _, backend in state.load()] == ["torch"]
-    assert _restored(state, backend="onnx") == [("test_vit.r160_in1k::false", "torch")]
+    run(first, home=home, backend="onnx")
+    assert _recorded(home) == [("test_vit.r160_in1k::false", "torch")]
+    assert _restored(home, backend="onnx") == [("test_vit.r160_in1k::false", "torch")]
 
 
-def test_an_unreadable_state_file_restores_nothing(tmp_path):
-    state = ResidentState("test", tmp_path)
-    state.path.write_text("{not json")
-    assert state.load() == []
+def test_an_unreadable_record_restores_nothing_and_management_says_where_it_is(tmp_path):
+    home = LocalStateHome(tmp_path)
+    home.path.write_text("{not json")
+
+    async def scenario(engine: RunnerEngine) -> None:
+        await engine.start(preload=[])
+        assert await engine.loaded_models() == []
+        with pytest.raises(StoreUnreachable, match="does not parse") as refused:
+            await engine.load(VIT, "timm")
+        assert refused.value.status_code == 503 and str(tmp_path) in refused.value.message
+        assert engine.pool.resident() == []
+
+    run(scenario, home=home)
 
 
 class BatchRecorder:

@@ -67,6 +67,39 @@ def test_evict_policy_unloads_the_least_recently_used_idle_model():
     asyncio.run(scenario())
 
 
+def test_a_model_loaded_on_demand_is_evicted_before_a_pinned_one_and_a_pinned_eviction_is_told():
+    evicted: list[ModelRef] = []
+
+    async def told(ref: ModelRef) -> None:
+        evicted.append(ref)
+
+    async def scenario() -> None:
+        pool = ModelPool(ModelStore(), Settings(backend="torch", max_loaded_models=2), on_evict=told)
+        await pool.load(A)  # pinned (the API's load)
+        await pool.wait_resident(B, None)  # on demand (a request's)
+        async with pool.use(A):
+            pass  # A is now more recently used than B, and B the least recently used anyway
+        await pool.load(C)
+        assert {r.model.ref for r in pool.resident()} == {A, C} and evicted == []
+        await pool.load(B)  # only pinned models left: the least recently used one goes, and it is told
+        assert evicted == [A]
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_restore_never_evicts_a_pinned_model_it_says_why_instead():
+    async def scenario() -> None:
+        pool = _pool(max_loaded_models=1)
+        await pool.load(A)
+        failed = await pool.restore([(B, None)])
+        assert list(failed) == [B] and "does not fit beside the pinned models" in str(failed[B])
+        assert [r.model.ref for r in pool.resident()] == [A]
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_busy_model_is_never_evicted_under_its_requests():
     async def scenario() -> None:
         pool = _pool(max_loaded_models=1, eviction="evict")
