@@ -101,6 +101,7 @@ def bench_replicas(rounds: int, results: dict) -> None:
             unloads.append(max(wait_for(lambda r=r: MINILM not in loaded(r.url), 60, "unload") for r in replicas))
         results["sync_s"] = SYNC_S
         results["answering_load_s_p50"] = statistics.median(load_s)
+        results["converge_after_load_s_each"] = [round(s, 2) for s in loads]  # the first: followers' first load
         results["converge_after_load_s_p50"] = statistics.median(loads)
         results["converge_after_load_s_max"] = max(loads)
         results["converge_after_unload_s_p50"] = statistics.median(unloads)

@@ -101,9 +101,14 @@ class Reconciler:
 
     async def step(self) -> Plan:
         """Read the record, then unload, drop, load and pin as ``plan_changes`` says. The home
-        unreachable raises ``StoreUnreachable`` before anything changes: what is resident stays."""
+        unreachable raises ``StoreUnreachable`` before anything changes: what is resident stays.
+        A record this runner already reached, with nothing failing and nothing missing, is not
+        planned again: an idle runner's step costs one read (no listing of its store)."""
         desired = self.desired = (await asyncio.to_thread(self.home.read)).state
-        plan = plan_changes(desired, self.runner.held(), self.runner.stored_tags())
+        held = self.runner.held()
+        if desired.generation == self.generation and not self.failures and desired.models.keys() <= held.keys():
+            return Plan([], [], [], [])
+        plan = plan_changes(desired, held, self.runner.stored_tags())
         for ref in plan.unload:
             await self.runner.unload(ref)
         for tag in plan.drop:

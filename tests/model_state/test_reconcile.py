@@ -37,11 +37,13 @@ class Runner:
         self.tags = dict(tags or {})  # tag -> model key, the local store
         self.too_big = too_big
         self.calls: list[str] = []
+        self.listings = 0  # how often its store was listed
 
     def held(self) -> Mapping[str, Held]:
         return dict(self.models)
 
     def stored_tags(self) -> set[str]:
+        self.listings += 1
         return set(self.tags)
 
     async def load(self, models: Sequence[DesiredModel]) -> Mapping[str, str]:
@@ -142,6 +144,21 @@ def test_two_runners_over_one_home_end_holding_the_same_models(tmp_path: Path):
         step(reconciler)
     assert set(first.models) == set(second.models) == {model_key(RESNET), model_key(CLIP)}
     assert {r.generation for r in reconcilers} == {home.read().state.generation}
+
+
+def test_an_idle_runner_reads_the_record_and_nothing_else_until_something_is_missing(tmp_path: Path):
+    home = LocalStateHome(tmp_path)
+    runner = Runner()
+    reconciler = Reconciler(home, runner)
+    update(home, lambda s: s.with_resident(MINILM, None))
+    step(reconciler)
+    runner.calls.clear()
+    listings = runner.listings
+    step(reconciler)
+    assert (runner.calls, runner.listings) == ([], listings), "the record it reached, nothing missing: no plan"
+    del runner.models[model_key(MINILM)]  # gone from under it (a restart of its pool, say)
+    step(reconciler)
+    assert (runner.calls, runner.listings) == ([f"load {model_key(MINILM)}"], listings + 1)
 
 
 def test_an_unreachable_home_changes_nothing_here(tmp_path: Path):
