@@ -34,11 +34,14 @@ RUNNER_TOKEN = ensure_runner_token()
 
 import bentoml  # noqa: E402
 from fastapi import Body, Depends, Query  # noqa: E402
+from fastapi.encoders import jsonable_encoder  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
 from ingrain_bento.bentoml_seam import dependency_address, worker_index  # noqa: E402
 from ingrain_bento.boundary import Engine  # noqa: E402
+from ingrain_bento.front import tei  # noqa: E402
+from ingrain_bento.front.cohere import cohere_embed  # noqa: E402
 from ingrain_bento.front.docs import CLIP, PNG, RERANKER, SPLADE, ST, TIMM  # noqa: E402
 from ingrain_bento.front.gateway import ModelGateway  # noqa: E402
 from ingrain_bento.front.http import (  # noqa: E402
@@ -234,8 +237,10 @@ async def infer(gw: Gateway, request: Annotated[s.TextImageRequest, example(
 
 
 @app.post("/embed", response_model=s.TextImageEmbeddingsResponse)
-async def embed(gw: Gateway, request: Annotated[s.TextImageRequest, example(
+async def embed(gw: Gateway, request: Annotated[tei.EmbedBody, example(
         {"name": CLIP, "text": ["a red square"], "image": [PNG]}, "A text and an image")]) -> Response:
+    if isinstance(request, s.TEIEmbedRequest):  # TEI's body (README "The TEI protocol")
+        return JSONResponse(await tei.embed(gw, SETTINGS, request))
     return json_response(await gw.embed(request, output="features"))
 
 
@@ -246,9 +251,11 @@ async def classify_image(gw: Gateway, request: Annotated[s.ImageRequest, example
 
 
 @app.post("/embed_sparse", response_model=s.SparseEmbeddingsResponse)
-async def embed_sparse(gw: Gateway, request: Annotated[s.SparseRequest, example(
+async def embed_sparse(gw: Gateway, request: Annotated[tei.SparseBody, example(
         {"name": SPLADE, "text": ["what is a sparse embedding?"], "top_k": 64}, "One text, its 64 largest")]
 ) -> Response:
+    if isinstance(request, s.TEISparseRequest):
+        return JSONResponse(await tei.sparse(gw, SETTINGS, request))
     return json_response(await gw.embed_sparse(request))
 
 
@@ -260,8 +267,10 @@ RERANK_EXAMPLE = {"model": RERANKER, "query": "what is the capital of France?", 
 @app.post("/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)
 @app.post("/v1/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)  # Cohere v1, Jina
 @app.post("/v2/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)  # Cohere v2
-async def rerank(gw: Gateway, request: Annotated[s.RerankRequest, example(RERANK_EXAMPLE, "Three documents")]
+async def rerank(gw: Gateway, request: Annotated[tei.RerankBody, example(RERANK_EXAMPLE, "Three documents")]
                  ) -> Response:
+    if isinstance(request, s.TEIRerankRequest):
+        return JSONResponse(await tei.rerank(gw, SETTINGS, request))
     return json_response(await gw.rerank(request), exclude_none=True)
 
 
@@ -352,6 +361,53 @@ async def v1_embeddings(gw: Gateway, request: Annotated[s.OpenAIEmbeddingRequest
 @app.get("/v1/models", response_model=s.OpenAIModelList)
 async def v1_models(gw: Gateway) -> Response:
     return json_response(await openai_models(gw))
+
+
+# ---- Cohere embed ----------------------------------------------------------------------------
+
+COHERE_EXAMPLE = example({"model": ST, "texts": ["hello"], "input_type": "search_query",
+                          "embedding_types": ["float", "int8"]}, "One text, floats and int8")
+
+
+@app.post("/v1/embed")
+async def cohere_v1_embed(gw: Gateway, request: Annotated[s.CohereEmbedRequest, COHERE_EXAMPLE]) -> Response:
+    return JSONResponse(await cohere_embed(gw, request, version=1))
+
+
+@app.post("/v2/embed")
+async def cohere_v2_embed(gw: Gateway, request: Annotated[s.CohereEmbedRequest, COHERE_EXAMPLE]) -> Response:
+    return JSONResponse(await cohere_embed(gw, request, version=2))
+
+
+# ---- the TEI protocol (its bodies name no model: INGRAIN_DEFAULT_MODEL) ---------------------------
+
+@app.post("/")
+async def tei_root(gw: Gateway, body: Annotated[dict[str, Any], example({"inputs": ["hello"]}, "TEI's embed")]
+                   ) -> Response:
+    return JSONResponse(jsonable_encoder(await tei.root(gw, SETTINGS, body)))
+
+
+@app.post("/similarity")
+async def tei_similarity(gw: Gateway, request: Annotated[s.TEISimilarityRequest, example(
+        {"inputs": {"source_sentence": "a cat", "sentences": ["a dog", "a kitten"]}}, "Two sentences")]) -> Response:
+    return JSONResponse(await tei.similarity(gw, SETTINGS, request))
+
+
+@app.post("/tokenize")
+async def tei_tokenize(gw: Gateway, request: Annotated[s.TEITokenizeRequest, example(
+        {"inputs": "hello world"}, "One text")]) -> Response:
+    return JSONResponse(jsonable_encoder(await tei.tokenize(gw, SETTINGS, request)))
+
+
+@app.post("/decode")
+async def tei_decode(gw: Gateway, request: Annotated[s.TEIDecodeRequest, example({"ids": [101, 7592, 102]},
+                                                                                "Three ids")]) -> Response:
+    return JSONResponse(await tei.decode(gw, SETTINGS, request))
+
+
+@app.get("/info")
+async def tei_info(gw: Gateway) -> Response:
+    return JSONResponse(await tei.info(gw, SETTINGS))
 
 
 add_fallback_route(app)

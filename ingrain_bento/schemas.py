@@ -11,7 +11,7 @@ at validation (a 413, front/http.py), and the API page shows them.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AliasChoices,
@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -27,7 +28,10 @@ from pydantic.alias_generators import to_camel
 
 from ingrain_bento.settings import get_settings
 
+M = TypeVar("M", bound=BaseModel)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# The tags of a route body that takes two protocols' bodies (``front.tei.Protocol``): never shown in a message.
+PROTOCOL_TAGS = ("native", "tei")
 MAX_CLASSES = 100_000  # a classifier's outputs at most (ImageNet-22k has 21,843); the checkpoint is checked too
 
 
@@ -118,7 +122,36 @@ class CustomModelRequest(ApiModel):
 
 # ---- inference requests ----------------------------------------------------------------
 
-class InferenceRequest(ApiModel):
+Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
+TruncationDirection = Literal["right", "left"]
+PromptName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+def one_prompt(request: Any) -> Any:
+    """A request names a prompt (``prompt_name``) or gives one (``prompt``), not both."""
+    if request.prompt_name is not None and request.prompt is not None:
+        raise ValueError("send one of 'prompt_name' (a prompt the model names) and 'prompt' (a literal prefix), "
+                         "not both")
+    return request
+
+
+class TextOptions(ApiModel):
+    """How texts are embedded and rows given back, whichever protocol asked (API.md "Prompts,
+    truncation and output precision"): the native routes take these fields as they are; the
+    OpenAI, Cohere and TEI adapters map their own onto them."""
+
+    prompt_name: PromptName | None = None  # one of the model's named prompts (ModelInfo.prompts)
+    prompt: Text | None = None  # a literal prefix
+    truncate: bool = True  # false: a text over the model's context is a 413, not cut
+    truncation_direction: TruncationDirection = "right"  # left: keep the end of the text
+    precision: Precision = "float32"  # after n_dims and normalize
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Any:
+        return one_prompt(self)
+
+
+class InferenceRequest(TextOptions):
     """Fields common to every inference route; ``text``/``image`` requirements per route below."""
 
     name: NonEmptyName
@@ -208,12 +241,23 @@ class RerankRequest(ApiModel):
 
 
 class OpenAIEmbeddingRequest(BaseModel):
+    """OpenAI's body, and (in the ``openai`` client's ``extra_body``) the text options of API.md
+    "Prompts, truncation and output precision" but ``precision``: OpenAI's rows are floats."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: NonEmptyName
     input: Texts
     dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    prompt_name: PromptName | None = None
+    prompt: Text | None = None
+    truncate: bool = True
+    truncation_direction: TruncationDirection = "right"
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Any:
+        return one_prompt(self)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -268,6 +312,7 @@ class ModelInfo(ApiModel):
     # Why the answering front worker holds the model's weights (its weightless open failed and it
     # loaded them on the CPU, also counted in ingrain_front_weights_loaded_total); null: it holds none.
     front_weights: str | None = None
+    prompts: list[str] = []  # its named prompts, for prompt_name (sentence-transformers)
     # Every live runner of every replica that holds the model, loads it, or could not load it.
     runners: list[RunnerInfo] = []
 
@@ -284,14 +329,18 @@ class LabelsResponse(ApiModel):
     labels: list[str]
 
 
+# Rows as floats, or as integers with an int8/uint8/binary/ubinary ``precision``.
+Rows = list[list[float]] | list[list[int]]
+
+
 class EmbeddingsResponse(ApiModel):
-    embeddings: list[list[float]]
+    embeddings: Rows
     processing_time_ms: float
 
 
 class TextImageEmbeddingsResponse(ApiModel):
-    text_embeddings: list[list[float]] | None = None
-    image_embeddings: list[list[float]] | None = None
+    text_embeddings: Rows | None = None
+    image_embeddings: Rows | None = None
     processing_time_ms: float
 
 
@@ -353,6 +402,132 @@ class OpenAIModelList(BaseModel):
     data: list[OpenAIModel]
 
 
+# ---- Cohere embed (/v1/embed, /v2/embed) -------------------------------------------------
+
+CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereImageUrl(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    url: Image
+
+
+class CohereContent(BaseModel):
+    """One part of a Cohere ``inputs`` entry: a text, or an image as a data URI."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "image_url"]
+    text: Text | None = None
+    image_url: CohereImageUrl | Image | None = None
+
+
+class CohereInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    content: Annotated[list[CohereContent], Field(min_length=1)]
+
+
+class CohereEmbedRequest(BaseModel):
+    """Cohere's embed body, v1 and v2 alike (API.md "Cohere embed")."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: NonEmptyName
+    texts: Annotated[list[Text], Field(min_length=1, max_length=_MAX_ITEMS)] | None = None
+    images: Annotated[list[Image], Field(min_length=1, max_length=_MAX_ITEMS)] | None = None
+    inputs: Annotated[list[CohereInput], Field(min_length=1, max_length=_MAX_ITEMS)] | None = None
+    input_type: str | None = None
+    embedding_types: Annotated[list[CohereEmbeddingType], Field(min_length=1)] | None = None
+    output_dimension: int | None = Field(None, ge=1)
+    truncate: Literal["NONE", "START", "END"] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind_of_input(self) -> CohereEmbedRequest:
+        given = [field for field in ("texts", "images", "inputs") if getattr(self, field) is not None]
+        if len(given) != 1:
+            raise ValueError("send one of 'texts', 'images' and 'inputs'")
+        return self
+
+
+# ---- the TEI protocol (Hugging Face text-embeddings-inference) --------------------------------
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class TEIOptions(BaseModel):
+    """What TEI's text bodies share: TEI names no model, and spells the direction ``Left``/``Right``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    truncate: bool | None = None
+    truncation_direction: Annotated[TruncationDirection, BeforeValidator(_lower)] = "right"
+    prompt_name: PromptName | None = None
+
+
+class TEIEmbedRequest(TEIOptions):
+    inputs: Texts
+    normalize: bool = True
+    dimensions: int | None = Field(None, ge=1)
+
+
+class TEISimilarityInputs(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    source_sentence: Text
+    sentences: Annotated[list[Text], Field(min_length=1, max_length=_MAX_ITEMS)]
+
+
+class TEISimilarityRequest(TEIOptions):
+    inputs: TEISimilarityInputs
+
+
+class TEIRerankRequest(TEIOptions):
+    query: Text
+    texts: Annotated[list[Text], Field(min_length=1, max_length=_MAX_ITEMS)]
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class TEISparseRequest(TEIOptions):
+    inputs: Texts
+
+
+class TEITokenizeRequest(TEIOptions):
+    inputs: Texts
+    add_special_tokens: bool = True
+
+
+class TEIDecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[int] | Annotated[list[list[int]], Field(min_length=1, max_length=_MAX_ITEMS)]
+    skip_special_tokens: bool = True
+
+
+class Token(BaseModel):
+    """One token of ``/tokenize``: its id, its text, whether the tokenizer added it, its characters."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+def build(schema: type[M], **fields: Any) -> M:
+    """A native request built from another protocol's fields (an adapter's): what does not
+    validate is the client's input, a 400 that says which field and why, never a 500."""
+    from ingrain_bento.errors import BadRequest
+
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as exc:
+        raise BadRequest(validation_message([dict(error) for error in exc.errors()])) from None
+
+
 def validation_message(errors: list[dict[str, Any]]) -> str:
     """One readable sentence from pydantic's error list: which field, what is wrong."""
     if any(error.get("type") == "json_invalid" for error in errors):
@@ -361,7 +536,8 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     for error in errors[:5]:
         # pydantic names the validator and union branch it tried ("function-after[_utf8(), str]",
         # "list[...]"): a client needs the field and the index only
-        steps = [str(p) for p in error.get("loc", ()) if p != "body" and not re.search(r"[\[(]", str(p))]
+        steps = [str(p) for p in error.get("loc", ()) if p not in ("body", *PROTOCOL_TAGS)
+                 and not re.search(r"[\[(]", str(p))]
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(steps) or 'body'}: {message}")
     return "Invalid request: " + "; ".join(dict.fromkeys(parts)) + "."

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     replica_id: str | None = Field(None, min_length=1, max_length=120, pattern=r"^[A-Za-z0-9._:-]+$",
                                    validation_alias=_env("INGRAIN_REPLICA_ID"),
                                    description="This replica's name in listings (default: the host name and port).")
+    default_model: str | None = Field(None, min_length=1, validation_alias=_env("INGRAIN_DEFAULT_MODEL"),
+                                      description="The model the TEI-protocol routes use, which name none (unset: the "
+                                                  "only resident model able to do the task).")
     sync_s: float = Field(2.0, gt=0, le=300, validation_alias=_env("INGRAIN_SYNC_S"),
                           description="How often a runner checks the desired model state and reports what it holds.")
 

@@ -9,6 +9,7 @@ that runs this module a second time, with a new session folder in the environmen
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
@@ -33,6 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
+
+# BentoML's start-http-server command (tests/test_deploy.py parses the Kubernetes containers' args
+# with it) reads its option defaults from BentoML's configuration when its module is imported; once
+# a test has imported the service, that configuration is the services' layout, without them. Built
+# here, first, it holds the defaults of a fresh process, as in a container.
+importlib.import_module("bentoml_cli._internal.start")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -16,10 +17,13 @@ from fixtures.clients import ingrain_007, ingrain_023
 from fixtures.compare import MAX_ABS_DIFF, b64, max_abs_diff
 from fixtures.dashboard import assert_dashboard_metrics_exist
 
+# TEI's bodies name no model: this server's TEI routes use the model with named prompts.
+TEI_MODEL = "ingrain-test/tiny-st-prompts"
+
 
 @pytest.fixture(scope="module")
 def server(real_server_factory, session_dir):
-    return real_server_factory(session_dir / "bentoml-e2e", env=LIMITS).start()
+    return real_server_factory(session_dir / "bentoml-e2e", env={**LIMITS, "INGRAIN_DEFAULT_MODEL": TEI_MODEL}).start()
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +136,57 @@ def test_openai_client_embeds_and_lists(server, hub_models):
         with pytest.raises(BadRequestError, match="check_embedding_ctx_length=False"):
             client.embeddings.create(model=name, input=token_ids)
     assert len(client.embeddings.create(model=name, input="still serving").data) == 1
+
+
+def test_both_cohere_clients_embed_texts_and_images_unmodified(server, hub_models, files_dir):
+    """``Client.embed`` (v1: floats, or by type) and ``ClientV2.embed`` (by type), texts with an
+    input_type that picks the model's prompt, and images (data URIs) through a CLIP image tower."""
+    import cohere
+    from sentence_transformers import SentenceTransformer
+
+    name, texts = hub_models["st_prompts"], ["what is a prompt?", "a prefix before the text"]
+    httpx.post(f"{server.url}/load_model", json={"name": name, "library": "sentence_transformers"},
+               timeout=120).raise_for_status()
+    model = SentenceTransformer(name, device="cpu")
+    v1 = cohere.Client(base_url=server.url, api_key="unused").embed(model=name, texts=texts, input_type="search_query")
+    expected = model.encode(texts, prompt_name="query", normalize_embeddings=True)
+    assert max_abs_diff(v1.embeddings, expected, "sentence_transformers text (cohere v1)") < MAX_ABS_DIFF
+    v2 = cohere.ClientV2(base_url=server.url, api_key="unused").embed(
+        model=name, texts=texts, input_type="search_document", embedding_types=["float", "ubinary"])
+    expected = model.encode(texts, prompt_name="document", normalize_embeddings=True)
+    assert max_abs_diff(v2.embeddings.float_, expected, "sentence_transformers text (cohere v2)") < MAX_ABS_DIFF
+    assert len(v2.embeddings.ubinary[0]) == len(expected[0]) // 8
+
+    clip = hub_models["clip_hub"]
+    httpx.post(f"{server.url}/load_model", json={"name": clip, "library": "open_clip"}, timeout=120).raise_for_status()
+    data_uri = "data:image/png;base64," + b64(files_dir / "red.png")
+    native = httpx.post(f"{server.url}/embed_image", json={"name": clip, "image": [data_uri]}, timeout=60)
+    images = cohere.ClientV2(base_url=server.url, api_key="unused").embed(
+        model=clip, images=[data_uri], input_type="image", embedding_types=["float"])
+    assert max_abs_diff(images.embeddings.float_, native.json()["embeddings"], "open_clip image (cohere v2)") \
+        < MAX_ABS_DIFF
+
+
+def test_huggingface_inference_client_speaks_tei_unmodified(server, hub_models, monkeypatch):
+    """``InferenceClient(base_url=...)``: ``feature_extraction`` and ``sentence_similarity`` on the
+    server's ``INGRAIN_DEFAULT_MODEL``, equal to the library."""
+    from huggingface_hub import InferenceClient, constants
+    from sentence_transformers import SentenceTransformer
+
+    httpx.post(f"{server.url}/load_model", json={"name": TEI_MODEL, "library": "sentence_transformers"},
+               timeout=120).raise_for_status()
+    model = SentenceTransformer(TEI_MODEL, device="cpu")
+    # This process runs with HF_HUB_OFFLINE=1 (its library loads read the offline cache), which the
+    # client takes as "refuse every request", the loopback server's included: off for its calls.
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    hf = InferenceClient(base_url=server.url)
+    texts = ["the first text", "and the second"]
+    rows = hf.feature_extraction(texts, prompt_name="query")
+    expected = model.encode(texts, prompt_name="query", normalize_embeddings=True)
+    assert max_abs_diff(rows, expected, "sentence_transformers text (TEI client)") < MAX_ABS_DIFF
+    scores = hf.sentence_similarity(texts[0], other_sentences=texts)
+    unit = model.encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(scores, unit @ unit[0], atol=1e-5)
 
 
 def test_both_cohere_clients_and_a_jina_body_rerank_beside_an_embedder_and_a_clip_model(server, hub_models):

@@ -157,7 +157,9 @@ def test_no_server_error(case: Any, fuzz_client: Any, request: pytest.FixtureReq
     bug = KNOWN_BUGS.get(case.operation.label)
     if bug:
         request.node.add_marker(pytest.mark.xfail(reason=bug, strict=False))
-    kwargs = case.as_transport_kwargs()
+    # Not followed: schemathesis also tries other methods on each path, and GET / redirects to the
+    # API page, whose request it cannot read back.
+    kwargs = {**case.as_transport_kwargs(), "follow_redirects": False}
     case.validate_response(fuzz_client.request(**kwargs), checks=[not_a_server_error])
     for variant in loaded_model_variants(case, kwargs):
         response = fuzz_client.request(**variant)

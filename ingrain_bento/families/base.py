@@ -23,7 +23,7 @@ import gc
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from ingrain_bento.errors import BadRequest
 from ingrain_bento.tasks import TASKS, refuse
@@ -36,11 +36,26 @@ if TYPE_CHECKING:
     from ingrain_bento.refs import ModelRef
     from ingrain_bento.schemas import CustomModelRequest
 
-__all__ = ["Family", "ImagePipeline", "LoadedModel", "Preprocessor", "check_safetensors", "freeze_heap",
-           "trim_heap"]
+__all__ = ["DEFAULT_TEXT_PREP", "Family", "ImagePipeline", "LoadedModel", "Preprocessor", "TextPrep",
+           "check_safetensors", "freeze_heap", "trim_heap"]
 
 TextItem = Any  # what a Preprocessor makes of one text: a small integer array, or the text itself
 ImageItem = Any  # what a Preprocessor makes of one image: a uint8 HWC array, or float CHW pixels
+
+
+class TextPrep(NamedTuple):
+    """How one request asks its texts to be prepared (API.md "Prompts, truncation and output
+    precision"); the defaults are the library's own ``encode``: the model's default prompt, cut to
+    its context from the right. Texts of concurrent requests are tokenized together only when they
+    ask alike."""
+
+    prompt_name: str | None = None  # one of the model's named prompts
+    prompt: str | None = None  # a literal prefix
+    truncate: bool = True  # False: a text over the context is a 413
+    direction: Literal["right", "left"] = "right"  # left: keep the end
+
+
+DEFAULT_TEXT_PREP = TextPrep()
 
 
 class Family(Protocol):
@@ -105,8 +120,20 @@ class Preprocessor:
     # Why this front holds the model's weights after all: its weightless open failed and it loaded
     # them on the CPU (shown in /metrics and in the model's listing); None when it holds none.
     front_weights: str | None = None
+    prompts: dict[str, str] = {}  # its named prompts, for ``TextPrep.prompt_name``
 
-    def prepare_texts(self, texts: Sequence[str]) -> list[TextItem]:
+    def tokens(self, texts: Sequence[str], add_special_tokens: bool = True,
+               prep: TextPrep = DEFAULT_TEXT_PREP) -> list[list[tuple[int, str, bool, int | None, int | None]]]:
+        """Each text's tokens as the model's tokenizer makes them (its prompt first): (id, text,
+        special, start, stop), ``start``/``stop`` being character offsets in the text as sent
+        (None for a token the tokenizer added, or one of the prompt)."""
+        raise BadRequest("This model has no text tokenizer to show.")
+
+    def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Token ids back to text, with the model's tokenizer."""
+        raise BadRequest("This model has no text tokenizer to decode with.")
+
+    def prepare_texts(self, texts: Sequence[str], prep: TextPrep = DEFAULT_TEXT_PREP) -> list[TextItem]:
         raise BadRequest("This model takes images, not text.")
 
     def prepare_pairs(self, query: str, documents: Sequence[str], max_tokens: int | None) -> list[TextItem]:
@@ -127,6 +154,7 @@ class LoadedModel(ABC):
     capabilities: frozenset[str] = frozenset()
     labels: list[str] | None = None
     context_length: int | None = None  # tokens of text it takes at most (texts are truncated to it)
+    prompts: dict[str, str] = {}  # its named prompts (sentence-transformers' ``prompts``)
 
     def __init__(self, ref: ModelRef, runner: Runner) -> None:
         self.ref = ref

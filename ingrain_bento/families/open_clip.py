@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import register
-from ingrain_bento.families.base import ImagePipeline, LoadedModel, Preprocessor
+from ingrain_bento.families.base import DEFAULT_TEXT_PREP, ImagePipeline, LoadedModel, Preprocessor, TextPrep
 from ingrain_bento.refs import HF_HUB_PREFIX, ModelRef, validate_tag
 from ingrain_bento.tasks import EMBED_IMAGE, EMBED_TEXT
 
@@ -137,10 +137,19 @@ class OpenClipPreprocessor(Preprocessor):
         self.pixels = ImagePipeline(image_transform_v2(PreprocessCfg(**config), is_train=False))
         self.tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
 
-    def prepare_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Fixed-length token rows (int32 on the wire; the runner widens them back)."""
+    def prepare_texts(self, texts: Sequence[str], prep: TextPrep = DEFAULT_TEXT_PREP) -> list[np.ndarray]:
+        """Fixed-length token rows (int32 on the wire; the runner widens them back). A literal
+        ``prompt`` is prefixed to each text; open_clip models name no prompts, and their tokenizer
+        cuts every text to its context from the right, the one truncation it has."""
         import numpy as np
 
+        if prep.prompt_name is not None:
+            raise BadRequest("open_clip models have no named prompts: send 'prompt' (a literal prefix) instead.")
+        if not prep.truncate or prep.direction != "right":
+            raise BadRequest("open_clip's tokenizer cuts every text to its context from the right: 'truncate: false' "
+                             "and 'truncation_direction: left' apply to sentence-transformers models.")
+        if prep.prompt:
+            texts = [prep.prompt + text for text in texts]
         return list(self.tokenizer(list(texts)).numpy().astype(np.int32))
 
 

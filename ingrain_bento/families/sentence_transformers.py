@@ -32,13 +32,14 @@ flattened FA2 inputs) takes raw texts, and the engine calls ``encode`` itself (t
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from ingrain_bento.errors import BadRequest
+from ingrain_bento.errors import BadRequest, TooLarge
 from ingrain_bento.families import register
-from ingrain_bento.families.base import LoadedModel, Preprocessor
+from ingrain_bento.families.base import DEFAULT_TEXT_PREP, LoadedModel, Preprocessor, TextPrep
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.tasks import EMBED_SPARSE, EMBED_TEXT, RERANK
 
@@ -247,6 +248,8 @@ def _describe(model: Any, kind: Kind) -> dict[str, Any]:
         raise BadRequest(f"This cross-encoder has {model.num_labels} labels: /rerank serves rerankers, which "
                          "score a pair with one.")
     described: dict[str, Any] = {"capabilities": [kind.task], "kind": kind.name}
+    if getattr(model, "prompts", None):
+        described["prompts"] = sorted(model.prompts)
     size = _dimension(model, kind)
     if size is not None:  # BentoML's metadata takes no None
         described["embedding_size"] = size
@@ -288,6 +291,16 @@ def _open(folder: Path) -> tuple[Any, Kind, TextFormat | None]:
     return model, kind, text_format(model, default_prompt(model), kind.probe)
 
 
+def _pools_prompt(model: Any) -> bool:
+    """Whether the model's pooling keeps the prompt's tokens (``Pooling(include_prompt=True)``, the
+    library's default); a model that is not a sequence of modules has no such pooling."""
+    try:
+        modules = list(model)
+    except TypeError:
+        return True
+    return all(getattr(module, "include_prompt", True) for module in modules)
+
+
 def _token_count(item: np.ndarray) -> int:
     return int(item.shape[-1])
 
@@ -295,8 +308,9 @@ def _token_count(item: np.ndarray) -> int:
 class SentenceTransformerModel(LoadedModel):
     def __init__(self, ref: ModelRef, runner: Runner, kind: Kind, fmt: TextFormat | None, size: int | None,
                  context_length: int | None, truncate_dim: int | None = None, max_active_dims: int | None = None,
-                 library_model: Any = None) -> None:
+                 library_model: Any = None, prompts: dict[str, str] | None = None) -> None:
         super().__init__(ref, runner)
+        self.prompts = prompts or {}
         self.capabilities = frozenset({kind.task})
         self.context_length = context_length
         self.format = fmt
@@ -365,23 +379,96 @@ class SentenceTransformerPreprocessor(Preprocessor):
         self.kind = kind
         self.capabilities = frozenset({kind.task})
         self.model = model
+        self.prompts: dict[str, str] = dict(getattr(model, "prompts", None) or {})
         self.prompt = default_prompt(model)
         self.format = text_format(model, self.prompt, kind.probe)
+        # Pooling that leaves the prompt's tokens out takes one prompt length per batch: the
+        # engine's graph has the default prompt's, so such a model takes no other prompt.
+        self.pools_prompt = _pools_prompt(model)
+        # The tokenizer's truncation side is flipped for a left cut: one tokenization at a time
+        # (the tokenizer thread, or the event loop for a short request alone).
+        self._tokenizing = threading.Lock()
 
-    def _split(self, inputs: list[Any], **kwargs: Any) -> list[Any]:
+    def _split(self, inputs: list[Any], prompt: str | None = None, direction: str = "right",
+               **kwargs: Any) -> list[Any]:
         assert self.format is not None
-        rows = split_rows(self.model.preprocess(inputs, prompt=self.prompt, **kwargs), self.format)
+        with self._tokenizing:
+            tokenizer = self.model.tokenizer
+            side = tokenizer.truncation_side
+            tokenizer.truncation_side = direction
+            try:
+                features = self.model.preprocess(inputs, prompt=prompt, **kwargs)
+            finally:
+                tokenizer.truncation_side = side
+        rows = split_rows(features, self.format)
         if rows is None:
             raise RuntimeError("the tokenizer's output changed shape since load")
         return rows
 
-    def prepare_texts(self, texts: Sequence[str]) -> list[Any]:
-        """One token item per text; the texts themselves when the model has no ``TextFormat``."""
+    def resolve_prompt(self, prep: TextPrep) -> str | None:
+        """The prefix ``encode(prompt_name=...)`` / ``encode(prompt=...)`` applies: a named prompt,
+        a literal one, else the model's default."""
+        if prep.prompt is not None:
+            return prep.prompt
+        if prep.prompt_name is None:
+            return self.prompt
+        if prep.prompt_name not in self.prompts:
+            named = ", ".join(repr(name) for name in self.prompts) or "none"
+            raise BadRequest(f"This model has no prompt named {prep.prompt_name!r}: its prompts are {named} (or send "
+                             "'prompt', a literal prefix).")
+        return self.prompts[prep.prompt_name]
+
+    def prepare_texts(self, texts: Sequence[str], prep: TextPrep = DEFAULT_TEXT_PREP) -> list[Any]:
+        """One token item per text, tokenized as ``encode`` tokenizes them with that prompt and
+        truncation; the texts themselves when the model has no ``TextFormat`` (the library's
+        ``encode`` in the runner, with the model's own defaults only)."""
         if self.kind.name == "CrossEncoder":
             raise BadRequest("This model is a reranker: it scores (query, document) pairs at /rerank.")
         if self.format is None:
+            if prep != DEFAULT_TEXT_PREP:
+                raise BadRequest("This model's tokenizer output is not split per text: it embeds with its own "
+                                 "defaults only (no prompt, truncation or direction per request).")
             return list(texts)
-        return self._split(list(texts))
+        prompt = self.resolve_prompt(prep)
+        if prompt != self.prompt and not self.pools_prompt:
+            raise BadRequest("This model's pooling leaves its default prompt out of the embedding: it takes no "
+                             "other prompt per request.")
+        if prep.truncate:
+            return self._split(list(texts), prompt, prep.direction)
+        rows = self._split(list(texts), prompt, processing_kwargs={"text": {"truncation": False}})
+        limit = self.model.max_seq_length
+        for index, row in enumerate(rows):
+            if row.shape[-1] > limit:
+                raise TooLarge(f"Text {index} is {row.shape[-1]} tokens, over this model's limit of {limit} "
+                               "(send truncate: true to cut it, or shorten it).")
+        return rows
+
+    def tokens(self, texts: Sequence[str], add_special_tokens: bool = True,
+               prep: TextPrep = DEFAULT_TEXT_PREP) -> list[list[tuple[int, str, bool, int | None, int | None]]]:
+        prompt = self.resolve_prompt(prep) or ""
+        tokenizer = self.model.tokenizer
+        with self._tokenizing:
+            encoded = tokenizer([prompt + text for text in texts], add_special_tokens=add_special_tokens,
+                                return_offsets_mapping=True, return_special_tokens_mask=True, truncation=False)
+        shown = []
+        for index, text in enumerate(texts):
+            row = []
+            for token, (start, stop), special in zip(encoded["input_ids"][index], encoded["offset_mapping"][index],
+                                                     encoded["special_tokens_mask"][index], strict=True):
+                inside = not special and start >= len(prompt)
+                piece = (prompt + text)[start:stop] if not special else tokenizer.convert_ids_to_tokens(token)
+                row.append((int(token), piece, bool(special), start - len(prompt) if inside else None,
+                            stop - len(prompt) if inside else None))
+            shown.append(row)
+        return shown
+
+    def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        vocabulary = self.model.tokenizer.vocab_size
+        for row in ids:
+            unknown = [i for i in row if not 0 <= i < vocabulary + len(self.model.tokenizer.get_added_vocab())]
+            if unknown:
+                raise BadRequest(f"Token id {unknown[0]} is not in this model's vocabulary of {vocabulary}.")
+        return [self.model.tokenizer.decode(list(row), skip_special_tokens=skip_special_tokens) for row in ids]
 
     def prepare_pairs(self, query: str, documents: Sequence[str], max_tokens: int | None) -> list[Any]:
         """One token item per (query, document) pair, tokenized as ``predict`` tokenizes pairs
@@ -392,16 +479,16 @@ class SentenceTransformerPreprocessor(Preprocessor):
             raise BadRequest("This model is not a reranker.")
         pairs = [(query, document) for document in documents]
         if max_tokens is None:
-            return self._split(pairs)
+            return self._split(pairs, self.prompt)
         tokenizer = self.model.tokenizer
         asked = (self.prompt or "") + query
         length = len(tokenizer(asked, add_special_tokens=False)["input_ids"]) + tokenizer.num_special_tokens_to_add(
             pair=True)
         limit = min(int(tokenizer.model_max_length), getattr(self.model, "max_length", None) or 10**9)
         if length >= limit:  # the query alone fills the model: the library's own cut (longest first)
-            return self._split(pairs)
+            return self._split(pairs, self.prompt)
         cut = {"text": {"truncation": "only_second", "max_length": min(limit, length + max_tokens)}}
-        return self._split(pairs, processing_kwargs=cut)
+        return self._split(pairs, self.prompt, processing_kwargs=cut)
 
 
 class SentenceTransformersFamily:
@@ -465,6 +552,7 @@ class SentenceTransformersFamily:
 
         model, kind, fmt = _open(folder)
         extra = {"size": _dimension(model, kind), "context_length": model.max_seq_length,
+                 "prompts": dict(getattr(model, "prompts", None) or {}),
                  "truncate_dim": getattr(model, "truncate_dim", None),
                  "max_active_dims": getattr(model, "max_active_dims", None)}
         if fmt is None:  # the library's own encode, on the torch engine

@@ -28,6 +28,7 @@ import numpy as np
 from ingrain_bento import schemas as s
 from ingrain_bento.boundary import Engine, ModelHandle, ServedModel
 from ingrain_bento.errors import BadRequest, IngrainError, StaleModel
+from ingrain_bento.families.base import Preprocessor, TextPrep
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.front.inputs import InputPreparer
 from ingrain_bento.metrics import RequestMetrics
@@ -135,9 +136,30 @@ class ModelGateway:
     async def ingrain_metrics(self) -> dict[str, Any]:
         return await self.engine.ingrain_metrics()
 
+    # ---- a model's tokenizer and prompts, as the front holds them ----------------------------
+
+    async def _preprocessor(self, name: str) -> Preprocessor:
+        return await self.inputs.preprocessor(await self._handle(s.ModelRequest(name=name)))
+
+    async def prompt_names(self, name: str) -> list[str]:
+        """The named prompts of the model ``name`` (its ``prompt_name`` values)."""
+        return list((await self._preprocessor(name)).prompts)
+
+    async def tokens(self, name: str, texts: list[str], add_special_tokens: bool, prep: TextPrep
+                     ) -> list[list[s.Token]]:
+        """Each text's tokens, as the model's own tokenizer makes them."""
+        preprocessor = await self._preprocessor(name)
+        rows = await asyncio.to_thread(preprocessor.tokens, texts, add_special_tokens, prep)
+        return [[s.Token(id=i, text=text, special=special, start=start, stop=stop)
+                 for i, text, special, start, stop in row] for row in rows]
+
+    async def decode(self, name: str, ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        preprocessor = await self._preprocessor(name)
+        return await asyncio.to_thread(preprocessor.decode, ids, skip_special_tokens)
+
     # ---- inference -----------------------------------------------------------------------
 
-    async def _handle(self, request: s.InferenceRequest) -> ModelHandle:
+    async def _handle(self, request: s.InferenceRequest | s.ModelRequest | s.RerankRequest) -> ModelHandle:
         key = (request.name, request.pretrained, request.library)
         handle = self._handles.get(key)
         if handle is None:

@@ -36,9 +36,13 @@ OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz", *DOCS_OPEN_P
 OPENAI_PATHS = ("/v1/embeddings", "/v1/models")  # errors in OpenAI's shape there (/v1/rerank is Cohere's)
 
 
-def is_open(path: str) -> bool:
-    """Whether a path answers without the API key: the probes and the API reference page."""
-    return path in OPEN_PATHS or path.startswith(DOCS_STATIC_PREFIX)
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def is_open(path: str, method: str = "GET") -> bool:
+    """Whether a request answers without the API key: reads of the probes and of the API reference
+    page (``GET /`` redirects to it; ``POST /`` is TEI's inference, and needs the key)."""
+    return method in READ_METHODS and (path in OPEN_PATHS or path.startswith(DOCS_STATIC_PREFIX))
 
 
 def json_response(model: BaseModel, status_code: int = 200, exclude_none: bool = False) -> Response:
@@ -145,7 +149,7 @@ class GuardMiddleware:
             return
         path: str = scope["path"]
         headers = dict(scope["headers"])
-        if self.expected is not None and not is_open(path):
+        if self.expected is not None and not is_open(path, scope.get("method", "GET")):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 await self._reject(scope, receive, send, path, 401,

@@ -25,14 +25,14 @@ from ingrain_bento.batching import Batcher, call_guarded, in_executor
 from ingrain_bento.boundary import ModelHandle
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import families, family
-from ingrain_bento.families.base import Preprocessor
+from ingrain_bento.families.base import DEFAULT_TEXT_PREP, Preprocessor, TextPrep
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.media import ImageLoader
 from ingrain_bento.metrics import RequestMetrics
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore
 
-__all__ = ["InputPreparer"]
+__all__ = ["InputPreparer", "text_prep"]
 
 log = logging.getLogger("ingrain_bento.front.inputs")
 
@@ -53,6 +53,13 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+def text_prep(request: Any) -> TextPrep:
+    """The preparation a request's texts ask for (``schemas.TextOptions``; a request without those
+    fields, the library's defaults)."""
+    return TextPrep(getattr(request, "prompt_name", None), getattr(request, "prompt", None),
+                    getattr(request, "truncate", True), getattr(request, "truncation_direction", "right"))
+
+
 class InputPreparer:
     def __init__(self, settings: Settings, fetcher: SafeFetcher, *, one_torch_thread: bool = True,
                  metrics: RequestMetrics | None = None) -> None:
@@ -66,7 +73,7 @@ class InputPreparer:
         self.image_executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
                                                  thread_name_prefix="ingrain-image")
         self._preprocessors: dict[str, asyncio.Task[Preprocessor]] = {}
-        self._tokenizers: dict[str, Batcher[Any]] = {}
+        self._tokenizers: dict[tuple[str, TextPrep], Batcher[Any]] = {}  # per store entry and preparation
 
     async def preprocessor(self, handle: ModelHandle) -> Preprocessor:
         """The model's preprocessor, opened once (concurrent requests wait for the same open)."""
@@ -121,26 +128,33 @@ class InputPreparer:
     async def prepare(self, kind: str, handle: ModelHandle, request: Any, alone: bool = False) -> list[Any]:
         """A request's items for a task whose inputs are ``kind`` (``tasks.Task.inputs``)."""
         if kind == "texts":
-            return await self.texts(handle, request.texts, alone)
+            return await self.texts(handle, request.texts, alone, text_prep(request))
         if kind == "images":
             return await self.images(handle, request.images, request.image_download_headers)
         if kind == "pairs":
             return await self.pairs(handle, request.query, request.document_texts, request.max_tokens_per_doc)
         raise ValueError(f"no preparation for inputs {kind!r}")
 
-    async def texts(self, handle: ModelHandle, texts: list[str], alone: bool = False) -> list[Any]:
-        """One item per text, tokenized with the texts of concurrent requests for this model;
-        a short request that is ``alone`` in this worker and finds the tokenizer idle is
-        tokenized at once, on the event loop (see ``INLINE_TEXT_CHARS``)."""
+    async def texts(self, handle: ModelHandle, texts: list[str], alone: bool = False,
+                    prep: TextPrep = DEFAULT_TEXT_PREP) -> list[Any]:
+        """One item per text, tokenized with the texts of concurrent requests for this model that
+        ask alike (``prep``); a short request that is ``alone`` in this worker and finds the
+        tokenizer idle is tokenized at once, on the event loop (see ``INLINE_TEXT_CHARS``). With
+        ``truncate: false`` a request's texts are tokenized on their own, so that a text over the
+        limit is named by its index in the request."""
         preprocessor = await self.preprocessor(handle)
-        batcher = self._tokenizers.get(handle.tag)
+        prepare = partial(preprocessor.prepare_texts, prep=prep)
+        if not prep.truncate:
+            return list(await asyncio.get_running_loop().run_in_executor(
+                self.tokenize_executor, partial(call_guarded, prepare), texts))
+        batcher = self._tokenizers.get((handle.tag, prep))
         if batcher is None:
-            batcher = Batcher(in_executor(preprocessor.prepare_texts, self.tokenize_executor),
+            batcher = Batcher(in_executor(prepare, self.tokenize_executor),
                               max_batch=self.settings.max_batch_size, max_wait_s=self.settings.batch_wait_ms / 1000,
                               merge=self.settings.dynamic_batching)
-            self._tokenizers[handle.tag] = batcher
+            self._tokenizers[(handle.tag, prep)] = batcher
         if alone and batcher.idle and sum(map(len, texts)) <= INLINE_TEXT_CHARS:
-            return list(call_guarded(preprocessor.prepare_texts, texts))
+            return list(call_guarded(prepare, texts))
         return list(await batcher.submit(texts))
 
     async def pairs(self, handle: ModelHandle, query: str, documents: list[str], max_tokens: int | None) -> list[Any]:

@@ -15,7 +15,9 @@ async def openai_embeddings(gateway: ModelGateway, request: s.OpenAIEmbeddingReq
     import numpy as np
 
     texts = s.as_list(request.input)
-    inner = s.InferenceRequest(name=request.model, text=texts, n_dims=request.dimensions)
+    inner = s.build(s.InferenceRequest, name=request.model, text=texts, n_dims=request.dimensions,
+                    prompt_name=request.prompt_name, prompt=request.prompt, truncate=request.truncate,
+                    truncation_direction=request.truncation_direction)
     rows = (await gateway.embed_text(inner)).embeddings
     data = [
         s.OpenAIEmbedding(index=i, embedding=base64.b64encode(np.asarray(row, dtype=np.float32).tobytes()).decode()

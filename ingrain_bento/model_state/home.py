@@ -18,6 +18,7 @@ writer reads again (``update``). Two homes:
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import os
@@ -25,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -34,8 +35,9 @@ from ingrain_bento.model_state.desired import DesiredState
 from ingrain_bento.model_state.reports import RunnerReport, report_name
 
 __all__ = ["LocalStateHome", "MemoryStateHome", "StateHome", "StoreUnreachable", "Versioned", "WriteConflict",
-           "open_home", "update"]
+           "call", "open_home", "update"]
 
+T = TypeVar("T")
 STATE_FILE = "desired-state.json"
 REPORTS = "reports"  # beside the record: one report per runner (``reports.py``)
 UPDATE_ATTEMPTS = 20  # swaps lost to other writers before a change gives up (each reads again first)
@@ -58,6 +60,7 @@ class StateHome(Protocol):
     """One home of the desired state."""
 
     location: str  # where it is, for messages and logs ("/srv/store/ingrain-state", "s3://bucket/prefix")
+    remote: bool  # its calls go over the network (run them on a thread); else they are small local reads
 
     def read(self) -> Versioned:
         """The current record (an empty one, token None, before the first write)."""
@@ -75,6 +78,14 @@ class StateHome(Protocol):
 
     def read_reports(self) -> list[RunnerReport]:
         """Every runner's last report, stale ones included; an unreadable one is skipped."""
+
+
+async def call(home: StateHome, method: Callable[..., T], *args: Any) -> T:
+    """``method(*args)`` of ``home``: on a thread for a remote home (the network), inline for a local
+    one (a small file, or memory: a thread hop would cost more, and wait behind a model load's)."""
+    if home.remote:
+        return await asyncio.to_thread(method, *args)
+    return method(*args)
 
 
 def update(home: StateHome, change: Callable[[DesiredState], DesiredState]) -> DesiredState:
@@ -113,6 +124,7 @@ class LocalStateHome:
         self.folder = folder
         self.path = folder / STATE_FILE
         self.location = str(folder)
+        self.remote = False
 
     def _read(self) -> tuple[bytes | None, str | None]:
         try:
@@ -138,7 +150,7 @@ class LocalStateHome:
     def write_report(self, report: RunnerReport) -> None:
         folder = self.folder / REPORTS
         folder.mkdir(parents=True, exist_ok=True)
-        _replace(folder / report_name(report.id), report.model_dump_json().encode())
+        _replace(folder / report_name(report.id), report.model_dump_json().encode(), durable=False)
 
     def remove_report(self, runner_id: str) -> None:
         (self.folder / REPORTS / report_name(runner_id)).unlink(missing_ok=True)
@@ -157,6 +169,7 @@ class MemoryStateHome:
     """The desired state in this process's memory (see the module docstring)."""
 
     location = "memory"
+    remote = False
 
     def __init__(self) -> None:
         # The counts start at the clock, not 0: fronts treat a version below the one they saw as
@@ -186,12 +199,14 @@ class MemoryStateHome:
         return list(self._reports.values())
 
 
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically: a writer killed mid-write leaves the previous file."""
+def _replace(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``path`` atomically: a writer killed mid-write leaves the previous file (``durable``:
+    on disk before it replaces it; a report, rewritten every few seconds, need not be)."""
     with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(handle.name, path)
 
 

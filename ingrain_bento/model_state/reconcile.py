@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 from ingrain_bento.model_state.desired import DesiredModel, DesiredState, model_key
-from ingrain_bento.model_state.home import StateHome
+from ingrain_bento.model_state.home import StateHome, call
 from ingrain_bento.refs import ModelRef
 
 __all__ = ["Held", "Plan", "Reconciler", "RunnerModels", "plan_changes"]
@@ -104,11 +104,12 @@ class Reconciler:
         unreachable raises ``StoreUnreachable`` before anything changes: what is resident stays.
         A record this runner already reached, with nothing failing and nothing missing, is not
         planned again: an idle runner's step costs one read (no listing of its store)."""
-        desired = self.desired = (await asyncio.to_thread(self.home.read)).state
+        desired = self.desired = (await call(self.home, self.home.read)).state
         held = self.runner.held()
         if desired.generation == self.generation and not self.failures and desired.models.keys() <= held.keys():
             return Plan([], [], [], [])
-        plan = plan_changes(desired, held, self.runner.stored_tags())
+        stored = await asyncio.to_thread(self.runner.stored_tags)  # reads every entry's file: not on the loop
+        plan = plan_changes(desired, held, stored)
         for ref in plan.unload:
             await self.runner.unload(ref)
         for tag in plan.drop:

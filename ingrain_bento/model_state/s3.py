@@ -51,6 +51,7 @@ class S3StateHome:
         self.prefix = f"{prefix}/" if prefix else ""
         self.key = f"{self.prefix}{STATE_FILE}"
         self.location = url
+        self.remote = True
         self.client = client if client is not None else s3_client()
 
     def _unreachable(self, exc: Exception) -> StoreUnreachable:

@@ -221,6 +221,7 @@ class RunnerEngine:
             backend=model.backend if model else None,
             fallback=model.fallback if model else None,
             exports=sorted(e.backend for e in exports if not e.metadata.get("report", {}).get("failure")),
+            prompts=sorted(model.prompts) if model else list(meta.get("prompts", [])),
             runners=[s.RunnerInfo.model_validate(r) for r in runner_entries(reports or [], model_key(ref))]
             if ref is not None else [],
         )

@@ -32,7 +32,7 @@ from ingrain_bento.bentoml_seam import bentoml_home
 from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.model_state import DesiredModel, DesiredState, Held, Reconciler, StateHome, model_key, update
 from ingrain_bento.model_state.entries import S3EntryMirror
-from ingrain_bento.model_state.home import LocalStateHome, MemoryStateHome, StoreUnreachable, open_home
+from ingrain_bento.model_state.home import LocalStateHome, MemoryStateHome, StoreUnreachable, call, open_home
 from ingrain_bento.model_state.reports import ModelReport, RunnerReport, RunnerState, fresh_reports
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.runner.pool import ModelPool
@@ -132,13 +132,13 @@ class ModelStateSync:
         """Hold the lock for one management change; the record as it is now (``StoreUnreachable``,
         a 503 naming the home, when it does not answer: then nothing changes)."""
         async with self._lock:
-            current = (await asyncio.to_thread(self.home.read)).state
+            current = (await call(self.home, self.home.read)).state
             self._seen(current)
             yield current
             try:  # what the change recorded through the store (entries) moved the generation to;
                 # and this runner's report at once, for listings on other runners
-                self._seen((await asyncio.to_thread(self.home.read)).state)
-                await asyncio.to_thread(self.home.write_report, self.report())
+                self._seen((await call(self.home, self.home.read)).state)
+                await call(self.home, self.home.write_report, self.report())
             except StoreUnreachable:
                 pass
 
@@ -189,7 +189,7 @@ class ModelStateSync:
                 self._seen(self.reconciler.desired)
         if self.metrics is not None:
             self.metrics.record_sync(self.generation, len(self.reconciler.failures))
-        await asyncio.to_thread(self.home.write_report, self.report())
+        await call(self.home, self.home.write_report, self.report())
 
     async def _follow(self) -> None:
         while True:
@@ -236,7 +236,7 @@ class ModelStateSync:
             return self.home.read().state, self.home.read_reports()
 
         try:
-            desired, others = await asyncio.to_thread(read)
+            desired, others = await call(self.home, read)
         except StoreUnreachable:
             return None, [self.report()]
         live = [r for r in fresh_reports(others, self.stale_after_s) if r.id != self.runner_id]
@@ -247,6 +247,6 @@ class ModelStateSync:
         if self._loop is not None:
             self._loop.cancel()
         try:
-            await asyncio.to_thread(self.home.remove_report, self.runner_id)
+            await call(self.home, self.home.remove_report, self.runner_id)
         except StoreUnreachable:
             pass

@@ -32,7 +32,9 @@ def test_probes_need_no_key(keyed_url, path):
 
 @pytest.mark.parametrize("method,path", [("GET", "/loaded_models"), ("GET", "/repository_models"),
                                          ("POST", "/embed_text"), ("DELETE", "/delete_model"),
-                                         ("GET", "/metrics"), ("POST", "/download_custom_model")])
+                                         ("GET", "/metrics"), ("POST", "/download_custom_model"),
+                                         ("POST", "/"), ("POST", "/v2/embed"), ("POST", "/tokenize"),
+                                         ("GET", "/info")])
 def test_every_other_route_needs_the_key(keyed_url, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         response = httpx.request(method, f"{keyed_url}{path}", headers=headers, json={})
