@@ -110,6 +110,12 @@ class ModelPool:
             self._device = pick_device(self.settings, self.device_index)
         return self._device
 
+    async def pick_device(self) -> None:
+        """Pick the device on a thread: the first pick imports torch (seconds), which on the event
+        loop would hold every request of this process meanwhile (a listing during a restore)."""
+        if self._device is None:
+            await asyncio.to_thread(lambda: self.device)
+
     @property
     def has_device(self) -> bool:
         """Whether the device is picked yet (picking it imports torch)."""
@@ -142,6 +148,7 @@ class ModelPool:
     async def load(self, ref: ModelRef, backend: str | None = None, *, evict_pinned: bool = True) -> bool:
         """Make ``ref`` resident and pinned; False when it already was (or another request loaded
         it). A ``backend`` other than the one it is resident (or loading) with is a 409."""
+        await self.pick_device()
         wanted = self.backend_for(ref, backend)
         resident = self._resident.get(ref)
         if resident is not None:
@@ -174,6 +181,7 @@ class ModelPool:
         runner loaded) and the preload list. All of them are ``LOADING`` at once, so a request for
         one waits for it (``wait_resident``) instead of finding it unknown. None evicts a pinned
         model; a failure is logged and returned, not raised."""
+        await self.pick_device()
         turn = asyncio.Lock()
         loads = {ref: self._start_load(ref, self.backend_for(ref, backend), asked=backend, turn=turn,
                                        delay_s=self.settings.restore_delay_s, evict_pinned=False)
@@ -193,6 +201,7 @@ class ModelPool:
         finds it resident)."""
         resident = self._resident.get(ref)
         if resident is None:
+            await self.pick_device()
             try:
                 resident = await asyncio.wait_for(
                     asyncio.shield(self._start_load(ref, self.backend_for(ref, None), pinned=False)), wait_s)
