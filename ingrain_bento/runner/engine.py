@@ -64,10 +64,9 @@ class RunnerEngine:
         self.settings = settings
         self.metrics = metrics
         self.home = home or MemoryStateHome()
-        shared = SharedEntries(self.home, mirror)
-        self.store = ModelStore(shared)
+        self.store = ModelStore(SharedEntries(self.home, mirror))
         self.pool = ModelPool(self.store, settings, metrics, on_evict=self._evicted, device_index=runner_index)
-        self.sync = ModelStateSync(self.home, self.pool, self.store, runner_id, settings.sync_s, shared, metrics)
+        self.sync = ModelStateSync(self.home, self.pool, self.store, runner_id, settings.sync_s, metrics)
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
 
     @property

@@ -85,14 +85,11 @@ class Resident:
 
 class ModelPool:
     def __init__(self, store: ModelStore, settings: Settings, metrics: ModelMetrics | None = None,
-                 on_change: Callable[[list[tuple[ModelRef, str | None]]], None] | None = None,
                  on_evict: Callable[[ModelRef], Awaitable[None]] | None = None, device_index: int = 0) -> None:
-        """``on_change``: the resident refs (and the engine each load asked for) after each change;
-        ``on_evict``: a pinned model was evicted; ``device_index``: which CUDA device (one runner per device)."""
+        """``on_evict``: a pinned model was evicted; ``device_index``: which CUDA device (one runner per device)."""
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self.on_change = on_change
         self.on_evict = on_evict
         self.device_index = device_index
         # One forward at a time per device: torch already uses every core (or the GPU) per forward.
@@ -393,12 +390,9 @@ class ModelPool:
     def _report_resident(self) -> None:
         if self.metrics is not None:
             self.metrics.record_resident({ref.display_id: r.model.memory_bytes for ref, r in self._resident.items()})
-        if self.on_change is not None:
-            self.on_change([(ref, resident.asked) for ref, resident in self._resident.items()])
 
     async def close(self) -> None:
-        """Release every model; ``on_change`` is not told (what was resident stays recorded)."""
-        self.on_change = None
+        """Release every model (what the desired state holds stays recorded)."""
         for ref in list(self._resident):
             await self.unload(ref)
         self.forward_executor.shutdown(wait=False)

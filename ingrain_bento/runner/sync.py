@@ -9,7 +9,7 @@
   record through ``PoolModels`` (load, unload, pin, fetch or drop store entries), then the runner
   writes its report (``model_state/reports.py``). A home that does not answer changes nothing
   here: resident models keep serving, and the runner catches up when it answers again.
-- **Listings** (``reports``): every live runner's report, this one's taken live.
+- **Listings** (``snapshot``): the record and every live runner's report, this one's taken live.
 - **Version**: the record's ``removals``, as this runner last read or wrote it: the model-state
   version the fronts cache against, the same on every replica.
 
@@ -26,7 +26,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Protocol
 
 from ingrain_bento.bentoml_seam import bentoml_home
 from ingrain_bento.metrics import ModelMetrics
@@ -39,7 +38,7 @@ from ingrain_bento.runner.pool import ModelPool
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore
 
-__all__ = ["EntryFetcher", "ModelStateSync", "PoolModels", "open_model_state", "runner_id"]
+__all__ = ["ModelStateSync", "PoolModels", "open_model_state", "runner_id"]
 
 log = logging.getLogger("ingrain_bento.sync")
 
@@ -67,17 +66,12 @@ def runner_id(settings: Settings, index: int) -> str:
     return f"{settings.replica_id or socket.gethostname()}/{index}"
 
 
-class EntryFetcher(Protocol):
-    def fetch(self, tag: str) -> bool: ...
-
-
 class PoolModels:
     """A runner's pool and store as the ``Reconciler`` drives them (``model_state.RunnerModels``)."""
 
-    def __init__(self, pool: ModelPool, store: ModelStore, shared: EntryFetcher | None) -> None:
+    def __init__(self, pool: ModelPool, store: ModelStore) -> None:
         self.pool = pool
         self.store = store
-        self.shared = shared
 
     def held(self) -> Mapping[str, Held]:
         held = {model_key(r.model.ref): Held(r.model.ref, r.pinned, r.stored.tag) for r in self.pool.resident()}
@@ -103,21 +97,21 @@ class PoolModels:
         self.pool.pin(ref)
 
     async def fetch_entry(self, tag: str) -> None:
-        if self.shared is not None:
-            await asyncio.to_thread(self.shared.fetch, tag)
+        if self.store.shared is not None:
+            await asyncio.to_thread(self.store.shared.fetch, tag)
 
 
 class ModelStateSync:
     """See the module docstring. ``runner_id``: ``<replica>/<index>``."""
 
     def __init__(self, home: StateHome, pool: ModelPool, store: ModelStore, runner_id: str, sync_s: float,
-                 shared: EntryFetcher | None = None, metrics: ModelMetrics | None = None) -> None:
+                 metrics: ModelMetrics | None = None) -> None:
         self.home = home
         self.pool = pool
         self.runner_id = runner_id
         self.sync_s = sync_s
         self.metrics = metrics
-        self.reconciler = Reconciler(home, PoolModels(pool, store, shared))
+        self.reconciler = Reconciler(home, PoolModels(pool, store))
         self.generation = 0
         self.version = 0  # the record's removals: what fronts cache against
         self.stale_after_s = max(10.0, STALE_AFTER_STEPS * sync_s)
