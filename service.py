@@ -53,6 +53,7 @@ from ingrain_bento.front.http import (  # noqa: E402
 )
 from ingrain_bento.front.openai import openai_embeddings, openai_models  # noqa: E402
 from ingrain_bento.front.remote_engine import RemoteEngine  # noqa: E402
+from ingrain_bento.front.task_routes import add_task_routes  # noqa: E402
 from ingrain_bento.logs import configure_logging  # noqa: E402
 from ingrain_bento.machine import (  # noqa: E402
     engine_process,
@@ -65,6 +66,7 @@ from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, Mo
 from ingrain_bento.model_list import baked_model_tags, preload_list  # noqa: E402
 from ingrain_bento.runner.engine import RunnerEngine  # noqa: E402
 from ingrain_bento.runner.sync import open_model_state, runner_id  # noqa: E402
+from ingrain_bento.tasks import zero_shot  # noqa: E402
 from ingrain_bento.wire import RunnerGate, RunnerTransport  # noqa: E402
 
 SETTINGS = get_settings()
@@ -244,9 +246,11 @@ async def embed(gw: Gateway, request: Annotated[tei.EmbedBody, example(
     return json_response(await gw.embed(request, output="features"))
 
 
-@app.post("/classify_image", response_model=s.ProbabilitiesResponse)
-async def classify_image(gw: Gateway, request: Annotated[s.ImageRequest, example(
+@app.post("/classify_image", response_model=s.ProbabilitiesResponse | zero_shot.ZeroShotResponse)
+async def classify_image(gw: Gateway, request: Annotated[zero_shot.ZeroShotRequest, example(
         {"name": TIMM, "image": [PNG]}, "One image")]) -> Response:
+    if request.labels is not None:  # a CLIP model, against the labels sent (tasks/zero_shot.py)
+        return json_response(await zero_shot.answer(gw, request))
     return json_response(await gw.classify_image(request))
 
 
@@ -410,6 +414,7 @@ async def tei_info(gw: Gateway) -> Response:
     return JSONResponse(await tei.info(gw, SETTINGS))
 
 
+add_task_routes(app, gateway)  # each task module's own routes (ingrain_bento/tasks/)
 add_fallback_route(app)
 
 # mypy does not apply class decorators: to it these names are still the plain classes.

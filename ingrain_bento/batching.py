@@ -1,8 +1,8 @@
 """Dynamic batching: many small concurrent requests become few large calls.
 
 The runner batches forwards per (model, task) with it (``ModelPool.batcher``); the front
-batches tokenization on its tokenizer thread and coalesces its requests into runner calls
-(``RunnerClient``) with the same class.
+batches tokenization on its tokenizer thread (``InputPreparer.texts``) and coalesces its
+requests into runner calls (``RemoteEngine``'s per-model call queues) with the same class.
 
 A ``Batcher`` serves one (model, task) pair. ``submit(items)`` splits a request into
 chunks of at most ``max_batch`` items, queues them, and returns the rows in input order.

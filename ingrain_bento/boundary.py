@@ -91,6 +91,10 @@ class Engine(Protocol):
     async def ingrain_metrics(self) -> dict[str, Any]:
         """Ingrain's JSON statistics (``{"modelStats": [...]}``)."""
 
+    async def forget(self) -> None:
+        """The model state moved: drop what this engine keeps per model for a front (a remote
+        engine's per-model call queues; nothing for an engine in the front's own process)."""
+
     async def infer(self, ref: ModelRef, task: str, tag: str, requests: Sequence[Sequence[Any]]) -> InferReply:
         """Rows for each request's prepared items (``task`` is a capability; ``tag`` the store
         entry they were prepared for), merged with other requests into few forwards."""

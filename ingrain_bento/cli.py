@@ -1,6 +1,6 @@
 """``ingrain-bento pull/list/rm``: fill the BentoML model store ahead of time.
 
-Same code path as the server (``ModelStore.pull``, and ``engines.export`` for ``--backend onnx``),
+Same code path as the server (``ModelStore.pull``, and ``runner.export`` for ``--backend onnx``),
 so a pulled model serves with no further download or export. Download progress bars are
 huggingface_hub's own (tqdm).
 """
@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ingrain_bento.engines.base import Backend
+from ingrain_bento.engines.base import ENGINES, Backend
 from ingrain_bento.errors import IngrainError
+from ingrain_bento.families import parse_ref
 from ingrain_bento.model_list import read_model_list
-from ingrain_bento.refs import ModelRef
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--name", help="architecture, Hub id, or hf-hub:org/repo")
     pull.add_argument("--from", dest="model_list", help="pull every model of a models/*.yaml list instead")
     pull.add_argument("--pretrained", default=None, help="pretrained tag (open_clip), true/false (timm)")
-    pull.add_argument("--backend", choices=["onnx", "onnx-int8"], default=None,
+    pull.add_argument("--backend", choices=[name for name, spec in ENGINES.items() if spec.exports], default=None,
                       help="also export it for that engine now (a list's own backend fields otherwise)")
     commands.add_parser("list", help="list the models in the store")
     rm = commands.add_parser("rm", help="remove a model from the store")
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.model_list:
                 refs = read_model_list(args.model_list)
             elif args.library and args.name:
-                refs = [(ModelRef.parse(args.library, args.name, args.pretrained), None)]
+                refs = [(parse_ref(args.library, args.name, args.pretrained), None)]
             else:
                 console.print("[red]pull needs --library and --name, or --from FILE[/red]")
                 return 2
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 size_mb = entry.size_bytes / 1e6
                 console.print(f"[green]Stored[/green] {ref.display_id} as {entry.tag} ({size_mb:.1f} MB)")
                 export: Backend | None = args.backend or backend
-                if export is not None and export != "torch":
+                if export is not None and ENGINES[export].exports:
                     _export(console, store, entry, export)
         elif args.command == "list":
             table = Table("id", "library", "pretrained", "store tag", "MB", "exports")
@@ -94,7 +94,7 @@ def _export(console: Any, store: Any, entry: Any, backend: Backend) -> None:
     """Export a stored model for ``backend`` now, as the server's first load with it would."""
     import asyncio
 
-    from ingrain_bento.engines.export import ensure_export
+    from ingrain_bento.runner.export import ensure_export
     from ingrain_bento.settings import get_settings
 
     export = asyncio.run(ensure_export(store, entry, backend, get_settings().export_timeout_s))

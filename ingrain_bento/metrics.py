@@ -29,6 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ingrain_bento.batching import BatchStats
 from ingrain_bento.refs import ModelRef
 
+__all__ = ["JSON_METRICS_PATH", "PROMETHEUS_ACCEPT", "MetricsFormatMiddleware", "ModelMetrics", "RequestMetrics"]
+
 PROMETHEUS_ACCEPT = (b"text/plain", b"application/openmetrics-text")
 JSON_METRICS_PATH = "/ingrain_metrics"
 

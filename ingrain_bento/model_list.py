@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from ingrain_bento.engines.base import Backend
+from ingrain_bento.families import parse_ref
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import Settings
 
@@ -43,7 +44,7 @@ def read_model_list(path: str | Path) -> list[tuple[ModelRef, Backend | None]]:
     data = yaml.safe_load(Path(path).read_text()) or {}
     try:
         entries = ModelList.model_validate(data).models
-        return [(ModelRef.parse(e.library, e.name, e.pretrained), e.backend) for e in entries]
+        return [(parse_ref(e.library, e.name, e.pretrained), e.backend) for e in entries]
     except Exception as exc:
         raise ValueError(f"{path}: {exc}") from exc
 

@@ -1,14 +1,14 @@
-"""Model identity: ``ModelRef(library, name, pretrained)``.
+"""Model identity: ``ModelRef(library, name, pretrained)``, a plain value.
 
-Every name a client sends passes through ``ModelRef.parse`` before anything touches
-the store or the disk: names are plain identifiers (an optional ``hf-hub:`` prefix and
-one ``org/repo`` slash), never paths. ``ModelRef`` also derives the display id
-(``name`` or ``name::pretrained``) and the BentoML store tag.
+Every name a client sends passes through ``families.parse_ref`` (``validate_name`` here, then the
+family's own reading of ``pretrained``) before anything touches the store or the disk: names are
+plain identifiers (an optional ``hf-hub:`` prefix and one ``org/repo`` slash), never paths.
+``ModelRef`` derives the display id (``name`` or ``name::pretrained``); its store tag is the
+store's (``store.store_name``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -78,15 +78,6 @@ class ModelRef:
     name: str
     pretrained: str | None = None
 
-    @classmethod
-    def parse(cls, library: str, name: str, pretrained: str | bool | None = None) -> ModelRef:
-        from ingrain_bento.families import family
-
-        entry = family(library)
-        name, pretrained = split_display_id(name, pretrained)
-        name = validate_name(name)
-        return cls(entry.name, name, entry.canonical_pretrained(name, pretrained))
-
     @property
     def is_hub_name(self) -> bool:
         return self.name.startswith(HF_HUB_PREFIX)
@@ -95,21 +86,3 @@ class ModelRef:
     def display_id(self) -> str:
         """``name`` or ``name::pretrained`` (the clip-as-service convention)."""
         return self.name if self.pretrained is None else f"{self.name}{DISPLAY_SEPARATOR}{self.pretrained}"
-
-    @property
-    def api_pretrained(self) -> str | bool | None:
-        """``pretrained`` as the API shows it (timm: ``true``/``false``/custom name)."""
-        from ingrain_bento.families import family
-
-        return family(self.library).api_pretrained(self.pretrained)
-
-    @property
-    def store_name(self) -> str:
-        """A BentoML tag name (``[a-z0-9._-]``, at most 63 chars): readable slug + identity hash."""
-        from ingrain_bento.families import family
-
-        identity = f"{self.library}\n{self.name}\n{self.pretrained}"
-        digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
-        short = family(self.library).tag_prefix
-        slug = re.sub(r"[^a-z0-9._]+", "-", self.display_id.lower()).strip("-.")
-        return f"{short}-{slug[: 63 - len(short) - len(digest) - 2]}-{digest}"

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -21,12 +22,27 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
+from ingrain_bento.engines.base import ENGINES
 from ingrain_bento.settings import get_settings
+
+__all__ = ["MAX_CLASSES", "PROTOCOL_TAGS", "ApiModel", "Backend", "CohereContent", "CohereEmbedRequest",
+           "CohereEmbeddingType", "CohereImageUrl", "CohereInput", "CustomModelRequest", "EmbeddingSizeResponse",
+           "EmbeddingsResponse", "Image", "ImageRequest", "Images", "InferenceRequest", "LabelsResponse",
+           "MessageResponse", "ModelInfo", "ModelListResponse", "ModelRequest", "ModelState", "NonEmptyName",
+           "OpenAIEmbedding", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse", "OpenAIModel", "OpenAIModelList",
+           "OpenAIUsage", "Precision", "Pretrained", "ProbabilitiesResponse", "PromptName", "RerankDocument",
+           "RerankRequest", "RerankResponse", "RerankResult", "Rows", "RunnerInfo", "SparseEmbedding",
+           "SparseEmbeddingsResponse", "SparseRequest", "TEIDecodeRequest", "TEIEmbedRequest", "TEIOptions",
+           "TEIRerankRequest", "TEISimilarityInputs", "TEISimilarityRequest", "TEISparseRequest",
+           "TEITokenizeRequest", "Text", "TextImageEmbeddingsResponse", "TextImageRequest", "TextOptions",
+           "TextRequest", "Texts", "Token", "TruncationDirection", "as_list", "build", "one_prompt",
+           "validation_message"]
 
 M = TypeVar("M", bound=BaseModel)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -75,7 +91,14 @@ def as_list(value: str | list[str] | None) -> list[str]:
 
 # ---- management requests ---------------------------------------------------------------
 
-Backend = Literal["torch", "onnx", "onnx-int8"]
+def _known_backend(value: str) -> str:
+    if value not in ENGINES:
+        raise ValueError(f"unknown backend {value!r}: use one of {', '.join(map(repr, ENGINES))}")
+    return value
+
+
+# A compute backend's name (``engines.ENGINES``, the one list of them).
+Backend = Annotated[str, AfterValidator(_known_backend), WithJsonSchema({"type": "string", "enum": list(ENGINES)})]
 
 
 class ModelRequest(ApiModel):

@@ -12,7 +12,7 @@ import secrets
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["RUNNER_TOKEN_ENV", "Settings", "ensure_runner_token", "get_settings"]
@@ -60,10 +60,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_TORCH_THREADS"),
                                       description="Intra-op threads of every forward, torch's and ONNX Runtime's "
                                                   "(default: theirs, one per core).")
-    backend: Literal["auto", "torch", "onnx"] = Field(
+    backend: str = Field(
         "auto", validation_alias=_env("INGRAIN_BACKEND"),
         description="The engine a load gets when it names none: auto (per family and device, the faster one "
-                    "measured: README \"Engines\"), torch, or onnx (onnx-int8 is per load only).")
+                    "measured: README \"Engines\"), or a backend of engines.ENGINES that may be the default "
+                    "(torch, onnx; onnx-int8 is per load only).")
     onnx_spinning: bool = Field(False, validation_alias=_env("INGRAIN_ONNX_SPINNING"),
                                 description="ONNX Runtime's idle threads spin for work: less latency alone, more CPU "
                                             "(README Performance).")
@@ -127,6 +128,16 @@ class Settings(BaseSettings):
                                                   "only resident model able to do the task).")
     sync_s: float = Field(2.0, gt=0, le=300, validation_alias=_env("INGRAIN_SYNC_S"),
                           description="How often a runner checks the desired model state and reports what it holds.")
+
+    @field_validator("backend")
+    @classmethod
+    def _server_backend(cls, value: str) -> str:
+        from ingrain_bento.engines.base import ENGINES
+
+        allowed = ["auto", *(name for name, spec in ENGINES.items() if spec.server_default)]
+        if value not in allowed:
+            raise ValueError(f"INGRAIN_BACKEND is {value!r}: use one of {', '.join(allowed)}")
+        return value
 
 
 RUNNER_TOKEN_ENV = "INGRAIN_RUNNER_TOKEN"

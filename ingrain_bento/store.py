@@ -30,12 +30,13 @@ from typing import Any, Protocol
 import bentoml
 
 from ingrain_bento.bentoml_seam import bentoml_home
+from ingrain_bento.engines.base import ENGINES
 from ingrain_bento.errors import Conflict, IngrainError, ModelNotFound, UpstreamFailed
-from ingrain_bento.families import family
+from ingrain_bento.families import api_pretrained, family, parse_ref
 from ingrain_bento.refs import ModelRef
 
 __all__ = ["COMPLETE_MARKER", "EntrySharing", "ModelStore", "StoredExport", "StoredModel", "custom_store_name",
-           "export_store_name", "staging_dir"]
+           "export_store_name", "staging_dir", "store_name"]
 
 log = logging.getLogger("ingrain_bento.store")
 
@@ -63,12 +64,12 @@ class StoredModel:
 
     @property
     def pretrained(self) -> str | bool | None:
-        return self.ref.api_pretrained if self.ref else self.custom_name
+        return api_pretrained(self.ref) if self.ref else self.custom_name
 
 
 @dataclass(frozen=True)
 class StoredExport:
-    """A model's graphs exported for one engine (``engines.export``): a store entry of its own,
+    """A model's graphs exported for one engine (``runner.export``): a store entry of its own,
     made from one model entry (``source``, a tag with version) and deleted with it."""
 
     tag: str
@@ -85,6 +86,16 @@ def export_store_name(source_tag: str, backend: str) -> str:
     prefix = backend.replace("-", "")
     slug = source_tag.split(":")[0][: 63 - len(prefix) - len(digest) - 2]
     return f"{prefix}-{slug}-{digest}"
+
+
+def store_name(ref: ModelRef) -> str:
+    """A model's BentoML tag name (``[a-z0-9._-]``, at most 63 chars): its family's prefix, a readable
+    slug of its display id, and a hash of its identity."""
+    identity = f"{ref.library}\n{ref.name}\n{ref.pretrained}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
+    short = family(ref.library).tag_prefix
+    slug = re.sub(r"[^a-z0-9._]+", "-", ref.display_id.lower()).strip("-.")
+    return f"{short}-{slug[: 63 - len(short) - len(digest) - 2]}-{digest}"
 
 
 def custom_store_name(library: str, pretrained_name: str) -> str:
@@ -186,7 +197,7 @@ class ModelStore:
         if meta.get("unbound"):
             ref, custom = None, labels["pretrained"]
         else:
-            ref, custom = ModelRef.parse(library, labels["name"], labels["pretrained"] or None), None
+            ref, custom = parse_ref(library, labels["name"], labels["pretrained"] or None), None
         return StoredModel(str(model.tag), path, library, ref, custom, meta, int(meta.get("size_bytes", 0)))
 
     def by_tag(self, tag_name: str) -> StoredModel | None:
@@ -202,7 +213,7 @@ class ModelStore:
         return [entry for entry in found if entry is not None]
 
     def find(self, ref: ModelRef) -> StoredModel | None:
-        return self.by_tag(ref.store_name)
+        return self.by_tag(store_name(ref))
 
     def find_unbound(self, library: str, pretrained_name: str) -> StoredModel | None:
         return self.by_tag(custom_store_name(library, pretrained_name))
@@ -264,8 +275,9 @@ class ModelStore:
         labels = {EXPORT_OF: entry.tag, "backend": backend, "source": "ingrain-bento"}
 
         def write(target: Path) -> dict[str, Any]:
-            for graph in folder.glob("*.onnx"):
-                shutil.copy2(graph, target / graph.name)
+            for pattern in ENGINES[backend].stored_files:
+                for graph in folder.glob(pattern):
+                    shutil.copy2(graph, target / graph.name)
             return {"report": report}
 
         with self._lock(name):
@@ -286,15 +298,15 @@ class ModelStore:
             unbound = self.find_unbound(ref.library, ref.pretrained)
             if unbound is not None:
                 return self.bind(ref, unbound)
-        with self._lock(ref.store_name):
+        with self._lock(store_name(ref)):
             existing = self.find(ref)
             if existing is not None:
                 return existing
-            self._remove_incomplete(ref.store_name)
-            shared = self._from_shared(ref.store_name)
+            self._remove_incomplete(store_name(ref))
+            shared = self._from_shared(store_name(ref))
             if shared is not None:
                 return shared
-            entry = self._create(ref.store_name, self._labels(ref), lambda folder: self._fetch(ref, folder))
+            entry = self._create(store_name(ref), self._labels(ref), lambda folder: self._fetch(ref, folder))
             return self._added(entry, ref)
 
     @staticmethod
@@ -320,14 +332,14 @@ class ModelStore:
     def bind(self, ref: ModelRef, unbound: StoredModel) -> StoredModel:
         """Turn a custom checkpoint into a loadable ``(architecture, pretrained_name)`` entry."""
         weights = unbound.path / "custom.safetensors"
-        with self._lock(ref.store_name):
+        with self._lock(store_name(ref)):
             existing = self.find(ref)
             if existing is not None:
                 return existing
-            self._remove_incomplete(ref.store_name)
+            self._remove_incomplete(store_name(ref))
             options = unbound.metadata.get("options", {})
             entry = self._create(
-                ref.store_name, self._labels(ref),
+                store_name(ref), self._labels(ref),
                 lambda folder: family(ref.library).bind_custom(ref, weights, options, folder),
                 {"custom": True, "options": options},
             )
@@ -342,8 +354,8 @@ class ModelStore:
         load that names its architecture (``bind``)."""
         extra: dict[str, Any]
         if family(library).custom_form == "folder":
-            ref = ModelRef.parse(library, pretrained_name)
-            tag_name, labels, extra = ref.store_name, self._labels(ref), {"custom": True}
+            ref = parse_ref(library, pretrained_name)
+            tag_name, labels, extra = store_name(ref), self._labels(ref), {"custom": True}
         else:
             ref = ModelRef(library, pretrained_name, pretrained_name)  # its record until bound
             tag_name = custom_store_name(library, pretrained_name)

@@ -48,8 +48,9 @@ from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import RUNNER_TOKEN_ENV
 
 __all__ = [
-    "CALLS", "FRAME_MEDIA_TYPE", "PICKLE_MEDIA_TYPE", "RUNNER_TOKEN_ENV", "CallCodec", "FrameError", "InferCodec",
-    "RunnerGate", "RunnerTransport", "TransportError", "decode_frame", "encode_frame", "pack", "unpack",
+    "CALLS", "FRAME_MEDIA_TYPE", "FRONT_SIDE_CALLS", "PICKLE_MEDIA_TYPE", "RUNNER_TOKEN_ENV", "CallCodec",
+    "FrameError", "InferCodec", "RunnerGate", "RunnerTransport", "TransportError", "decode_frame", "encode_frame",
+    "pack", "unpack",
 ]
 
 log = logging.getLogger("ingrain_bento.wire")
@@ -247,6 +248,8 @@ CALLS: dict[str, CallCodec] = {codec.name: codec for codec in (
     CallCodec("served_models"), CallCodec("describe"), CallCodec("embedding_size"),
     CallCodec("classification_labels"), CallCodec("ingrain_metrics"), InferCodec(),
 )}
+# ``Engine`` methods a front answers on its own side of the wire: nothing crosses for them.
+FRONT_SIDE_CALLS = frozenset({"forget"})
 
 
 # ---- the front's side: one kept-alive connection pool to the runner's address -------------------

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from ingrain_bento.cli import main
-from ingrain_bento.refs import ModelRef
+from ingrain_bento.families import parse_ref
 from ingrain_bento.store import ModelStore
 
 
 def test_pull_list_rm_round_trip(capsys):
-    ref = ModelRef.parse("timm", "test_efficientnet_gn.r160_in1k", False)
+    ref = parse_ref("timm", "test_efficientnet_gn.r160_in1k", False)
     assert main(["pull", "--library", "timm", "--name", ref.name, "--pretrained", "false"]) == 0
     assert ModelStore().find(ref) is not None
     assert main(["list"]) == 0
@@ -21,7 +21,7 @@ def test_pull_from_a_model_list(tmp_path):
     listing = tmp_path / "models.yaml"
     listing.write_text("models:\n  - {library: timm, name: test_vit2.r160_in1k, pretrained: false}\n")
     assert main(["pull", "--from", str(listing)]) == 0
-    ref = ModelRef.parse("timm", "test_vit2.r160_in1k", False)
+    ref = parse_ref("timm", "test_vit2.r160_in1k", False)
     assert ModelStore().find(ref) is not None
     ModelStore().delete(ref)
 

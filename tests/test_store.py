@@ -11,15 +11,15 @@ import bentoml
 import pytest
 
 from ingrain_bento.errors import BadRequest, Conflict, ModelNotFound, UpstreamFailed
-from ingrain_bento.refs import ModelRef
-from ingrain_bento.store import COMPLETE_MARKER, ModelStore, custom_store_name
+from ingrain_bento.families import parse_ref
+from ingrain_bento.store import COMPLETE_MARKER, ModelStore, custom_store_name, store_name
 
 from fixtures.hub import hub_that_knows_no_model, point_hub_at
 
 
 def test_pull_writes_a_labelled_local_dir_folder_once():
     store = ModelStore()
-    ref = ModelRef.parse("timm", "test_efficientnet.r160_in1k", False)
+    ref = parse_ref("timm", "test_efficientnet.r160_in1k", False)
     entry = store.pull(ref)
     assert (entry.path / "config.json").is_file() and (entry.path / "model.safetensors").is_file()
     assert (entry.path / COMPLETE_MARKER).is_file()
@@ -36,7 +36,7 @@ def test_pull_writes_a_labelled_local_dir_folder_once():
 
 def test_concurrent_pulls_of_one_model_write_one_entry():
     store = ModelStore()
-    ref = ModelRef.parse("timm", "test_byobnet.r160_in1k", False)
+    ref = parse_ref("timm", "test_byobnet.r160_in1k", False)
     tags: list[str] = []
     threads = [threading.Thread(target=lambda: tags.append(store.pull(ref).tag)) for _ in range(4)]
     for thread in threads:
@@ -44,18 +44,18 @@ def test_concurrent_pulls_of_one_model_write_one_entry():
     for thread in threads:
         thread.join()
     assert len(set(tags)) == 1
-    assert len(bentoml.models.list(ref.store_name)) == 1
+    assert len(bentoml.models.list(store_name(ref))) == 1
     store.delete(ref)
 
 
 def test_a_failed_fetch_leaves_nothing_in_the_store():
     store = ModelStore()
-    ref = ModelRef.parse("timm", "no_such_architecture_at_all")
+    ref = parse_ref("timm", "no_such_architecture_at_all")
     with pytest.raises(ModelNotFound):
         store.pull(ref)
     assert store.find(ref) is None
     with pytest.raises(bentoml.exceptions.NotFound):
-        bentoml.models.list(ref.store_name)
+        bentoml.models.list(store_name(ref))
 
 
 def test_a_write_that_fails_midway_leaves_nothing(tmp_path: Path):
@@ -91,25 +91,25 @@ def test_two_processes_sharing_one_store_write_one_entry():
     import subprocess
     import sys
 
-    ref = ModelRef.parse("timm", "test_convnext2.r160_in1k", False)
-    code = ("import sys; from ingrain_bento.store import ModelStore; from ingrain_bento.refs import ModelRef; "
-            "print(ModelStore().pull(ModelRef.parse('timm', 'test_convnext2.r160_in1k', False)).tag)")
+    ref = parse_ref("timm", "test_convnext2.r160_in1k", False)
+    code = ("import sys; from ingrain_bento.store import ModelStore; from ingrain_bento.families import parse_ref; "
+            "print(ModelStore().pull(parse_ref('timm', 'test_convnext2.r160_in1k', False)).tag)")
     processes = [subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
     tags = [process.communicate(timeout=300)[0].strip().splitlines()[-1] for process in processes]
     assert all(process.returncode == 0 for process in processes)
     assert tags[0] == tags[1]
-    versions = [p for p in (Path(os.environ["BENTOML_HOME"]) / "models" / ref.store_name).iterdir() if p.is_dir()]
+    versions = [p for p in (Path(os.environ["BENTOML_HOME"]) / "models" / store_name(ref)).iterdir() if p.is_dir()]
     assert len(versions) == 1 and (versions[0] / COMPLETE_MARKER).is_file()
 
 
 RACE = """
 import sys, threading
-from ingrain_bento.refs import ModelRef
+from ingrain_bento.families import parse_ref
 from ingrain_bento.store import ModelStore
 
 store = ModelStore()
-store.pull(ModelRef.parse("timm", "test_efficientnet.r160_in1k", False))
+store.pull(parse_ref("timm", "test_efficientnet.r160_in1k", False))
 assert "sentence_transformers" not in sys.modules
 importing = threading.Thread(target=lambda: __import__("sentence_transformers"))
 importing.start()
@@ -147,7 +147,7 @@ def no_model_hub(tmp_path: Path) -> Iterator[str]:
                                                ("timm", "hf-hub:someone/no-such-model")])
 def test_a_model_the_hub_says_does_not_exist_is_a_404(no_model_hub, tmp_path, library, name):
     with pytest.raises(ModelNotFound, match="is not on the Hugging Face Hub") as error:
-        ModelStore._fetch(ModelRef.parse(library, name), tmp_path)
+        ModelStore._fetch(parse_ref(library, name), tmp_path)
     assert str(tmp_path) not in error.value.message
 
 
@@ -160,5 +160,5 @@ def test_the_hub_unreachable_is_a_502_not_a_404(no_model_hub, monkeypatch, tmp_p
         nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there
     point_hub_at(monkeypatch, nowhere)
     with pytest.raises(UpstreamFailed, match="could not be fetched") as error:
-        ModelStore._fetch(ModelRef.parse("sentence_transformers", "someone/some-model"), tmp_path)
+        ModelStore._fetch(parse_ref("sentence_transformers", "someone/some-model"), tmp_path)
     assert error.value.status_code == 502

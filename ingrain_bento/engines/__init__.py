@@ -10,17 +10,18 @@ bench/engines.py measured faster there (``AUTO``; README "Engines" has the figur
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ingrain_bento.engines.base import BACKENDS, Backend, Graph, Runner
+from ingrain_bento.engines.base import BACKENDS, ENGINES, Backend, EngineSpec, Graph, Runner
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AUTO", "BACKENDS", "Backend", "EngineChoice", "Graph", "Runner", "choose_backend"]
+__all__ = ["AUTO", "BACKENDS", "ENGINES", "Backend", "EngineChoice", "EngineSpec", "Graph", "Runner", "choose_backend"]
 
 # (device type, library) -> the engine `auto` picks. Measured on 2 CPU cores (bench/engines.py): ONNX
 # Runtime is faster for every family there. No GPU run has measured ONNX Runtime's CUDA provider
@@ -36,8 +37,9 @@ def choose_backend(requested: str | None, default: str, device_type: str, librar
     """The engine a load gets: the request's, else the server default; ``auto`` from ``AUTO``."""
     choice = requested or default
     if choice == "auto":
-        return AUTO.get((device_type, library), "torch")
-    if choice not in BACKENDS:
+        picked = AUTO.get((device_type, library), "torch")
+        return picked if ENGINES[picked].auto else "torch"
+    if choice not in ENGINES:
         raise ValueError(f"unknown backend {choice!r}")
     return choice
 
@@ -50,18 +52,13 @@ class EngineChoice:
     device: torch.device
     half: bool  # fp16 weights (torch on CUDA)
     threads: int | None  # intra-op threads (INGRAIN_TORCH_THREADS), for either engine
-    export: Path | None = None  # the store folder of the model's ONNX export (onnx backends)
+    export: Path | None = None  # the store folder of the model's export (a backend that runs one)
     spinning: bool = False  # ONNX Runtime's idle threads spin for work (INGRAIN_ONNX_SPINNING)
 
     def runner(self, graphs: Mapping[str, Graph]) -> Runner:
-        if self.backend == "torch":
-            from ingrain_bento.engines.torch import TorchRunner
-
-            return TorchRunner(graphs, self.device, self.half)
-        from ingrain_bento.engines.onnx import OnnxRunner
-
-        assert self.export is not None, "an ONNX engine needs the model's export"
-        runner = OnnxRunner(self.export, graphs, self.backend, str(self.device), self.threads, self.spinning)
-        for graph in graphs.values():
-            graph.module = None  # the torch weights are not needed once the sessions are open
+        """The graphs on this backend (its module's ``open_runner``)."""
+        spec = ENGINES[self.backend]
+        if spec.exports and self.export is None:
+            raise ValueError(f"the {self.backend} engine needs the model's export")
+        runner: Runner = importlib.import_module(spec.module).open_runner(self, graphs)
         return runner

@@ -12,15 +12,42 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["BACKENDS", "Backend", "Graph", "Runner"]
+__all__ = ["BACKENDS", "ENGINES", "Backend", "EngineSpec", "Graph", "Runner"]
 
-Backend = Literal["torch", "onnx", "onnx-int8"]
-BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "onnx-int8")
+Backend = str  # a name in ``ENGINES``
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One compute backend, everything the server needs to know of it.
+
+    ``module`` is imported on first use, never before (a front worker imports no engine): it has
+    ``open_runner(choice, graphs) -> Runner`` and, for a backend that runs an export of the
+    graphs, ``export(backend, graphs, out, source) -> report`` (run in a child process by
+    ``runner.export``) and ``EXPORTER_VERSION``."""
+
+    name: str
+    module: str
+    exports: bool = False  # it runs an export of the graphs, made once and kept in the store
+    export_from: str | None = None  # the backend whose export its own is made from (int8 from fp32)
+    stored_files: tuple[str, ...] = ()  # the export's files the store keeps (globs)
+    auto: bool = False  # ``auto`` may pick it (``engines.AUTO`` says where)
+    server_default: bool = False  # ``INGRAIN_BACKEND`` may name it (else: per load only)
+
+
+# The compute backends: a new one is its module and one line here.
+ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
+    EngineSpec("torch", "ingrain_bento.engines.torch", auto=True, server_default=True),
+    EngineSpec("onnx", "ingrain_bento.engines.onnx", exports=True, stored_files=("*.onnx",), auto=True,
+               server_default=True),
+    EngineSpec("onnx-int8", "ingrain_bento.engines.onnx", exports=True, export_from="onnx", stored_files=("*.onnx",)),
+)}
+BACKENDS: tuple[Backend, ...] = tuple(ENGINES)
 
 
 @dataclass

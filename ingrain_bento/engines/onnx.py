@@ -1,7 +1,7 @@
 """The ONNX Runtime engine: a family's graphs exported once, with torch's own exporter, and run
 by ONNX Runtime.
 
-- **Export** (``export_graphs``, run in a child process by ``engines.export``): each ``Graph``
+- **Export** (``export_graphs``, run in a child process by ``runner.export``): each ``Graph``
   through ``torch.onnx.export`` (the TorchScript exporter, opset 17, the graph's dynamic axes),
   then checked: ONNX Runtime and torch run the example inputs, and a batch of another size, and
   their outputs may differ by at most ``EXPORT_TOLERANCE``. A graph that does not export or does
@@ -27,7 +27,10 @@ from ingrain_bento.engines.base import Backend, Graph
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["EXPORTER_VERSION", "EXPORT_TOLERANCE", "OPSET", "OnnxRunner", "export_graphs", "quantize_graphs"]
+    from ingrain_bento.engines import EngineChoice
+
+__all__ = ["EXPORTER_VERSION", "EXPORT_TOLERANCE", "OPSET", "OnnxRunner", "export", "export_graphs", "open_runner",
+           "quantize_graphs"]
 
 log = logging.getLogger("ingrain_bento.engines.onnx")
 
@@ -61,6 +64,23 @@ def _session(path: Path, threads: int | None, device: str, spinning: bool = Fals
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
+def open_runner(choice: EngineChoice, graphs: Mapping[str, Graph]) -> OnnxRunner:
+    """The export's sessions; the graphs' torch modules are dropped (the weights are not needed)."""
+    assert choice.export is not None
+    runner = OnnxRunner(choice.export, graphs, choice.backend, str(choice.device), choice.threads, choice.spinning)
+    for graph in graphs.values():
+        graph.module = None
+    return runner
+
+
+def export(backend: Backend, graphs: Mapping[str, Graph], out: Path, source: Path | None) -> dict[str, Any]:
+    """``backend``'s export of ``graphs`` into ``out``: fp32 graphs, or (``onnx-int8``) the fp32
+    export in ``source`` quantized."""
+    if source is not None:
+        return {"graphs": quantize_graphs(graphs, source, out)}
+    return {"graphs": export_graphs(graphs, out)}
+
+
 class OnnxRunner:
     def __init__(self, folder: Path, graphs: Mapping[str, Graph], backend: Backend, device: str,
                  threads: int | None, spinning: bool = False) -> None:
@@ -86,7 +106,7 @@ class OnnxRunner:
         self._sessions.clear()
 
 
-# ---- export (in a child process: engines/export.py) ---------------------------------------------
+# ---- export (in a child process: runner/export.py) ---------------------------------------------
 
 def _other_batch(graph: Graph) -> dict[str, np.ndarray]:
     """The example inputs with the batch axis (axis 0, when dynamic) one item longer."""

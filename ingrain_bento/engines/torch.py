@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["TorchRunner", "apply_torch_threads"]
+    from ingrain_bento.engines import EngineChoice
+
+__all__ = ["TorchRunner", "apply_torch_threads", "open_runner"]
 
 
 def apply_torch_threads(threads: int | None) -> None:
@@ -25,6 +27,10 @@ def apply_torch_threads(threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
+
+
+def open_runner(choice: EngineChoice, graphs: Mapping[str, Graph]) -> TorchRunner:
+    return TorchRunner(graphs, choice.device, choice.half)
 
 
 class TorchRunner:

@@ -13,8 +13,9 @@ import pkgutil
 
 from ingrain_bento.errors import BadRequest
 from ingrain_bento.families.base import Family
+from ingrain_bento.refs import ModelRef, split_display_id, validate_name
 
-__all__ = ["Family", "families", "family", "register"]
+__all__ = ["Family", "api_pretrained", "families", "family", "parse_ref", "register"]
 
 _REGISTRY: dict[str, Family] = {}
 _discovered = False
@@ -48,3 +49,17 @@ def family(name: str) -> Family:
         return _REGISTRY[name]
     except KeyError:
         raise BadRequest(f"Unknown library {name!r}: use one of {', '.join(sorted(_REGISTRY))}.") from None
+
+
+def parse_ref(library: str, name: str, pretrained: str | bool | None = None) -> ModelRef:
+    """What a client names, as a ``ModelRef``: ``name::pretrained`` split, the name checked (a
+    plain identifier), ``pretrained`` as the family keys it (a 400 for what it cannot take)."""
+    entry = family(library)
+    name, pretrained = split_display_id(name, pretrained)
+    name = validate_name(name)
+    return ModelRef(entry.name, name, entry.canonical_pretrained(name, pretrained))
+
+
+def api_pretrained(ref: ModelRef) -> str | bool | None:
+    """``pretrained`` as the API shows it (timm: ``true``/``false``/custom name)."""
+    return family(ref.library).api_pretrained(ref.pretrained)

@@ -121,6 +121,8 @@ class Preprocessor:
     # them on the CPU (shown in /metrics and in the model's listing); None when it holds none.
     front_weights: str | None = None
     prompts: dict[str, str] = {}  # its named prompts, for ``TextPrep.prompt_name``
+    labels: list[str] | None = None  # a classifier's labels, in the order of its scores
+    multi_label: bool = False  # its labels are scored apart (sigmoid), not against each other (softmax)
 
     def tokens(self, texts: Sequence[str], add_special_tokens: bool = True,
                prep: TextPrep = DEFAULT_TEXT_PREP) -> list[list[tuple[int, str, bool, int | None, int | None]]]:

@@ -6,7 +6,9 @@ as ``open_clip_model.safetensors``, and the HF tokenizer files when the model us
 The front tokenizes with ``open_clip.get_tokenizer("local-dir:<folder>")`` and builds the
 image transform from the stored ``preprocess_cfg`` exactly as ``create_model_and_transforms``
 does; neither needs the weights. The model's two graphs are its towers: ``text`` (token ids ->
-``encode_text``) and ``image`` (pixels -> ``encode_image``).
+``encode_text``) and ``image`` (pixels -> ``encode_image``). A model with both classifies
+images against labels sent with a request (``tasks/zero_shot``): its ``zero_shot_classify`` gives
+each image's normalized embedding times the model's ``logit_scale.exp()``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ingrain_bento.families import register
 from ingrain_bento.families.base import DEFAULT_TEXT_PREP, ImagePipeline, LoadedModel, Preprocessor, TextPrep
 from ingrain_bento.refs import HF_HUB_PREFIX, ModelRef, validate_tag
 from ingrain_bento.tasks import EMBED_IMAGE, EMBED_TEXT
+from ingrain_bento.tasks.zero_shot import ZERO_SHOT
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 PREPROCESS_OVERRIDES = ("mode", "mean", "std", "interpolation", "resize_mode")
-CAPABILITIES = frozenset({EMBED_TEXT, EMBED_IMAGE})
+CAPABILITIES = frozenset({EMBED_TEXT, EMBED_IMAGE, ZERO_SHOT})
 
 
 def _save(model: Any, model_cfg: dict[str, Any], tokenizer: Any, folder: Path) -> dict[str, Any]:
@@ -102,12 +105,23 @@ def _graphs(folder: Path) -> dict[str, Graph]:
     }
 
 
+def _logit_scale(folder: Path) -> float:
+    """``logit_scale.exp()`` from the stored weights (read alone: an ONNX runner holds no torch model)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+        return math.exp(float(weights.get_tensor("logit_scale").float().reshape(-1)[0]))
+
+
 class OpenClipModel(LoadedModel):
     capabilities = CAPABILITIES
 
-    def __init__(self, ref: ModelRef, runner: Runner, embed_dim: int) -> None:
+    def __init__(self, ref: ModelRef, runner: Runner, embed_dim: int, logit_scale: float) -> None:
         super().__init__(ref, runner)
         self._embed_dim = embed_dim
+        self.logit_scale = logit_scale  # exp() of the stored parameter, as CLIP's forward applies it
 
     @property
     def embedding_size(self) -> int:
@@ -122,6 +136,15 @@ class OpenClipModel(LoadedModel):
         import numpy as np
 
         return self.runner.run("image", {"pixels": np.stack(items)})[0]
+
+    def zero_shot_classify(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        """Pixel items -> ``logit_scale`` x each image's normalized embedding (the labels' side of
+        the logits is made in the front, ``tasks.zero_shot``)."""
+        import numpy as np
+
+        rows = self.encode_image(items).astype(np.float32)
+        result: np.ndarray = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12) * self.logit_scale
+        return result
 
 
 class OpenClipPreprocessor(Preprocessor):
@@ -221,7 +244,7 @@ class OpenClipFamily:
 
     def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
         embed_dim = int(json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"])
-        return OpenClipModel(ref, engine.runner(_graphs(folder)), embed_dim)
+        return OpenClipModel(ref, engine.runner(_graphs(folder)), embed_dim, _logit_scale(folder))
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return OpenClipPreprocessor(folder)

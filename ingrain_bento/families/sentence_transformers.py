@@ -1,13 +1,17 @@
-"""sentence-transformers models: embedders, rerankers and sparse encoders; Hub ids and custom checkpoints.
+"""sentence-transformers models: embedders, rerankers, text classifiers, sparse and multi-vector
+encoders; Hub ids and custom checkpoints.
 
 A model's *kind* comes from its own files, as the library reads them (``model_kind``): its saved
-``config_sentence_transformers.json`` says ``SentenceTransformer``, ``CrossEncoder`` or
-``SparseEncoder``; a plain Hugging Face sequence-classification repo (no sentence-transformers
-files, as ``cross-encoder/ms-marco-MiniLM-L6-v2`` is) is a ``CrossEncoder``. Each kind is opened
-with its own class (every class opens every other kind's folder without a word, and computes
-nonsense) and serves one task (``KINDS``): ``embed_text``, ``rerank`` (one-label cross-encoders,
-scores with the model's own activation, as ``predict``) or ``embed_sparse`` (as ``encode``,
-``max_active_dims`` included).
+``config_sentence_transformers.json`` says ``SentenceTransformer``, ``CrossEncoder``,
+``SparseEncoder`` or ``MultiVectorEncoder``; a plain Hugging Face sequence-classification repo (no
+sentence-transformers files, as ``cross-encoder/ms-marco-MiniLM-L6-v2`` is) is a ``CrossEncoder``.
+A cross-encoder with one label is a reranker, one with several (``id2label``) a
+``TextClassifier``. Each kind is opened with its own class (every class opens every other kind's
+folder without a word, and computes nonsense) and serves its tasks (``KINDS``): ``embed_text``,
+``rerank`` (one-label cross-encoders, scores with the model's own activation, as ``predict``),
+``classify_text`` (the logits; ``tasks/classify_text`` scores them), ``embed_sparse`` (as
+``encode``, ``max_active_dims`` included), or ``embed_multi_vector`` and a MaxSim ``rerank``
+(``MultiVectorModel``: the library's own ``encode_query`` / ``encode_document``, torch only).
 
 Store format: the folder the class's ``save()`` writes, opened with the same class. Encoding
 follows the library's own ``encode`` / ``predict`` in two halves:
@@ -42,6 +46,8 @@ from ingrain_bento.families import register
 from ingrain_bento.families.base import DEFAULT_TEXT_PREP, LoadedModel, Preprocessor, TextPrep
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.tasks import EMBED_SPARSE, EMBED_TEXT, RERANK
+from ingrain_bento.tasks.classify_text import CLASSIFY_TEXT
+from ingrain_bento.tasks.multi_vector import EMBED_MULTI_VECTOR, pack, pair_item, read_item, read_pair
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ingrain_bento.families.sentence_transformers")
 
-ModelKind = Literal["SentenceTransformer", "CrossEncoder", "SparseEncoder"]
+ModelKind = Literal["SentenceTransformer", "CrossEncoder", "TextClassifier", "SparseEncoder", "MultiVectorEncoder"]
 # download_custom_model field -> path inside the saved folder
 CUSTOM_FILES = {
     "safetensors_url": "model.safetensors",
@@ -78,6 +84,8 @@ MODULE_PACKAGE = "sentence_transformers."
 WEIGHTLESS: dict[str, Any] = {"device_map": "meta", "use_kernels": False}
 RAW_TEXTS = ("its tokenizer's output does not split into token rows (it takes raw texts): only the torch engine "
              "runs it")
+MULTI_VECTOR = ("a multi-vector model runs the library's own encode_query / encode_document (query expansion, "
+                "skiplist masks per text): only the torch engine runs it")
 
 
 def check_modules(folder: Path) -> None:
@@ -101,20 +109,25 @@ def check_modules(folder: Path) -> None:
 
 
 class Kind(NamedTuple):
-    """What one kind of model is to the server: its library class, the task it serves, the key
+    """What one kind of model is to the server: its library class, the tasks it serves, the key
     of its forward's output, and the inputs its tokenizer is probed with."""
 
     name: ModelKind
-    task: str
+    library_class: str
+    tasks: frozenset[str]
     output: str
     probe: Sequence[Any]
 
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind("SentenceTransformer", EMBED_TEXT, "sentence_embedding", PROBE),
-    Kind("CrossEncoder", RERANK, "scores", PROBE_PAIRS),
-    Kind("SparseEncoder", EMBED_SPARSE, "sentence_embedding", PROBE),
+    Kind("SentenceTransformer", "SentenceTransformer", frozenset({EMBED_TEXT}), "sentence_embedding", PROBE),
+    Kind("CrossEncoder", "CrossEncoder", frozenset({RERANK}), "scores", PROBE_PAIRS),
+    Kind("TextClassifier", "CrossEncoder", frozenset({CLASSIFY_TEXT}), "scores", PROBE),
+    Kind("SparseEncoder", "SparseEncoder", frozenset({EMBED_SPARSE}), "sentence_embedding", PROBE),
+    Kind("MultiVectorEncoder", "MultiVectorEncoder", frozenset({EMBED_MULTI_VECTOR, RERANK}), "token_embeddings",
+         PROBE),
 )}
+SAVED_KINDS = ("SentenceTransformer", "CrossEncoder", "SparseEncoder", "MultiVectorEncoder")  # model_type values
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -131,20 +144,39 @@ def model_kind(folder: Path) -> Kind:
     """The kind of the model in ``folder``, from its files alone (see the module docstring)."""
     kind = (_read_json(folder / "config_sentence_transformers.json") or {}).get("model_type")
     if kind is not None:
-        if kind not in KINDS:
+        if kind not in SAVED_KINDS:
             raise BadRequest(f"The model is a sentence-transformers {kind}: this server serves "
-                             f"{', '.join(KINDS)}.")
-        return KINDS[kind]
-    architectures = (_read_json(folder / "config.json") or {}).get("architectures") or []
-    if any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures):
-        return KINDS["CrossEncoder"]
-    return KINDS["SentenceTransformer"]
+                             f"{', '.join(SAVED_KINDS)}.")
+    else:
+        architectures = (_read_json(folder / "config.json") or {}).get("architectures") or []
+        is_classifier = any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures)
+        kind = "CrossEncoder" if is_classifier else "SentenceTransformer"
+    if kind == "CrossEncoder" and len(read_labels(folder) or ()) > 1:
+        return KINDS["TextClassifier"]
+    return KINDS[kind]
+
+
+def read_labels(folder: Path) -> list[str] | None:
+    """A sequence classifier's labels, in logit order (``id2label`` of its ``config.json``;
+    transformers' default of two labels when it names none)."""
+    config = _read_json(folder / "config.json") or {}
+    if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return None
+    id2label = config.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    try:
+        return [str(label) for _, label in sorted((int(i), label) for i, label in id2label.items())]
+    except (TypeError, ValueError):
+        raise BadRequest("The model's id2label is not a map of class indices to labels.") from None
+
+
+def is_multi_label(folder: Path) -> bool:
+    return (_read_json(folder / "config.json") or {}).get("problem_type") == "multi_label_classification"
 
 
 def library_class(kind: Kind) -> Any:
     import sentence_transformers
 
-    return getattr(sentence_transformers, kind.name)
+    return getattr(sentence_transformers, kind.library_class)
 
 
 class TextFormat(NamedTuple):
@@ -233,7 +265,7 @@ def _dimension(model: Any, kind: Kind) -> int | None:
     """What ``/model_embedding_size`` reports: the embedding's size; a sparse encoder's vocabulary
     (its ``get_embedding_dimension`` gives the hidden size when SPLADE pooling's config has none);
     none for a reranker."""
-    if kind.name == "CrossEncoder":
+    if kind.name in ("CrossEncoder", "TextClassifier"):
         return None
     if kind.name == "SparseEncoder":
         vocabulary = getattr(getattr(getattr(model[0], "model", None), "config", None), "vocab_size", None)
@@ -247,7 +279,7 @@ def _describe(model: Any, kind: Kind) -> dict[str, Any]:
     if kind.name == "CrossEncoder" and model.num_labels != 1:
         raise BadRequest(f"This cross-encoder has {model.num_labels} labels: /rerank serves rerankers, which "
                          "score a pair with one.")
-    described: dict[str, Any] = {"capabilities": [kind.task], "kind": kind.name}
+    described: dict[str, Any] = {"capabilities": sorted(kind.tasks), "kind": kind.name}
     if getattr(model, "prompts", None):
         described["prompts"] = sorted(model.prompts)
     size = _dimension(model, kind)
@@ -311,7 +343,7 @@ class SentenceTransformerModel(LoadedModel):
                  library_model: Any = None, prompts: dict[str, str] | None = None) -> None:
         super().__init__(ref, runner)
         self.prompts = prompts or {}
-        self.capabilities = frozenset({kind.task})
+        self.capabilities = kind.tasks
         self.context_length = context_length
         self.format = fmt
         self._size = size
@@ -341,6 +373,10 @@ class SentenceTransformerModel(LoadedModel):
         """(query, document) pair items -> one score each (the activation is in the graph)."""
         return self._forward(items)
 
+    def classify_text(self, items: Sequence[Any]) -> np.ndarray:
+        """Text items -> the classifier's logits, one per label."""
+        return self._forward(items)
+
     def embed_sparse(self, items: Sequence[Any]) -> np.ndarray:
         """Text items -> dense rows of vocabulary size, pruned to ``max_active_dims`` as ``encode``
         prunes them (the library's own ``select_max_active_dims``)."""
@@ -365,6 +401,67 @@ class SentenceTransformerModel(LoadedModel):
         return result
 
 
+class MultiVectorModel(LoadedModel):
+    """A ``MultiVectorEncoder``: each text's token vectors as the library's ``encode_query`` /
+    ``encode_document`` give them (``tasks/multi_vector``: items, rows), and a MaxSim rerank."""
+
+    def __init__(self, ref: ModelRef, runner: Runner, library_model: Any, size: int | None,
+                 context_length: int | None, max_tokens: int, prompts: dict[str, str]) -> None:
+        super().__init__(ref, runner)
+        self.capabilities = KINDS["MultiVectorEncoder"].tasks
+        self.library_model = library_model
+        self.context_length = context_length
+        self.max_tokens = max_tokens
+        self.prompts = prompts
+        self._size = size
+
+    @property
+    def embedding_size(self) -> int | None:
+        return self._size
+
+    def _encode(self, side: str, texts: list[str]) -> list[np.ndarray]:
+        import torch
+
+        encode = self.library_model.encode_query if side == "query" else self.library_model.encode_document
+        with torch.inference_mode():
+            matrices = encode(texts, batch_size=len(texts), show_progress_bar=False, convert_to_numpy=True)
+        return [matrix.astype("float32", copy=False) for matrix in matrices]
+
+    def embed_multi_vector(self, items: Sequence[str]) -> np.ndarray:
+        """Items of either side -> one packed row per text (``tasks.multi_vector.pack``)."""
+        sides = [read_item(value) for value in items]
+        matrices: list[Any] = [None] * len(sides)
+        for side in ("query", "document"):
+            indices = [i for i, (s, _) in enumerate(sides) if s == side]
+            if indices:
+                for index, matrix in zip(indices, self._encode(side, [sides[i][1] for i in indices]), strict=True):
+                    matrices[index] = matrix
+        return pack(matrices, self.max_tokens)
+
+    def rerank(self, items: Sequence[str]) -> np.ndarray:
+        """(query, document) pair items -> the library's ``similarity`` (MaxSim) of each: the batch's
+        queries encoded once each, its documents in one call, then scored per query."""
+        import numpy as np
+
+        pairs = [read_pair(value) for value in items]
+        queries = list(dict.fromkeys(query for query, _ in pairs))
+        query_rows = dict(zip(queries, self._encode("query", queries), strict=True))
+        document_rows = self._encode("document", [document for _, document in pairs])
+        scores = np.empty((len(pairs), 1), dtype=np.float32)
+        for query in queries:
+            indices = [i for i, (q, _) in enumerate(pairs) if q == query]
+            row = self.library_model.similarity([query_rows[query]], [document_rows[i] for i in indices])[0]
+            scores[indices, 0] = row.float().cpu().numpy()
+        return scores
+
+
+def _max_tokens(model: Any) -> int:
+    """The most token vectors one text of a multi-vector model can give (the longer side's length)."""
+    transformer = model[0]
+    lengths = [getattr(transformer, name, None) for name in ("query_length", "document_length")]
+    return max([int(model.max_seq_length), *(int(n) for n in lengths if n)])
+
+
 class SentenceTransformerPreprocessor(Preprocessor):
     def __init__(self, folder: Path) -> None:
         kind = model_kind(folder)
@@ -377,7 +474,9 @@ class SentenceTransformerPreprocessor(Preprocessor):
                         folder.name, self.front_weights)
             model = cls(str(folder), device="cpu")
         self.kind = kind
-        self.capabilities = frozenset({kind.task})
+        self.capabilities = kind.tasks
+        self.labels = read_labels(folder) if kind.name == "TextClassifier" else None
+        self.multi_label = is_multi_label(folder)
         self.model = model
         self.prompts: dict[str, str] = dict(getattr(model, "prompts", None) or {})
         self.prompt = default_prompt(model)
@@ -424,6 +523,8 @@ class SentenceTransformerPreprocessor(Preprocessor):
         ``encode`` in the runner, with the model's own defaults only)."""
         if self.kind.name == "CrossEncoder":
             raise BadRequest("This model is a reranker: it scores (query, document) pairs at /rerank.")
+        if self.kind.name == "MultiVectorEncoder":
+            raise BadRequest("This model is a multi-vector encoder: it embeds texts at /embed_multi_vector.")
         if self.format is None:
             if prep != DEFAULT_TEXT_PREP:
                 raise BadRequest("This model's tokenizer output is not split per text: it embeds with its own "
@@ -474,7 +575,13 @@ class SentenceTransformerPreprocessor(Preprocessor):
         """One token item per (query, document) pair, tokenized as ``predict`` tokenizes pairs
         (longest first, to the model's length). ``max_tokens`` cuts every document to that many
         tokens first, with the model's own tokenizer (``truncation="only_second"``: exact for
-        every tokenizer kind, where cutting the text is not)."""
+        every tokenizer kind, where cutting the text is not). A multi-vector model's pair is its
+        two texts, encoded apart in the runner."""
+        if self.kind.name == "MultiVectorEncoder":
+            if max_tokens is not None:
+                raise BadRequest("max_tokens_per_doc applies to cross-encoders: a multi-vector model cuts documents "
+                                 "to its own document length.")
+            return [pair_item(query, document) for document in documents]
         if self.kind.name != "CrossEncoder" or self.format is None:
             raise BadRequest("This model is not a reranker.")
         pairs = [(query, document) for document in documents]
@@ -542,6 +649,8 @@ class SentenceTransformersFamily:
         raise BadRequest("sentence-transformers custom models load by their own name, not into an architecture.")
 
     def graphs(self, folder: Path) -> dict[str, Graph]:
+        if model_kind(folder).name == "MultiVectorEncoder":
+            raise RuntimeError(MULTI_VECTOR)
         model, kind, fmt = _open(folder)
         if fmt is None:
             raise RuntimeError(RAW_TEXTS)
@@ -551,6 +660,12 @@ class SentenceTransformersFamily:
         from ingrain_bento.engines import Graph
 
         model, kind, fmt = _open(folder)
+        if kind.name == "MultiVectorEncoder":
+            if engine.backend != "torch":
+                raise RuntimeError(MULTI_VECTOR)
+            graph = Graph(model, {}, [])
+            return MultiVectorModel(ref, engine.runner({"library": graph}), graph.module, _dimension(model, kind),
+                                    model.max_seq_length, _max_tokens(model), dict(model.prompts or {}))
         extra = {"size": _dimension(model, kind), "context_length": model.max_seq_length,
                  "prompts": dict(getattr(model, "prompts", None) or {}),
                  "truncate_dim": getattr(model, "truncate_dim", None),
@@ -567,7 +682,7 @@ class SentenceTransformersFamily:
         return SentenceTransformerPreprocessor(folder)
 
     def read_labels(self, folder: Path) -> list[str] | None:
-        return None
+        return read_labels(folder) if model_kind(folder).name == "TextClassifier" else None
 
 
 register(SentenceTransformersFamily())

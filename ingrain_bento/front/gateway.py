@@ -11,7 +11,9 @@ and computed there:
 
 Both API generations share these methods: the seed's ``/infer_image`` and the current
 ``/embed_image`` differ only in what a classifier answers (``ImageOutput``). What each task takes
-and gives is its entry in ``tasks.TASKS``: the gateway itself names no modality.
+is its entry in ``tasks.TASKS``, what its rows become ``front.outputs.OUTPUTS``: the gateway
+itself names no modality. A task module's routes (``tasks.TaskGateway``) use ``handle``,
+``preprocessor``, ``rows`` and ``serve`` and make their own response.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ingrain_bento.errors import BadRequest, IngrainError, StaleModel
 from ingrain_bento.families.base import Preprocessor, TextPrep
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.front.inputs import InputPreparer
+from ingrain_bento.front.outputs import OUTPUTS
 from ingrain_bento.metrics import RequestMetrics
 from ingrain_bento.settings import Settings
 from ingrain_bento.tasks import CLASSIFY, EMBED_IMAGE, EMBED_SPARSE, EMBED_TEXT, RERANK, TASKS, refuse
@@ -50,6 +53,7 @@ class ModelGateway:
         """``own_process``: the engine runs in this process (its forwards need torch's threads)."""
         self.metrics = metrics
         self.engine = engine
+        self.settings = settings
         self.fetcher = SafeFetcher(allow_private=settings.allow_private_urls)
         self.inputs = InputPreparer(settings, self.fetcher, one_torch_thread=not own_process, metrics=metrics)
         self._handles: dict[HandleKey, ModelHandle] = {}
@@ -78,9 +82,7 @@ class ModelGateway:
         """The engine's model state moved: handles and preprocessors are asked for again."""
         self._handles.clear()
         await self.inputs.clear()
-        forget = getattr(self.engine, "forget", None)  # a remote engine's per-model call queues
-        if forget is not None:
-            await forget()
+        await self.engine.forget()
 
     async def _sync_version(self, version: int) -> None:
         """Forget when the model-state generation moves forward; an older one is a runner that has
@@ -139,7 +141,23 @@ class ModelGateway:
     # ---- a model's tokenizer and prompts, as the front holds them ----------------------------
 
     async def _preprocessor(self, name: str) -> Preprocessor:
-        return await self.inputs.preprocessor(await self._handle(s.ModelRequest(name=name)))
+        return await self.inputs.preprocessor(await self.handle(s.ModelRequest(name=name)))
+
+    async def preprocessor(self, handle: ModelHandle) -> Preprocessor:
+        """The model's tokenizer and transforms as this worker holds them."""
+        return await self.inputs.preprocessor(handle)
+
+    async def default_model(self, task: str) -> str:
+        """The model a body that names none means (TEI's): ``INGRAIN_DEFAULT_MODEL``, else the only
+        resident model able to do ``task``; a 400 that names the setting otherwise."""
+        if self.settings.default_model:
+            return self.settings.default_model
+        able = [m.id for m in (await self.loaded_models()).models if task in m.capabilities]
+        if len(able) == 1:
+            return able[0]
+        found = f"{len(able)} resident models can ({', '.join(able)})" if able else "no resident model can"
+        raise BadRequest(f"This request names no model and {found} {TASKS[task].does}: set INGRAIN_DEFAULT_MODEL, "
+                         "or keep exactly one such model loaded.")
 
     async def prompt_names(self, name: str) -> list[str]:
         """The named prompts of the model ``name`` (its ``prompt_name`` values)."""
@@ -159,7 +177,8 @@ class ModelGateway:
 
     # ---- inference -----------------------------------------------------------------------
 
-    async def _handle(self, request: s.InferenceRequest | s.ModelRequest | s.RerankRequest) -> ModelHandle:
+    async def handle(self, request: Any) -> ModelHandle:
+        """The model a request names (``name``, ``pretrained``, ``library``), cached per worker."""
         key = (request.name, request.pretrained, request.library)
         handle = self._handles.get(key)
         if handle is None:
@@ -167,11 +186,15 @@ class ModelGateway:
             self._handles[key] = handle
         return handle
 
-    async def _rows(self, request: Any, handle: ModelHandle, task: str) -> np.ndarray:
+    async def rows(self, request: Any, handle: ModelHandle, task: str) -> np.ndarray:
         """Prepare this request's inputs for ``task`` and have the engine compute their rows."""
         if task not in handle.capabilities:
             raise refuse(handle.ref.display_id, task, handle.capabilities)
-        items = await self.inputs.prepare(TASKS[task].inputs, handle, request, alone=self._in_flight == 1)
+        spec = TASKS[task]
+        if spec.items is not None:
+            items = list(spec.items(request))
+        else:
+            items = await self.inputs.prepare(spec.inputs, handle, request, alone=self._in_flight == 1)
         reply = await self.engine.infer(handle.ref, task, handle.tag, [items])
         await self._sync_version(reply.version)
         (rows,) = reply.results
@@ -179,20 +202,19 @@ class ModelGateway:
             raise rows
         return rows
 
-    async def _serve(self, request: Any, route: str, tasks: Sequence[str]) -> list[Any]:
-        """Each task's output (``Task.post`` of its rows), for one request: counted in the metrics,
-        sent again once when the model was stored anew under this worker's cached handle."""
+    async def serve(self, request: Any, route: str, compute: Callable[[ModelHandle], Awaitable[Any]]) -> Any:
+        """``compute`` for the request's model: counted in the metrics, sent again once when the
+        model was stored anew under this worker's cached handle."""
         started, ok, model = time.perf_counter(), False, request.name
         self._in_flight += 1
         try:
             for attempt in (1, 2):
-                handle = await self._handle(request)
+                handle = await self.handle(request)
                 model = handle.ref.display_id
                 try:
-                    rows = [await self._rows(request, handle, task) for task in tasks]
-                    outputs = [TASKS[task].post(part, request) for task, part in zip(tasks, rows, strict=True)]
+                    result = await compute(handle)
                     ok = True
-                    return outputs
+                    return result
                 except StaleModel:
                     if attempt == 2:
                         raise
@@ -203,9 +225,19 @@ class ModelGateway:
             if self.metrics is not None:
                 self.metrics.record_request(model, route, ok, time.perf_counter() - started)
 
+    async def _serve(self, request: Any, route: str, tasks: Sequence[str]) -> list[Any]:
+        """Each task's output (``front.outputs.OUTPUTS`` of its rows), for one request."""
+
+        async def compute(handle: ModelHandle) -> list[Any]:
+            rows = [await self.rows(request, handle, task) for task in tasks]
+            return [OUTPUTS[task](part, request) for task, part in zip(tasks, rows, strict=True)]
+
+        result: list[Any] = await self.serve(request, route, compute)
+        return result
+
     async def _image_task(self, request: s.InferenceRequest, output: ImageOutput) -> str:
         """The seed's /infer_image gives a classifier's probabilities, /embed_image its features."""
-        handle = await self._handle(request)
+        handle = await self.handle(request)
         if output == "probabilities" and CLASSIFY in handle.capabilities:
             if request.n_dims is not None:
                 raise BadRequest("n_dims applies to embeddings; /infer_image on a classifier returns class "

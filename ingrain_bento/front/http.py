@@ -29,6 +29,10 @@ from ingrain_bento.front.docs import DOCS_OPEN_PATHS, DOCS_STATIC_PREFIX, DOCS_U
 from ingrain_bento.schemas import validation_message
 from ingrain_bento.settings import Settings, get_settings
 
+__all__ = ["ALL_METHODS", "OPENAI_PATHS", "OPEN_PATHS", "READ_METHODS", "TOO_LONG", "GuardMiddleware",
+           "HeadAsGetMiddleware", "WorkerHeaderMiddleware", "add_fallback_route", "create_app", "error_response",
+           "is_open", "json_response"]
+
 log = logging.getLogger("ingrain_bento.http")
 
 TOO_LONG = frozenset({"too_long", "string_too_long"})  # pydantic's error types of a size cap

@@ -1,4 +1,5 @@
-"""What a request's rows become in its response, per task (``tasks.TASKS`` names one each).
+"""What a request's rows become in its response, for the first five tasks (``OUTPUTS``; a task
+module of ``ingrain_bento.tasks`` makes its own).
 
 Each takes the rows the engine computed for one request's items and the request, and returns
 the value its response carries. numpy only: a front worker needs no torch for this.
@@ -6,13 +7,15 @@ the value its response carries. numpy only: a front worker needs no torch for th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ingrain_bento.errors import BadRequest
+from ingrain_bento.tasks import CLASSIFY, EMBED_IMAGE, EMBED_SPARSE, EMBED_TEXT, RERANK
 
-__all__ = ["INT8_SPREAD", "embeddings", "int8_ranges", "probabilities", "quantize", "ranking", "sparse"]
+__all__ = ["INT8_SPREAD", "OUTPUTS", "embeddings", "int8_ranges", "probabilities", "quantize", "ranking", "sparse"]
 
 # int8/uint8 map [-INT8_SPREAD / sqrt(d), +INT8_SPREAD / sqrt(d)] of each component of a unit-length
 # row of d dimensions onto the 256 levels (clipped outside): a random unit vector's components have
@@ -101,3 +104,13 @@ def sparse(rows: np.ndarray, request: Any) -> list[tuple[list[int], list[float]]
             indices = np.sort(indices[keep])
         out.append((indices.tolist(), row[indices].tolist()))
     return out
+
+
+# task -> (rows of one request, the request) -> the response's value
+OUTPUTS: dict[str, Callable[[np.ndarray, Any], Any]] = {
+    EMBED_TEXT: embeddings,
+    EMBED_IMAGE: embeddings,
+    CLASSIFY: probabilities,
+    RERANK: ranking,
+    EMBED_SPARSE: sparse,
+}

@@ -3,7 +3,7 @@
 gateway, as ``openai.py`` is (API.md "The TEI protocol").
 
 TEI's bodies name no model: each request uses ``INGRAIN_DEFAULT_MODEL``, else the only resident
-model that can do the task (``model_for``). Each body becomes the native request (texts,
+model that can do the task (``ModelGateway.default_model``). Each body becomes the native request (texts,
 prompt, truncation, dimensions) and the answer TEI's shape. ``POST /`` tells its bodies apart as
 TEI does (``root``): ``inputs`` as a source sentence and sentences is a similarity, ``query`` and
 ``texts`` a rerank, ``inputs`` as text an embedding. The routes TEI shares with the native API
@@ -23,9 +23,9 @@ from ingrain_bento.errors import BadRequest
 from ingrain_bento.families.base import TextPrep
 from ingrain_bento.front.gateway import ModelGateway
 from ingrain_bento.settings import Settings
-from ingrain_bento.tasks import EMBED_SPARSE, EMBED_TEXT, RERANK, TASKS
+from ingrain_bento.tasks import EMBED_SPARSE, EMBED_TEXT, RERANK, classify_text
 
-__all__ = ["EmbedBody", "RerankBody", "SparseBody", "decode", "embed", "info", "model_for", "protocol", "rerank",
+__all__ = ["EmbedBody", "RerankBody", "SparseBody", "decode", "embed", "info", "protocol", "rerank",
            "root", "similarity", "sparse", "tokenize"]
 
 NATIVE_FIELDS = frozenset({"name", "text", "image", "model", "documents"})
@@ -46,19 +46,6 @@ SparseBody = Annotated[Annotated[s.SparseRequest, Tag("native")] | Annotated[s.T
                        Discriminator(protocol)]
 
 
-async def model_for(gateway: ModelGateway, settings: Settings, task: str) -> str:
-    """The model a TEI body means: ``INGRAIN_DEFAULT_MODEL``, else the only resident model able to
-    do ``task``; a 400 that names the setting otherwise."""
-    if settings.default_model:
-        return settings.default_model
-    able = [m.id for m in (await gateway.loaded_models()).models if task in m.capabilities]
-    if len(able) == 1:
-        return able[0]
-    found = f"{len(able)} resident models can ({', '.join(able)})" if able else "no resident model can"
-    raise BadRequest(f"TEI requests name no model and {found} {TASKS[task].does}: set INGRAIN_DEFAULT_MODEL, or "
-                     "keep exactly one such model loaded.")
-
-
 def _options(body: s.TEIOptions) -> dict[str, Any]:
     return {"truncate": True if body.truncate is None else body.truncate,
             "truncation_direction": body.truncation_direction, "prompt_name": body.prompt_name}
@@ -66,7 +53,7 @@ def _options(body: s.TEIOptions) -> dict[str, Any]:
 
 async def embed(gateway: ModelGateway, settings: Settings, body: s.TEIEmbedRequest) -> list[Any]:
     """``[[float]]``, one row per input."""
-    name = await model_for(gateway, settings, EMBED_TEXT)
+    name = await gateway.default_model(EMBED_TEXT)
     request = s.build(s.InferenceRequest, name=name, text=s.as_list(body.inputs), normalize=body.normalize,
                       n_dims=body.dimensions, **_options(body))
     return (await gateway.embed_text(request)).embeddings
@@ -74,7 +61,7 @@ async def embed(gateway: ModelGateway, settings: Settings, body: s.TEIEmbedReque
 
 async def similarity(gateway: ModelGateway, settings: Settings, body: s.TEISimilarityRequest) -> list[float]:
     """The cosine of the source sentence with each sentence."""
-    name = await model_for(gateway, settings, EMBED_TEXT)
+    name = await gateway.default_model(EMBED_TEXT)
     texts = [body.inputs.source_sentence, *body.inputs.sentences]
     request = s.build(s.InferenceRequest, name=name, text=texts, normalize=True, **_options(body))
     rows = np.asarray((await gateway.embed_text(request)).embeddings, dtype=np.float32)
@@ -85,7 +72,7 @@ async def similarity(gateway: ModelGateway, settings: Settings, body: s.TEISimil
 async def rerank(gateway: ModelGateway, settings: Settings, body: s.TEIRerankRequest) -> list[dict[str, Any]]:
     """``[{"index", "score", "text"?}]``, best first. The scores are the model's own activation of
     its logits, as ``CrossEncoder.predict`` gives them (``raw_scores`` is read and not applied)."""
-    name = await model_for(gateway, settings, RERANK)
+    name = await gateway.default_model(RERANK)
     ranked = await gateway.rerank(s.build(s.RerankRequest, model=name, query=body.query, documents=body.texts))
     return [{"index": r.index, "score": r.relevance_score,
              **({"text": body.texts[r.index]} if body.return_text else {})} for r in ranked.results]
@@ -93,7 +80,7 @@ async def rerank(gateway: ModelGateway, settings: Settings, body: s.TEIRerankReq
 
 async def sparse(gateway: ModelGateway, settings: Settings, body: s.TEISparseRequest) -> list[list[dict[str, Any]]]:
     """``[[{"index", "value"}]]``, one list per input."""
-    name = await model_for(gateway, settings, EMBED_SPARSE)
+    name = await gateway.default_model(EMBED_SPARSE)
     request = s.build(s.SparseRequest, name=name, text=s.as_list(body.inputs), **_options(body))
     vectors = (await gateway.embed_sparse(request)).embeddings
     return [[{"index": i, "value": v} for i, v in zip(vector.indices, vector.values, strict=True)]
@@ -101,13 +88,13 @@ async def sparse(gateway: ModelGateway, settings: Settings, body: s.TEISparseReq
 
 
 async def tokenize(gateway: ModelGateway, settings: Settings, body: s.TEITokenizeRequest) -> list[list[s.Token]]:
-    name = await model_for(gateway, settings, EMBED_TEXT)
+    name = await gateway.default_model(EMBED_TEXT)
     prep = TextPrep(prompt_name=body.prompt_name)
     return await gateway.tokens(name, s.as_list(body.inputs), body.add_special_tokens, prep)
 
 
 async def decode(gateway: ModelGateway, settings: Settings, body: s.TEIDecodeRequest) -> list[str]:
-    name = await model_for(gateway, settings, EMBED_TEXT)
+    name = await gateway.default_model(EMBED_TEXT)
     return await gateway.decode(name, _id_rows(body.ids), body.skip_special_tokens)
 
 
@@ -123,7 +110,7 @@ def _id_rows(ids: list[int] | list[list[int]]) -> list[list[int]]:
 
 async def info(gateway: ModelGateway, settings: Settings) -> dict[str, Any]:
     """TEI's ``/info``, for the model a TEI body means."""
-    name = await model_for(gateway, settings, EMBED_TEXT)
+    name = await gateway.default_model(EMBED_TEXT)
     model = next((m for m in (await gateway.loaded_models()).models if name in (m.id, m.name)), None)
     return {"model_id": name, "model_sha": model.store_tag if model else None, "model_dtype": "float32",
             "model_type": {"embedding": {"pooling": "model"}}, "max_concurrent_requests": 256,
@@ -138,18 +125,34 @@ _ROOT_BODIES: list[tuple[type[Any], Any]] = [
 
 async def root(gateway: ModelGateway, settings: Settings, body: dict[str, Any]) -> Any:
     """``POST /``: a similarity (``inputs`` as a source sentence and sentences), a rerank (``query``
-    and ``texts``), or an embedding (``inputs`` as text)."""
+    and ``texts``), a text classification (``inputs`` for a classifier), or an embedding
+    (``inputs`` as text)."""
     if isinstance(body.get("inputs"), dict):
         schema, handler = _ROOT_BODIES[0]
     elif "query" in body and "texts" in body:
         schema, handler = _ROOT_BODIES[1]
+    elif "inputs" in body and await _classifies(gateway, body):
+        return await classify_text.tei_predict(gateway, _parse(classify_text.TEIPredictRequest, body), nested=True)
     elif "inputs" in body:
         schema, handler = _ROOT_BODIES[2]
     else:
         raise BadRequest("POST / takes TEI's bodies: 'inputs' (a text or texts, or a source_sentence and "
                          "sentences), or 'query' and 'texts'.")
+    return await handler(gateway, settings, _parse(schema, body))
+
+
+def _parse(schema: type[Any], body: dict[str, Any]) -> Any:
     try:
-        parsed = TypeAdapter(schema).validate_python(body)
+        return TypeAdapter(schema).validate_python(body)
     except ValidationError as exc:
         raise BadRequest(s.validation_message([dict(error) for error in exc.errors()])) from None
-    return await handler(gateway, settings, parsed)
+
+
+async def _classifies(gateway: ModelGateway, body: dict[str, Any]) -> bool:
+    """Whether ``inputs`` are texts to classify, as TEI decides by its model: the default model is a
+    classifier, or (none set) the body carries huggingface_hub's ``parameters`` of
+    ``text_classification``, which ``feature_extraction`` never sends."""
+    name = gateway.settings.default_model
+    if name:
+        return classify_text.CLASSIFY_TEXT in (await gateway.handle(s.ModelRequest(name=name))).capabilities
+    return "parameters" in body

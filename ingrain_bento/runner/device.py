@@ -1,4 +1,4 @@
-"""Which device the runner's models live on, and how many threads torch uses there."""
+"""Which device a runner's models live on (the threads torch uses there: ``engines.torch``)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,7 @@ from ingrain_bento.settings import Settings
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["apply_torch_threads", "pick_device"]
-
-
-def apply_torch_threads(settings: Settings) -> None:
-    """``INGRAIN_TORCH_THREADS``, if set: torch's intra-op threads for every forward."""
-    import torch
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+__all__ = ["pick_device"]
 
 
 def pick_device(settings: Settings, index: int = 0) -> torch.device:

@@ -34,7 +34,7 @@ from ingrain_bento import schemas as s
 from ingrain_bento.batching import BatcherClosed
 from ingrain_bento.boundary import InferReply, LoadResult, ModelHandle, ServedModel
 from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound, StaleModel
-from ingrain_bento.families import families, family
+from ingrain_bento.families import api_pretrained, families, family, parse_ref
 from ingrain_bento.families.base import check_safetensors
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.metrics import ModelMetrics
@@ -100,11 +100,11 @@ class RunnerEngine:
         base, tag = split_display_id(name, pretrained)
         validate_name(base)
         if library:
-            return [ModelRef.parse(library, base, tag)]
+            return [parse_ref(library, base, tag)]
         candidates = []
         for library_name in families():
             try:
-                candidates.append(ModelRef.parse(library_name, base, tag))
+                candidates.append(parse_ref(library_name, base, tag))
             except BadRequest:
                 continue
         return candidates
@@ -142,7 +142,7 @@ class RunnerEngine:
         lib = library or request.library
         if lib is None:
             raise BadRequest(f"Send 'library': one of {', '.join(sorted(families()))}.")
-        ref = ModelRef.parse(lib, request.name, request.pretrained)
+        ref = parse_ref(lib, request.name, request.pretrained)
         backend = request.backend
 
         def resident(state: DesiredState) -> DesiredState:
@@ -200,7 +200,7 @@ class RunnerEngine:
     def _info(self, entry: StoredModel | None, resident: Resident | None, ref: ModelRef | None,
               state: s.ModelState, reports: list[RunnerReport] | None = None) -> s.ModelInfo:
         if ref is not None:
-            ident, name, pretrained, library = ref.display_id, ref.name, ref.api_pretrained, ref.library
+            ident, name, pretrained, library = ref.display_id, ref.name, api_pretrained(ref), ref.library
         else:
             assert entry is not None  # an unbound custom checkpoint, listed by its store entry
             ident, name, pretrained, library = entry.name, entry.name, entry.pretrained, entry.library
@@ -339,6 +339,9 @@ class RunnerEngine:
 
     async def ingrain_metrics(self) -> dict[str, Any]:
         return self.metrics.ingrain_json() if self.metrics is not None else {"modelStats": []}
+
+    async def forget(self) -> None:
+        """Nothing to drop: a front in this process keeps no per-model call queues."""
 
     # ---- inference -----------------------------------------------------------------------
 

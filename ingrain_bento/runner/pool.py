@@ -16,7 +16,7 @@ then the pool tells ``on_evict`` so the eviction is recorded as an unload everyw
 follows the desired state (``evict_pinned=False``) never does: it fails with the reason instead.
 
 Each load picks its engine (``engines.choose_backend``: the load's ``backend``, else
-``INGRAIN_BACKEND``); an ONNX engine needs the model's export, made once (``engines.export``),
+``INGRAIN_BACKEND``); an ONNX engine needs the model's export, made once (``runner.export``),
 and a model that has none loads with torch, ``fallback`` saying why. A model resident with one
 engine and asked for with another is a 409: unload it first.
 """
@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingrain_bento.batching import Batcher, BatcherClosed, TokenBudgetBatcher, in_executor
-from ingrain_bento.engines import Backend, EngineChoice, choose_backend
-from ingrain_bento.engines.export import ensure_export
+from ingrain_bento.engines import ENGINES, Backend, EngineChoice, choose_backend
 from ingrain_bento.engines.torch import apply_torch_threads
 from ingrain_bento.errors import AtCapacity, Conflict, ModelNotFound, ModelStillLoading
 from ingrain_bento.families import family
@@ -46,6 +45,7 @@ from ingrain_bento.families.base import LoadedModel, freeze_heap
 from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.runner.device import pick_device
+from ingrain_bento.runner.export import ensure_export
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel
 
@@ -267,8 +267,8 @@ class ModelPool:
 
     async def _engine(self, stored: StoredModel, backend: Backend) -> tuple[EngineChoice, str | None]:
         """The engine to open ``stored`` with, and why it is not ``backend`` when it is not."""
-        if backend == "torch":
-            return self._choice("torch"), None
+        if not ENGINES[backend].exports:
+            return self._choice(backend), None
         export = await ensure_export(self.store, stored, backend, self.settings.export_timeout_s)
         if export.folder is None:
             return self._choice("torch"), f"it has no {backend} export: {export.failure}"
@@ -279,9 +279,10 @@ class ModelPool:
             try:
                 return family(ref.library).load(stored.path, ref, engine)
             except Exception as exc:
-                if engine.backend == "torch":
+                if not ENGINES[engine.backend].exports:
                     raise
-                raise _EngineFailed(f"ONNX Runtime could not open its export ({type(exc).__name__}: {exc})") from exc
+                raise _EngineFailed(f"the {engine.backend} engine could not open its export "
+                                    f"({type(exc).__name__}: {exc})") from exc
 
         return await asyncio.to_thread(load)
 

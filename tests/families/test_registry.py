@@ -8,7 +8,8 @@ import pytest
 
 import ingrain_bento.families as registry
 from ingrain_bento.errors import BadRequest
-from ingrain_bento.families import families, family
+from ingrain_bento.families import families, family, parse_ref
+from ingrain_bento.store import store_name
 
 
 def test_every_family_module_is_discovered_and_registered_under_its_library_name():
@@ -28,7 +29,6 @@ def test_an_unknown_library_is_a_400_listing_the_ones_there_are():
 
 def test_a_registered_family_is_found_with_nothing_else_changed(monkeypatch):
     """What a fourth library needs: a module that registers an object of the Family shape."""
-    from ingrain_bento.refs import ModelRef
 
     class Toy:
         name = "toy"
@@ -44,5 +44,5 @@ def test_a_registered_family_is_found_with_nothing_else_changed(monkeypatch):
             return None
 
     monkeypatch.setitem(registry._REGISTRY, "toy", Toy())
-    ref = ModelRef.parse("toy", "some/model")
-    assert ref.library == "toy" and ref.store_name.startswith("toy-some-model-")
+    ref = parse_ref("toy", "some/model")
+    assert ref.library == "toy" and store_name(ref).startswith("toy-some-model-")

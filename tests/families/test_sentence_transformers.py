@@ -91,11 +91,10 @@ def _halves(name: str, folder: Path, backend: str = "torch"):
 
     from ingrain_bento.engines import EngineChoice
     from ingrain_bento.engines.onnx import export_graphs
-    from ingrain_bento.families import family
-    from ingrain_bento.refs import ModelRef
+    from ingrain_bento.families import family, parse_ref
 
     SentenceTransformer(name, device="cpu").save(str(folder / "model"))
-    ref = ModelRef.parse("sentence_transformers", name, None)
+    ref = parse_ref("sentence_transformers", name, None)
     st = family("sentence_transformers")
     export = None
     if backend == "onnx":
@@ -135,11 +134,10 @@ def test_the_front_opens_every_kind_without_its_weights_with_or_without_kernels(
     device: the front's open must not kernelize."""
     import importlib.util
 
-    from ingrain_bento.families import family
-    from ingrain_bento.refs import ModelRef
+    from ingrain_bento.families import family, parse_ref
 
     st = family("sentence_transformers")
-    ref = ModelRef.parse("sentence_transformers", hub_models[key], None)
+    ref = parse_ref("sentence_transformers", hub_models[key], None)
     st.fetch(ref, tmp_path)
     preprocessor = st.load_preprocessor(tmp_path, ref)
     assert {p.device.type for p in preprocessor.model.parameters()} == {"meta"}, preprocessor.front_weights

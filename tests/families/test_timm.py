@@ -32,11 +32,10 @@ def timm_model(client, hub_models, files_dir):
 
 def test_the_front_opens_the_model_without_its_weights(hub_models, tmp_path):
     """The front builds the model on torch's meta device only to read its data config."""
-    from ingrain_bento.families import family
-    from ingrain_bento.refs import ModelRef
+    from ingrain_bento.families import family, parse_ref
 
     timm_family = family("timm")
-    ref = ModelRef.parse("timm", hub_models["timm"], None)
+    ref = parse_ref("timm", hub_models["timm"], None)
     timm_family.fetch(ref, tmp_path)
     preprocessor = timm_family.load_preprocessor(tmp_path, ref)
     assert {p.device.type for p in preprocessor.model.parameters()} == {"meta"}

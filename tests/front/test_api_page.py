@@ -13,8 +13,10 @@ is Debian's ``chromium`` driven by Playwright: without either the test fails and
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 import re
 import shutil
 from pathlib import Path
@@ -24,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from ingrain_bento import schemas
+from ingrain_bento import schemas, tasks
 from ingrain_bento.front.docs import DOCS_URL, OPENAPI_URL, SECURITY_SCHEME
 
 KEY = "docs-page-test-key"
@@ -74,7 +76,14 @@ def _body_models(schema: dict[str, Any]) -> list[Any]:
     route takes (``oneOf``, e.g. /embed: the native body or TEI's); a free JSON object (``POST /``,
     dispatched by its fields) names none: any object then."""
     refs = [schema["$ref"]] if "$ref" in schema else [one["$ref"] for one in schema.get("oneOf", []) if "$ref" in one]
-    return [getattr(schemas, ref.rsplit("/", 1)[-1]) for ref in refs] or [None]
+    return [_model_named(ref.rsplit("/", 1)[-1]) for ref in refs] or [None]
+
+
+def _model_named(name: str) -> Any:
+    """A request schema by name: in ``schemas``, or in the task module that declares it."""
+    modules = [schemas, *(importlib.import_module(f"ingrain_bento.tasks.{m.name}")
+                          for m in pkgutil.iter_modules(tasks.__path__))]
+    return next(getattr(module, name) for module in modules if hasattr(module, name))
 
 
 def _valid(model: Any, value: Any) -> bool:

@@ -36,7 +36,7 @@ def test_a_lone_short_request_is_tokenized_on_the_loop_and_concurrent_ones_toget
         gateway = ModelGateway(engine, Settings(), own_process=True)
         try:
             await gateway.load(s.ModelRequest(name=name), "sentence_transformers")
-            handle = await gateway._handle(s.TextRequest(name=name, text="x"))
+            handle = await gateway.handle(s.TextRequest(name=name, text="x"))
             preprocessor = await gateway.inputs.preprocessor(handle)
             tokenize = preprocessor.prepare_texts
 
@@ -74,7 +74,7 @@ def test_inline_and_threaded_tokenizing_give_the_same_items(hub_models):
         gateway = ModelGateway(engine, Settings(), own_process=True)
         try:
             await gateway.load(s.ModelRequest(name=hub_models["st"]), "sentence_transformers")
-            handle = await gateway._handle(s.TextRequest(name=hub_models["st"], text="x"))
+            handle = await gateway.handle(s.TextRequest(name=hub_models["st"], text="x"))
             texts = ["a query", "another, longer query about the weather in town"]
             inline = await gateway.inputs.texts(handle, texts, alone=True)
             threaded = await gateway.inputs.texts(handle, texts, alone=False)

@@ -7,15 +7,16 @@ import asyncio
 import pytest
 
 from ingrain_bento.errors import AtCapacity, ModelNotFound
+from ingrain_bento.families import parse_ref
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.runner.pool import ModelPool
 from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore
 from ingrain_bento.tasks import EMBED_IMAGE
 
-A = ModelRef.parse("timm", "test_vit.r160_in1k", False)
-B = ModelRef.parse("timm", "test_convnext.r160_in1k", False)
-C = ModelRef.parse("timm", "test_nfnet.r160_in1k", False)
+A = parse_ref("timm", "test_vit.r160_in1k", False)
+B = parse_ref("timm", "test_convnext.r160_in1k", False)
+C = parse_ref("timm", "test_nfnet.r160_in1k", False)
 
 
 def _pool(**settings: object) -> ModelPool:

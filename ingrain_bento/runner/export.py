@@ -1,8 +1,9 @@
-"""A stored model's ONNX export: made once, in a child process, and kept in the BentoML store.
+"""A stored model's export for a backend that runs one (``EngineSpec.exports``: ONNX): made once,
+in a child process, and kept in the BentoML store.
 
 ``ensure_export`` (the runner's side) finds the export of a store entry for a backend, or makes
-it: ``python -m ingrain_bento.engines.export`` opens the stored folder with the family's own
-loader, exports and checks its graphs (``engines.onnx``), and writes them with a report; the
+it: ``python -m ingrain_bento.runner.export`` opens the stored folder with the family's own
+loader, exports and checks its graphs (the backend module's ``export``), and writes them with a report; the
 export is then stored as its own BentoML model, labelled with the entry it was made from (``bentoml
 models list`` shows it; deleting the model deletes it). A model that does not export (custom
 code, an op the exporter lacks, outputs that differ) gets an export entry that records why, so
@@ -28,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingrain_bento.engines.base import Backend
+from ingrain_bento.engines.base import ENGINES, Backend
 
 __all__ = ["Export", "ensure_export"]
 
-log = logging.getLogger("ingrain_bento.engines.export")
+log = logging.getLogger("ingrain_bento.runner.export")
 
 REPORT = "report.json"
 
@@ -49,26 +50,27 @@ class Export:
 
 async def ensure_export(store: Any, stored: Any, backend: Backend, timeout_s: float) -> Export:
     """The export of store entry ``stored`` for ``backend`` (``onnx`` or ``onnx-int8``), made now
-    when there is none (``onnx-int8`` from the ``onnx`` one)."""
-    from ingrain_bento.engines.onnx import EXPORTER_VERSION
-
+    when there is none (``onnx-int8`` from the ``onnx`` one: ``EngineSpec.export_from``)."""
+    spec = ENGINES[backend]
+    exporter_version = _exporter_version(backend)
     found = await asyncio.to_thread(store.find_export, stored, backend)
     if found is not None:
         export = _from_entry(backend, found)
-        if export.failure is None or export.report and export.report.get("exporter") == EXPORTER_VERSION:
+        if export.failure is None or export.report and export.report.get("exporter") == exporter_version:
             return export
         await asyncio.to_thread(store.delete_tag, found.tag)  # a failure an older exporter recorded: try again
     source: Export | None = None
-    if backend == "onnx-int8":
-        source = await ensure_export(store, stored, "onnx", timeout_s)
+    if spec.export_from is not None:
+        source = await ensure_export(store, stored, spec.export_from, timeout_s)
         if source.folder is None:
             return Export(backend, None, source.failure)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ingrain-export-") as scratch:
         out = Path(scratch)
-        report = await _run_child(stored.library, stored.path, out, source.folder if source else None, timeout_s)
+        report = await _run_child(backend, stored.library, stored.path, out, source.folder if source else None,
+                                  timeout_s)
         report["seconds"] = round(time.perf_counter() - started, 3)
-        report["exporter"] = EXPORTER_VERSION
+        report["exporter"] = exporter_version
         entry = await asyncio.to_thread(store.write_export, stored, backend, out, report)
     exported = _from_entry(backend, entry)
     if exported.failure is None:
@@ -79,17 +81,27 @@ async def ensure_export(store: Any, stored: Any, backend: Backend, timeout_s: fl
     return exported
 
 
+def _exporter_version(backend: Backend) -> int:
+    """Bumped by a backend's module when its exporter changes what it can export: a failure an
+    older one recorded is tried again."""
+    import importlib
+
+    version: int = importlib.import_module(ENGINES[backend].module).EXPORTER_VERSION
+    return version
+
+
 def _from_entry(backend: Backend, entry: Any) -> Export:
     report = dict(entry.metadata.get("report", {}))
     failure = report.get("failure")
     return Export(backend, None if failure else entry.path, failure, report)
 
 
-async def _run_child(library: str, folder: Path, out: Path, int8_from: Path | None, timeout_s: float) -> dict[str, Any]:
+async def _run_child(backend: Backend, library: str, folder: Path, out: Path, source: Path | None,
+                     timeout_s: float) -> dict[str, Any]:
     """Run the export in a child process; its report (``failure`` says why when it failed)."""
-    args = [sys.executable, "-m", "ingrain_bento.engines.export", library, str(folder), str(out)]
-    if int8_from is not None:
-        args += ["--int8-from", str(int8_from)]
+    args = [sys.executable, "-m", "ingrain_bento.runner.export", backend, library, str(folder), str(out)]
+    if source is not None:
+        args += ["--source", str(source)]
     child = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
                                                  stderr=asyncio.subprocess.PIPE, env=os.environ.copy())
     try:
@@ -108,32 +120,34 @@ async def _run_child(library: str, folder: Path, out: Path, int8_from: Path | No
 
 # ---- the child process ------------------------------------------------------------------------
 
-def _export(library: str, folder: Path, out: Path, int8_from: Path | None) -> dict[str, Any]:
-    from ingrain_bento.engines.onnx import export_graphs, quantize_graphs
+def _export(backend: Backend, library: str, folder: Path, out: Path, source: Path | None) -> dict[str, Any]:
+    import importlib
+
     from ingrain_bento.families import family
 
     graphs = family(library).graphs(folder)
-    if int8_from is not None:
-        return {"graphs": quantize_graphs(graphs, int8_from, out)}
-    return {"graphs": export_graphs(graphs, out)}
+    report: dict[str, Any] = importlib.import_module(ENGINES[backend].module).export(backend, graphs, out, source)
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a stored model's graphs to ONNX (run by the server).")
+    parser = argparse.ArgumentParser(description="Export a stored model's graphs for a backend (run by the server).")
+    parser.add_argument("backend", choices=[name for name, spec in ENGINES.items() if spec.exports])
     parser.add_argument("library")
     parser.add_argument("folder", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--int8-from", type=Path, default=None)
+    parser.add_argument("--source", type=Path, default=None, help="the export this backend's is made from")
     args = parser.parse_args(argv)
     from ingrain_bento.engines.torch import apply_torch_threads
     from ingrain_bento.settings import get_settings
 
     apply_torch_threads(get_settings().torch_threads)
     try:
-        report = _export(args.library, args.folder, args.out, args.int8_from)
+        report = _export(args.backend, args.library, args.folder, args.out, args.source)
     except Exception as exc:  # every reason a model does not export: the server loads it with torch
-        for leftover in args.out.glob("*.onnx"):
-            leftover.unlink()
+        for pattern in ENGINES[args.backend].stored_files:
+            for leftover in args.out.glob(pattern):
+                leftover.unlink()
         report = {"failure": str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}",
                   "graphs": {}}
     (args.out / REPORT).write_text(json.dumps(report))

