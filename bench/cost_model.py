@@ -66,7 +66,7 @@ class Meter:
 
     def __init__(self, server: Server, model: str) -> None:
         self.server, self.model = server, model
-        self.fronts, self.runner = server.service_pids("ingrain-bento"), server.worker_pid()
+        self.fronts, self.executor = server.service_pids("ingrain-bento"), server.worker_pid()
         self.start = self._read()
 
     def _read(self) -> tuple[float, float, int]:
@@ -74,7 +74,7 @@ class Meter:
 
         stats = httpx.get(f"{self.server.url}/metrics").json()["modelStats"]
         forwards = sum(int(s["executionCount"]) for s in stats if s["name"] == self.model)
-        return sum(cpu_seconds(pid) for pid in self.fronts), cpu_seconds(self.runner), forwards
+        return sum(cpu_seconds(pid) for pid in self.fronts), cpu_seconds(self.executor), forwards
 
     def done(self) -> dict[str, float]:
         end = self._read()

@@ -8,7 +8,7 @@ export's own report), the first load (exporting) and a later load (opening the s
 then the forward itself through the server's own ``LoadedModel.forward`` on prepared items: items/s
 at batch 64 and the p50 of one item, each the median of ``--repeat`` rounds. For int8: its speed
 and the cosine of its rows to the fp32 export's on a fixed text set. This is what ``auto``
-(``engines.AUTO``) is chosen from: README "Engines".
+(``backends.AUTO``) is chosen from: README "Engines".
 """
 
 from __future__ import annotations

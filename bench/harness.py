@@ -15,8 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -42,6 +44,41 @@ def report(results: dict, json_path: Path | None) -> None:
         print(f"{key:34s} {value:.3f}" if isinstance(value, float) else f"{key:34s} {value}")
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
+
+
+def serve_and_measure(doc: str, work: Path, build: Callable[[], None],
+                      figures: list[Callable[[Server, Any], dict]], seed: int) -> None:
+    """The whole run of a bench that builds its models, then measures them against one real
+    ``bentoml serve``: ``--json`` and ``--server-env`` parsed, ``build()``, each of ``figures``
+    (server, a numpy generator seeded ``seed``) in turn, the backend each model ran on, the report."""
+    import numpy as np
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    add_server_env_option(parser)
+    args = parser.parse_args()
+    build()
+    rng = np.random.default_rng(seed)
+    results: dict = {"server_env": " ".join(args.server_env) or "(defaults)"}
+    server = Server(work / "serve.log", extra_env=server_env(args))
+    try:
+        for figure in figures:
+            results.update(figure(server, rng))
+        results["engines"] = {m["id"]: m["backend"] for m in httpx.get(f"{server.url}/loaded_models").json()["models"]}
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    report(results, args.json)
+
+
+# Words that stay whole tokens for BERT-style tokenizers: texts of known lengths.
+WORDS = ("river", "server", "model", "engine", "batch", "token", "garden", "signal", "window", "paper", "stone",
+         "market", "winter", "cable", "forest", "capital", "city", "search", "query", "answer")
+
+
+def random_sentence(rng: Any, words: int) -> str:
+    """``words`` of ``WORDS`` drawn with the numpy generator ``rng``."""
+    return " ".join(WORDS[int(i)] for i in rng.integers(0, len(WORDS), words))
 
 
 def offline_workdir(prefix: str) -> Path:
@@ -90,14 +127,15 @@ def place_tiny_st(repo_id: str = "bench/tiny-bert") -> str:
     return repo_id
 
 
-def loadgen(work: Path, url: str, bodies: list[dict], concurrency: int, latencies: bool = False) -> dict:
+def loadgen(work: Path, url: str, bodies: list[dict], concurrency: int, latencies: bool = False,
+            method: str = "POST") -> dict:
     """bench/loadgen.py in its own process: its one-line JSON result (items/s counts the texts of
     list bodies); with ``latencies``, also each body's latency in ms (``by_body``), in order."""
     import json
 
     payloads, by_body = work / "payloads.json", work / "latencies.json"
     payloads.write_text(json.dumps(bodies))
-    extra = ["--latencies", str(by_body)] if latencies else []
+    extra = (["--latencies", str(by_body)] if latencies else []) + ["--method", method]
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--payloads",
                           str(payloads), "--concurrency", str(concurrency), *extra], capture_output=True, text=True)
     if out.returncode != 0:

@@ -24,7 +24,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-async def run(url: str, bodies: list[dict], concurrency: int) -> tuple[dict, list[float]]:
+async def run(url: str, bodies: list[dict], concurrency: int, method: str = "POST") -> tuple[dict, list[float]]:
     queue: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
     for index, body in enumerate(bodies):
         queue.put_nowait((index, body))
@@ -43,7 +43,7 @@ async def run(url: str, bodies: list[dict], concurrency: int) -> tuple[dict, lis
                 index, body = queue.get_nowait()
                 started = time.perf_counter()
                 try:
-                    response = await client.post(url, json=body)
+                    response = await (client.get(url) if method == "GET" else client.post(url, json=body))
                     ok = response.status_code == 200
                 except httpx.HTTPError as exc:
                     ok = False
@@ -71,10 +71,11 @@ def main() -> None:
     parser.add_argument("--payloads", required=True)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latencies", default=None)
+    parser.add_argument("--method", choices=["POST", "GET"], default="POST", help="GET: one request per body, no body")
     args = parser.parse_args()
     with open(args.payloads) as handle:
         bodies = json.load(handle)
-    summary, by_body = asyncio.run(run(args.url, bodies, args.concurrency))
+    summary, by_body = asyncio.run(run(args.url, bodies, args.concurrency, args.method))
     if args.latencies:
         with open(args.latencies, "w") as handle:
             json.dump(by_body, handle)

@@ -15,8 +15,6 @@ SparseEncoder (its masked-language-model head and SPLADE pooling). Then, against
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import statistics
 import sys
 import tempfile
@@ -26,19 +24,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     Server,
-    add_server_env_option,
     loadgen,
     offline_workdir,
     place_in_hf_cache,
-    report,
-    server_env,
+    random_sentence,
+    serve_and_measure,
 )
 
 WORK = offline_workdir("ingrain-retrieval-")
 RERANKER = "bench/minilm-shaped-reranker"
 SPLADE = "bench/minilm-shaped-splade"
-WORDS = ("river", "server", "model", "engine", "batch", "token", "garden", "signal", "window", "paper", "stone",
-         "market", "winter", "cable", "forest", "capital", "city", "search", "query", "answer")
 
 
 def build_models() -> None:
@@ -74,16 +69,12 @@ def build_models() -> None:
         place_in_hf_cache(SPLADE, Path(scratch) / "splade")
 
 
-def sentence(rng, words: int) -> str:
-    return " ".join(WORDS[int(i)] for i in rng.integers(0, len(WORDS), words))
-
-
 def rerank_figures(server: Server, rng) -> dict[str, float]:
     import httpx
     from sentence_transformers import CrossEncoder
 
-    requests = [{"model": RERANKER, "query": sentence(rng, 8), "documents": [sentence(rng, 40) for _ in range(32)]}
-                for _ in range(64)]
+    requests = [{"model": RERANKER, "query": random_sentence(rng, 8),
+                 "documents": [random_sentence(rng, 40) for _ in range(32)]} for _ in range(64)]
     library = CrossEncoder(RERANKER, device="cpu")
     pairs = [(r["query"], d) for r in requests for d in r["documents"]]
     library.predict(pairs[:64], batch_size=64)
@@ -94,7 +85,8 @@ def rerank_figures(server: Server, rng) -> dict[str, float]:
     loadgen(WORK, f"{server.url}/rerank", requests[:16], 16)  # warm up
     run = loadgen(WORK, f"{server.url}/rerank", requests, 16)
     server_rate = len(pairs) / run["seconds"]
-    one = {"model": RERANKER, "query": sentence(rng, 8), "documents": [sentence(rng, 40) for _ in range(10)]}
+    one = {"model": RERANKER, "query": random_sentence(rng, 8),
+           "documents": [random_sentence(rng, 40) for _ in range(10)]}
     ten = [(one["query"], d) for d in one["documents"]]
     library_c1, server_c1 = [], []
     with httpx.Client(timeout=60) as client:
@@ -115,7 +107,7 @@ def rerank_figures(server: Server, rng) -> dict[str, float]:
 def sparse_figures(server: Server, rng) -> dict[str, float]:
     from sentence_transformers import SparseEncoder
 
-    texts = [sentence(rng, int(rng.integers(6, 30))) for _ in range(1024)]
+    texts = [random_sentence(rng, int(rng.integers(6, 30))) for _ in range(1024)]
     library = SparseEncoder(SPLADE, device="cpu")
     library.encode(texts[:64], batch_size=64)
     started = time.perf_counter()
@@ -130,26 +122,7 @@ def sparse_figures(server: Server, rng) -> dict[str, float]:
 
 
 def main() -> None:
-    import numpy as np
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path)
-    add_server_env_option(parser)
-    args = parser.parse_args()
-    build_models()
-    rng = np.random.default_rng(3)
-    results: dict = {"server_env": " ".join(args.server_env) or "(defaults)"}
-    server = Server(WORK / "serve.log", extra_env=server_env(args))
-    try:
-        results.update(rerank_figures(server, rng))
-        results.update(sparse_figures(server, rng))
-        import httpx
-
-        results["engines"] = {m["id"]: m["backend"] for m in httpx.get(f"{server.url}/loaded_models").json()["models"]}
-    finally:
-        server.stop()
-        shutil.rmtree(WORK, ignore_errors=True)
-    report(results, args.json)
+    serve_and_measure(__doc__, WORK, build_models, [rerank_figures, sparse_figures], seed=3)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ ViT-B-32 CLIP. Against a real ``bentoml serve`` (default settings unless ``--ser
 
 from __future__ import annotations
 
-import argparse
 import base64
-import shutil
 import sys
 import tempfile
 import time
@@ -30,21 +28,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     Server,
-    add_server_env_option,
     jpegs,
     loadgen,
     offline_workdir,
     place_in_hf_cache,
-    report,
+    random_sentence,
+    serve_and_measure,
     serve_random_vit,
-    server_env,
 )
 
 WORK = offline_workdir("ingrain-tasks-")
 CLASSIFIER = "bench/minilm-shaped-classifier"
 COLBERT = "bench/minilm-shaped-colbert"
-WORDS = ("river", "server", "model", "engine", "batch", "token", "garden", "signal", "window", "paper", "stone",
-         "market", "winter", "cable", "forest", "capital", "city", "search", "query", "answer")
 LABELS = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat", "plane", "flower"]
 
 
@@ -75,10 +70,6 @@ def build_models() -> None:
         place_in_hf_cache(COLBERT, Path(scratch) / "colbert")
 
 
-def sentence(rng, words: int) -> str:
-    return " ".join(WORDS[int(i)] for i in rng.integers(0, len(WORDS), words))
-
-
 def timed(function, *args) -> float:
     started = time.perf_counter()
     function(*args)
@@ -89,7 +80,7 @@ def classify_figures(server: Server, rng) -> dict[str, float]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    texts = [sentence(rng, int(rng.integers(6, 30))) for _ in range(1024)]
+    texts = [random_sentence(rng, int(rng.integers(6, 30))) for _ in range(1024)]
     tokenizer = AutoTokenizer.from_pretrained(CLASSIFIER)
     model = AutoModelForSequenceClassification.from_pretrained(CLASSIFIER).eval()
 
@@ -113,8 +104,8 @@ def multi_vector_figures(server: Server, rng) -> dict[str, float]:
     from sentence_transformers import MultiVectorEncoder
 
     model = MultiVectorEncoder(COLBERT, device="cpu")
-    queries = [sentence(rng, 6) for _ in range(512)]
-    documents = [sentence(rng, int(rng.integers(10, 40))) for _ in range(512)]
+    queries = [random_sentence(rng, 6) for _ in range(512)]
+    documents = [random_sentence(rng, int(rng.integers(10, 40))) for _ in range(512)]
 
     def rerank_library() -> None:
         query_rows = model.encode_query(queries, batch_size=64)
@@ -140,7 +131,7 @@ def multi_vector_figures(server: Server, rng) -> dict[str, float]:
             "multi_vector_ratio": embed["items_per_s"] / library_docs, "multi_vector_errors": embed["errors"]}
 
 
-def zero_shot_figures(server: Server) -> dict[str, float]:
+def zero_shot_figures(server: Server, rng) -> dict[str, float]:
     import io
 
     import open_clip
@@ -174,27 +165,7 @@ def zero_shot_figures(server: Server) -> dict[str, float]:
 
 
 def main() -> None:
-    import numpy as np
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path)
-    add_server_env_option(parser)
-    args = parser.parse_args()
-    build_models()
-    rng = np.random.default_rng(5)
-    results: dict = {"server_env": " ".join(args.server_env) or "(defaults)"}
-    server = Server(WORK / "serve.log", extra_env=server_env(args))
-    try:
-        results.update(classify_figures(server, rng))
-        results.update(multi_vector_figures(server, rng))
-        results.update(zero_shot_figures(server))
-        import httpx
-
-        results["engines"] = {m["id"]: m["backend"] for m in httpx.get(f"{server.url}/loaded_models").json()["models"]}
-    finally:
-        server.stop()
-        shutil.rmtree(WORK, ignore_errors=True)
-    report(results, args.json)
+    serve_and_measure(__doc__, WORK, build_models, [classify_figures, multi_vector_figures, zero_shot_figures], seed=5)
 
 
 if __name__ == "__main__":

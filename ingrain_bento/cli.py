@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ingrain_bento.engines.base import ENGINES, Backend
+from ingrain_bento.backends.base import BACKENDS, Backend
 from ingrain_bento.errors import IngrainError
 from ingrain_bento.families import parse_ref
 from ingrain_bento.model_list import read_model_list
@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--name", help="architecture, Hub id, or hf-hub:org/repo")
     pull.add_argument("--from", dest="model_list", help="pull every model of a models/*.yaml list instead")
     pull.add_argument("--pretrained", default=None, help="pretrained tag (open_clip), true/false (timm)")
-    pull.add_argument("--backend", choices=[name for name, spec in ENGINES.items() if spec.exports], default=None,
-                      help="also export it for that engine now (a list's own backend fields otherwise)")
+    pull.add_argument("--backend", choices=[name for name, spec in BACKENDS.items() if spec.exports], default=None,
+                      help="also export it for that backend now (a list's own backend fields otherwise)")
     commands.add_parser("list", help="list the models in the store")
     rm = commands.add_parser("rm", help="remove a model from the store")
     rm.add_argument("--name", required=True)
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 size_mb = entry.size_bytes / 1e6
                 console.print(f"[green]Stored[/green] {ref.display_id} as {entry.tag} ({size_mb:.1f} MB)")
                 export: Backend | None = args.backend or backend
-                if export is not None and ENGINES[export].exports:
+                if export is not None and BACKENDS[export].exports:
                     _export(console, store, entry, export)
         elif args.command == "list":
             table = Table("id", "library", "pretrained", "store tag", "MB", "exports")

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from ingrain_bento.engines.base import Backend
+from ingrain_bento.backends.base import Backend
 from ingrain_bento.families import parse_ref
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import Settings

@@ -28,18 +28,18 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from ingrain_bento.engines.base import ENGINES
+from ingrain_bento.backends.base import BACKENDS
 from ingrain_bento.settings import get_settings
 
 __all__ = ["MAX_CLASSES", "PROTOCOL_TAGS", "ApiModel", "Backend", "CohereContent", "CohereEmbedRequest",
            "CohereEmbeddingType", "CohereImageUrl", "CohereInput", "CustomModelRequest", "EmbeddingSizeResponse",
            "EmbeddingsResponse", "Image", "ImageRequest", "Images", "InferenceRequest", "LabelsResponse",
-           "MessageResponse", "ModelInfo", "ModelListResponse", "ModelRequest", "ModelState", "NonEmptyName",
-           "OpenAIEmbedding", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse", "OpenAIModel", "OpenAIModelList",
-           "OpenAIUsage", "Precision", "Pretrained", "ProbabilitiesResponse", "PromptName", "RerankDocument",
-           "RerankRequest", "RerankResponse", "RerankResult", "Rows", "RunnerInfo", "SparseEmbedding",
-           "SparseEmbeddingsResponse", "SparseRequest", "TEIDecodeRequest", "TEIEmbedRequest", "TEIOptions",
-           "TEIRerankRequest", "TEISimilarityInputs", "TEISimilarityRequest", "TEISparseRequest",
+           "MessageResponse", "ModelInfo", "ModelListResponse", "ModelRequest", "ModelTextsRequest", "ModelState",
+           "NonEmptyName", "OpenAIEmbedding", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse", "OpenAIModel",
+           "OpenAIModelList", "OpenAIUsage", "Precision", "Pretrained", "ProbabilitiesResponse", "PromptName",
+           "RerankDocument", "RerankRequest", "RerankResponse", "RerankResult", "Rows", "RunnerInfo",
+           "SparseEmbedding", "SparseEmbeddingsResponse", "SparseRequest", "TEIDecodeRequest", "TEIEmbedRequest",
+           "TEIOptions", "TEIRerankRequest", "TEISimilarityInputs", "TEISimilarityRequest", "TEISparseRequest",
            "TEITokenizeRequest", "Text", "TextImageEmbeddingsResponse", "TextImageRequest", "TextOptions",
            "TextRequest", "Texts", "Token", "TruncationDirection", "as_list", "build", "one_prompt",
            "validation_message"]
@@ -92,18 +92,18 @@ def as_list(value: str | list[str] | None) -> list[str]:
 # ---- management requests ---------------------------------------------------------------
 
 def _known_backend(value: str) -> str:
-    if value not in ENGINES:
-        raise ValueError(f"unknown backend {value!r}: use one of {', '.join(map(repr, ENGINES))}")
+    if value not in BACKENDS:
+        raise ValueError(f"unknown backend {value!r}: use one of {', '.join(map(repr, BACKENDS))}")
     return value
 
 
-# A compute backend's name (``engines.ENGINES``, the one list of them).
-Backend = Annotated[str, AfterValidator(_known_backend), WithJsonSchema({"type": "string", "enum": list(ENGINES)})]
+# A compute backend's name (``backends.BACKENDS``, the one list of them).
+Backend = Annotated[str, AfterValidator(_known_backend), WithJsonSchema({"type": "string", "enum": list(BACKENDS)})]
 
 
 class ModelRequest(ApiModel):
     """Names one model: ``name`` (or display id ``name::pretrained``), ``pretrained``, ``library``;
-    a load may pick its engine (``backend``; unset: the server's ``INGRAIN_BACKEND``)."""
+    a load may pick its backend (``backend``; unset: the server's ``INGRAIN_BACKEND``)."""
 
     name: NonEmptyName
     pretrained: Pretrained = None
@@ -231,6 +231,19 @@ class SparseRequest(InferenceRequest):
     top_k: int | None = Field(None, ge=1)
 
 
+class ModelTextsRequest(ApiModel):
+    """A task module's request of texts for one model: ``name`` (or ``model``), ``text``."""
+
+    name: NonEmptyName = Field(validation_alias=AliasChoices("name", "model"))
+    text: Texts
+    pretrained: Pretrained = None
+    library: str | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return as_list(self.text)
+
+
 class RerankDocument(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -329,9 +342,9 @@ class ModelInfo(ApiModel):
     memory_bytes: int | None = None
     last_used: float | None = None
     store_tag: str | None = None
-    backend: str | None = None  # the engine running it (resident models)
-    fallback: str | None = None  # why that is not the engine its load asked for
-    exports: list[str] = []  # the engines it has an export in the store for ("onnx", "onnx-int8")
+    backend: str | None = None  # the backend running it (resident models)
+    fallback: str | None = None  # why that is not the backend its load asked for
+    exports: list[str] = []  # the backends it has an export in the store for ("onnx", "onnx-int8")
     # Why the answering front worker holds the model's weights (its weightless open failed and it
     # loaded them on the CPU, also counted in ingrain_front_weights_loaded_total); null: it holds none.
     front_weights: str | None = None

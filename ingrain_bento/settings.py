@@ -62,8 +62,8 @@ class Settings(BaseSettings):
                                                   "(default: theirs, one per core).")
     backend: str = Field(
         "auto", validation_alias=_env("INGRAIN_BACKEND"),
-        description="The engine a load gets when it names none: auto (per family and device, the faster one "
-                    "measured: README \"Engines\"), or a backend of engines.ENGINES that may be the default "
+        description="The backend a load gets when it names none: auto (per family and device, the faster one "
+                    "measured: README \"Engines\"), or a backend of backends.BACKENDS that may be the default "
                     "(torch, onnx; onnx-int8 is per load only).")
     onnx_spinning: bool = Field(False, validation_alias=_env("INGRAIN_ONNX_SPINNING"),
                                 description="ONNX Runtime's idle threads spin for work: less latency alone, more CPU "
@@ -132,9 +132,9 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _server_backend(cls, value: str) -> str:
-        from ingrain_bento.engines.base import ENGINES
+        from ingrain_bento.backends.base import BACKENDS
 
-        allowed = ["auto", *(name for name, spec in ENGINES.items() if spec.server_default)]
+        allowed = ["auto", *(name for name, spec in BACKENDS.items() if spec.server_default)]
         if value not in allowed:
             raise ValueError(f"INGRAIN_BACKEND is {value!r}: use one of {', '.join(allowed)}")
         return value

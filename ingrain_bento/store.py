@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 import bentoml
 
+from ingrain_bento.backends.base import BACKENDS
 from ingrain_bento.bentoml_seam import bentoml_home
-from ingrain_bento.engines.base import ENGINES
 from ingrain_bento.errors import Conflict, IngrainError, ModelNotFound, UpstreamFailed
 from ingrain_bento.families import api_pretrained, family, parse_ref
 from ingrain_bento.refs import ModelRef
@@ -69,7 +69,7 @@ class StoredModel:
 
 @dataclass(frozen=True)
 class StoredExport:
-    """A model's graphs exported for one engine (``runner.export``): a store entry of its own,
+    """A model's graphs exported for one backend (``runner.export``): a store entry of its own,
     made from one model entry (``source``, a tag with version) and deleted with it."""
 
     tag: str
@@ -275,7 +275,7 @@ class ModelStore:
         labels = {EXPORT_OF: entry.tag, "backend": backend, "source": "ingrain-bento"}
 
         def write(target: Path) -> dict[str, Any]:
-            for pattern in ENGINES[backend].stored_files:
+            for pattern in BACKENDS[backend].stored_files:
                 for graph in folder.glob(pattern):
                     shutil.copy2(graph, target / graph.name)
             return {"report": report}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -187,6 +188,63 @@ def test_huggingface_inference_client_speaks_tei_unmodified(server, hub_models, 
     scores = hf.sentence_similarity(texts[0], other_sentences=texts)
     unit = model.encode(texts, normalize_embeddings=True)
     np.testing.assert_allclose(scores, unit @ unit[0], atol=1e-5)
+
+
+def test_the_three_task_modules_through_a_real_serve(server, hub_models, monkeypatch):
+    """Text classification (also ``InferenceClient.text_classification`` unmodified, beside the TEI
+    default embedder), zero-shot CLIP and multi-vector, each equal to its library on the same weights."""
+    import io
+
+    from huggingface_hub import InferenceClient, constants
+    from PIL import Image
+    from sentence_transformers import MultiVectorEncoder
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    names = {key: hub_models[key] for key in ("classifier", "colbert", "clip_hub")}
+    for key, name in names.items():
+        library = "open_clip" if key == "clip_hub" else "sentence_transformers"
+        httpx.post(f"{server.url}/load_model", json={"name": name, "library": library}, timeout=120).raise_for_status()
+    texts = ["I loved every minute", "dull and far too long"]
+    answer = httpx.post(f"{server.url}/classify_text", json={"name": names["classifier"], "text": texts}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    tokenizer = AutoTokenizer.from_pretrained(names["classifier"])
+    classifier = AutoModelForSequenceClassification.from_pretrained(names["classifier"]).eval()
+    with torch.no_grad():
+        expected = classifier(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
+    labels = [classifier.config.id2label[i] for i in range(3)]
+    for row, scores in zip(answer.json()["predictions"], expected, strict=True):
+        got = {p["label"]: p["score"] for p in row}
+        np.testing.assert_allclose([got[label] for label in labels], scores, atol=1e-5)
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    hf = InferenceClient(base_url=server.url)
+    best = hf.text_classification(texts[0])
+    assert [(e.label, round(e.score, 5)) for e in best] == [(p["label"], round(p["score"], 5))
+                                                             for p in answer.json()["predictions"][0]]
+
+    colbert = MultiVectorEncoder(names["colbert"], device="cpu")
+    matrices = httpx.post(f"{server.url}/embed_multi_vector", timeout=60,
+                          json={"name": names["colbert"], "text": texts, "input_type": "query"}).json()["embeddings"]
+    for matrix, library_matrix in zip(matrices, colbert.encode_query(texts, convert_to_numpy=True), strict=True):
+        np.testing.assert_allclose(matrix, library_matrix, atol=1e-5)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    body = {"name": names["clip_hub"], "image": [base64.b64encode(buffer.getvalue()).decode()],
+            "labels": ["a cat", "a dog", "a plane"]}
+    zero_shot = httpx.post(f"{server.url}/classify_image", json=body, timeout=60)
+    assert zero_shot.status_code == 200, zero_shot.text
+    import open_clip
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    clip, _, preprocess = open_clip.create_model_and_transforms(names["clip_hub"])
+    clip.eval()
+    with torch.no_grad():
+        weights = build_zero_shot_classifier(clip, open_clip.get_tokenizer(names["clip_hub"]), body["labels"],
+                                             ["a photo of a {}."], device="cpu", use_tqdm=False)
+        features = clip.encode_image(preprocess(image)[None], normalize=True)
+        probabilities = (clip.logit_scale.exp() * features @ weights).softmax(-1).numpy()
+    np.testing.assert_allclose(zero_shot.json()["probabilities"], probabilities, atol=1e-5)
 
 
 def test_both_cohere_clients_and_a_jina_body_rerank_beside_an_embedder_and_a_clip_model(server, hub_models):

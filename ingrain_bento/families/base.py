@@ -4,16 +4,16 @@ A family (``open_clip.py``, ``sentence_transformers.py``, ``timm.py``) is one mo
 registers one object satisfying ``Family``: how its names are read, how a checkpoint gets into
 the store (``fetch``, ``bind_custom``), and three ways to open a stored folder:
 
-- ``graphs``: the model's forwards as ``engines.Graph`` (torch modules over arrays, with example
-  inputs): what each engine runs, and what the ONNX engine exports;
-- ``load`` (the engine's process): a ``LoadedModel`` whose forwards take a batch of prepared
-  items and return numpy rows, its graphs run by the chosen engine (``engines.EngineChoice``);
+- ``graphs``: the model's forwards as ``backends.Graph`` (torch modules over arrays, with example
+  inputs): what each backend runs, and what the ONNX backend exports;
+- ``load`` (the runner's process): a ``LoadedModel`` whose forwards take a batch of prepared
+  items and return numpy rows, its graphs run by the chosen backend (``backends.BackendChoice``);
 - ``load_preprocessor`` (the front): no weights at all, a ``Preprocessor`` that turns texts and
   images into those items with the model's own tokenizer and transforms.
 
 What a model can do is a set of capabilities (the tasks of ``ingrain_bento.tasks``), never a
 library check. Torch and the libraries are imported inside the families and the torch
-engine only: a ``LoadedModel`` speaks numpy.
+backend only: a ``LoadedModel`` speaks numpy.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from ingrain_bento.engines import EngineChoice, Graph, Runner
+    from ingrain_bento.backends import BackendChoice, Executor, Graph
     from ingrain_bento.refs import ModelRef
     from ingrain_bento.schemas import CustomModelRequest
 
@@ -92,11 +92,11 @@ class Family(Protocol):
 
     def graphs(self, folder: Path) -> dict[str, Graph]:
         """A stored model's forwards, opened with the library's own loader (fp32, on the CPU);
-        raises with the reason for a model whose forwards cannot be graphs (the ONNX engine then
+        raises with the reason for a model whose forwards cannot be graphs (the ONNX backend then
         falls back to torch)."""
 
-    def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
-        """Open a stored folder with the library's own loader, its graphs run by ``engine``."""
+    def load(self, folder: Path, ref: ModelRef, choice: BackendChoice) -> LoadedModel:
+        """Open a stored folder with the library's own loader, its graphs run by the backend of ``choice``."""
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         """The model's tokenizer and image transforms, without its weights."""
@@ -150,7 +150,7 @@ class Preprocessor:
 
 class LoadedModel(ABC):
     """A resident model. ``forward(task, items)`` runs one batch of prepared items through its
-    runner (``engines.Runner``) and returns one numpy row per item (float32, or float16 for a
+    executor (``backends.Executor``) and returns one numpy row per item (float32, or float16 for a
     half model)."""
 
     capabilities: frozenset[str] = frozenset()
@@ -158,26 +158,26 @@ class LoadedModel(ABC):
     context_length: int | None = None  # tokens of text it takes at most (texts are truncated to it)
     prompts: dict[str, str] = {}  # its named prompts (sentence-transformers' ``prompts``)
 
-    def __init__(self, ref: ModelRef, runner: Runner) -> None:
+    def __init__(self, ref: ModelRef, executor: Executor) -> None:
         self.ref = ref
-        self.runner = runner
-        self.fallback: str | None = None  # why the engine asked for is not the one running (set by the pool)
+        self.executor = executor
+        self.fallback: str | None = None  # why the backend asked for is not the one running (set by the pool)
 
     @property
     def backend(self) -> str:
-        return self.runner.backend
+        return self.executor.backend
 
     @property
     def device(self) -> str:
-        return self.runner.device
+        return self.executor.device
 
     @property
     def dtype(self) -> str:
-        return self.runner.dtype
+        return self.executor.dtype
 
     @property
     def memory_bytes(self) -> int:
-        return self.runner.memory_bytes
+        return self.executor.memory_bytes
 
     @property
     @abstractmethod
@@ -216,7 +216,7 @@ class LoadedModel(ABC):
 
     def release(self) -> None:
         """Drop the weights and give the memory back (device memory, glibc heap)."""
-        self.runner.release()
+        self.executor.release()
         gc.unfreeze()  # let the collector reach the model's reference cycles again
         freeze_heap()
         trim_heap()
@@ -227,7 +227,7 @@ class ImagePipeline:
 
     The front runs the PIL steps (resize, crop, mode) and sends uint8 HWC pixels, a quarter of
     the bytes of float32; the model's image graph runs ``ToTensor`` + ``Normalize`` on the whole
-    batch, on the device (``engines.pixels.PixelGraph``). That is the transform's own arithmetic
+    batch, on the device (``backends.pixels.PixelGraph``). That is the transform's own arithmetic
     (divide by 255, subtract the mean, divide by the std, elementwise), so rows equal the
     library's. A transform of another shape runs whole in the front and crosses as float32 CHW
     pixels."""

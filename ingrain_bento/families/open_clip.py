@@ -30,7 +30,7 @@ from ingrain_bento.tasks.zero_shot import ZERO_SHOT
 if TYPE_CHECKING:
     import numpy as np
 
-    from ingrain_bento.engines import EngineChoice, Graph, Runner
+    from ingrain_bento.backends import BackendChoice, Executor, Graph
     from ingrain_bento.schemas import CustomModelRequest
 
 CONFIG_FILE = "open_clip_config.json"
@@ -80,8 +80,8 @@ def _graphs(folder: Path) -> dict[str, Graph]:
     import open_clip
     import torch
 
-    from ingrain_bento.engines import Graph
-    from ingrain_bento.engines.pixels import PixelGraph
+    from ingrain_bento.backends import Graph
+    from ingrain_bento.backends.pixels import PixelGraph
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     model.eval()
@@ -118,8 +118,8 @@ def _logit_scale(folder: Path) -> float:
 class OpenClipModel(LoadedModel):
     capabilities = CAPABILITIES
 
-    def __init__(self, ref: ModelRef, runner: Runner, embed_dim: int, logit_scale: float) -> None:
-        super().__init__(ref, runner)
+    def __init__(self, ref: ModelRef, executor: Executor, embed_dim: int, logit_scale: float) -> None:
+        super().__init__(ref, executor)
         self._embed_dim = embed_dim
         self.logit_scale = logit_scale  # exp() of the stored parameter, as CLIP's forward applies it
 
@@ -130,12 +130,12 @@ class OpenClipModel(LoadedModel):
     def encode_text(self, items: Sequence[np.ndarray]) -> np.ndarray:
         import numpy as np
 
-        return self.runner.run("text", {"tokens": np.stack(items).astype(np.int64)})[0]
+        return self.executor.run("text", {"tokens": np.stack(items).astype(np.int64)})[0]
 
     def encode_image(self, items: Sequence[np.ndarray]) -> np.ndarray:
         import numpy as np
 
-        return self.runner.run("image", {"pixels": np.stack(items)})[0]
+        return self.executor.run("image", {"pixels": np.stack(items)})[0]
 
     def zero_shot_classify(self, items: Sequence[np.ndarray]) -> np.ndarray:
         """Pixel items -> ``logit_scale`` x each image's normalized embedding (the labels' side of
@@ -242,9 +242,9 @@ class OpenClipFamily:
     def graphs(self, folder: Path) -> dict[str, Graph]:
         return _graphs(folder)
 
-    def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
+    def load(self, folder: Path, ref: ModelRef, choice: BackendChoice) -> LoadedModel:
         embed_dim = int(json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"])
-        return OpenClipModel(ref, engine.runner(_graphs(folder)), embed_dim, _logit_scale(folder))
+        return OpenClipModel(ref, choice.executor(_graphs(folder)), embed_dim, _logit_scale(folder))
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return OpenClipPreprocessor(folder)

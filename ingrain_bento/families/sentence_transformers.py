@@ -21,16 +21,16 @@ follows the library's own ``encode`` / ``predict`` in two halves:
   tokenizes with the model's own ``preprocess``, the configured default prompt included as
   ``encode`` applies it; each text becomes one unpadded item, its token rows stacked into a small
   int32 array;
-- the engine pads a batch of items the way the tokenizer pads and runs the model's own
+- the runner pads a batch of items the way the tokenizer pads and runs the model's own
   forward, every module ``modules.json`` lists (pooling with ``prompt_length`` for
   ``include_prompt=False``, ``Dense``, ``Normalize``; a reranker's head and activation; SPLADE
   pooling), then ``truncate_dim`` / ``max_active_dims``: that forward is the model's one graph,
-  ``forward`` (token ids -> its output rows), for either engine. A reranker's item is a (query,
+  ``forward`` (token ids -> its output rows), for either backend. A reranker's item is a (query,
   document) pair tokenized together, as ``predict`` tokenizes it.
 
 Both halves read how a model's tokenizer output splits (``TextFormat``) from one probe, at
 load: a model whose output does not split and re-pad exactly (multimodal processors,
-flattened FA2 inputs) takes raw texts, and the engine calls ``encode`` itself (torch only).
+flattened FA2 inputs) takes raw texts, and the runner calls ``encode`` itself (torch only).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from ingrain_bento.tasks.multi_vector import EMBED_MULTI_VECTOR, pack, pair_item
 if TYPE_CHECKING:
     import numpy as np
 
-    from ingrain_bento.engines import EngineChoice, Graph, Runner
+    from ingrain_bento.backends import BackendChoice, Executor, Graph
     from ingrain_bento.schemas import CustomModelRequest
 
 log = logging.getLogger("ingrain_bento.families.sentence_transformers")
@@ -82,10 +82,10 @@ MODULE_PACKAGE = "sentence_transformers."
 # refuses the meta device (``ValueError: Unsupported device type 'meta'``): without
 # ``use_kernels=False`` the front would quietly load every model's weights on the CPU.
 WEIGHTLESS: dict[str, Any] = {"device_map": "meta", "use_kernels": False}
-RAW_TEXTS = ("its tokenizer's output does not split into token rows (it takes raw texts): only the torch engine "
+RAW_TEXTS = ("its tokenizer's output does not split into token rows (it takes raw texts): only the torch backend "
              "runs it")
 MULTI_VECTOR = ("a multi-vector model runs the library's own encode_query / encode_document (query expansion, "
-                "skiplist masks per text): only the torch engine runs it")
+                "skiplist masks per text): only the torch backend runs it")
 
 
 def check_modules(folder: Path) -> None:
@@ -293,7 +293,7 @@ def _graph(model: Any, kind: Kind, fmt: TextFormat) -> Graph:
     batch), a reranker's activation included."""
     import torch
 
-    from ingrain_bento.engines import Graph
+    from ingrain_bento.backends import Graph
 
     activation = getattr(model, "activation_fn", None) if kind.name == "CrossEncoder" else None
 
@@ -338,10 +338,10 @@ def _token_count(item: np.ndarray) -> int:
 
 
 class SentenceTransformerModel(LoadedModel):
-    def __init__(self, ref: ModelRef, runner: Runner, kind: Kind, fmt: TextFormat | None, size: int | None,
+    def __init__(self, ref: ModelRef, executor: Executor, kind: Kind, fmt: TextFormat | None, size: int | None,
                  context_length: int | None, truncate_dim: int | None = None, max_active_dims: int | None = None,
                  library_model: Any = None, prompts: dict[str, str] | None = None) -> None:
-        super().__init__(ref, runner)
+        super().__init__(ref, executor)
         self.prompts = prompts or {}
         self.capabilities = kind.tasks
         self.context_length = context_length
@@ -360,7 +360,7 @@ class SentenceTransformerModel(LoadedModel):
 
     def _forward(self, items: Sequence[Any]) -> np.ndarray:
         assert self.format is not None
-        return self.runner.run("forward", pad_rows(items, self.format))[0]
+        return self.executor.run("forward", pad_rows(items, self.format))[0]
 
     def encode_text(self, items: Sequence[Any]) -> np.ndarray:
         """Token items (or, for a model without a ``TextFormat``, raw texts) -> rows."""
@@ -405,9 +405,9 @@ class MultiVectorModel(LoadedModel):
     """A ``MultiVectorEncoder``: each text's token vectors as the library's ``encode_query`` /
     ``encode_document`` give them (``tasks/multi_vector``: items, rows), and a MaxSim rerank."""
 
-    def __init__(self, ref: ModelRef, runner: Runner, library_model: Any, size: int | None,
+    def __init__(self, ref: ModelRef, executor: Executor, library_model: Any, size: int | None,
                  context_length: int | None, max_tokens: int, prompts: dict[str, str]) -> None:
-        super().__init__(ref, runner)
+        super().__init__(ref, executor)
         self.capabilities = KINDS["MultiVectorEncoder"].tasks
         self.library_model = library_model
         self.context_length = context_length
@@ -482,7 +482,7 @@ class SentenceTransformerPreprocessor(Preprocessor):
         self.prompt = default_prompt(model)
         self.format = text_format(model, self.prompt, kind.probe)
         # Pooling that leaves the prompt's tokens out takes one prompt length per batch: the
-        # engine's graph has the default prompt's, so such a model takes no other prompt.
+        # runner's graph has the default prompt's, so such a model takes no other prompt.
         self.pools_prompt = _pools_prompt(model)
         # The tokenizer's truncation side is flipped for a left cut: one tokenization at a time
         # (the tokenizer thread, or the event loop for a short request alone).
@@ -656,27 +656,27 @@ class SentenceTransformersFamily:
             raise RuntimeError(RAW_TEXTS)
         return {"forward": _graph(model, kind, fmt)}
 
-    def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
-        from ingrain_bento.engines import Graph
+    def load(self, folder: Path, ref: ModelRef, choice: BackendChoice) -> LoadedModel:
+        from ingrain_bento.backends import Graph
 
         model, kind, fmt = _open(folder)
         if kind.name == "MultiVectorEncoder":
-            if engine.backend != "torch":
+            if choice.backend != "torch":
                 raise RuntimeError(MULTI_VECTOR)
             graph = Graph(model, {}, [])
-            return MultiVectorModel(ref, engine.runner({"library": graph}), graph.module, _dimension(model, kind),
+            return MultiVectorModel(ref, choice.executor({"library": graph}), graph.module, _dimension(model, kind),
                                     model.max_seq_length, _max_tokens(model), dict(model.prompts or {}))
         extra = {"size": _dimension(model, kind), "context_length": model.max_seq_length,
                  "prompts": dict(getattr(model, "prompts", None) or {}),
                  "truncate_dim": getattr(model, "truncate_dim", None),
                  "max_active_dims": getattr(model, "max_active_dims", None)}
-        if fmt is None:  # the library's own encode, on the torch engine
-            if engine.backend != "torch" or kind.name != "SentenceTransformer":
+        if fmt is None:  # the library's own encode, on the torch backend
+            if choice.backend != "torch" or kind.name != "SentenceTransformer":
                 raise RuntimeError(RAW_TEXTS)
             graph = Graph(model, {}, [])
-            runner = engine.runner({"library": graph})
-            return SentenceTransformerModel(ref, runner, kind, None, library_model=graph.module, **extra)
-        return SentenceTransformerModel(ref, engine.runner({"forward": _graph(model, kind, fmt)}), kind, fmt, **extra)
+            executor = choice.executor({"library": graph})
+            return SentenceTransformerModel(ref, executor, kind, None, library_model=graph.module, **extra)
+        return SentenceTransformerModel(ref, choice.executor({"forward": _graph(model, kind, fmt)}), kind, fmt, **extra)
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return SentenceTransformerPreprocessor(folder)

@@ -24,7 +24,7 @@ from ingrain_bento.tasks import CLASSIFY, EMBED_IMAGE
 if TYPE_CHECKING:
     import numpy as np
 
-    from ingrain_bento.engines import EngineChoice, Graph, Runner
+    from ingrain_bento.backends import BackendChoice, Executor, Graph
     from ingrain_bento.schemas import CustomModelRequest
 
 RANDOM_WEIGHTS = "false"  # pretrained=false: the architecture with random weights
@@ -73,8 +73,8 @@ def _graphs(folder: Path) -> dict[str, Graph]:
     """``image``: the front's pixels -> (pooled pre-logits features, logits)."""
     import timm
 
-    from ingrain_bento.engines import Graph
-    from ingrain_bento.engines.pixels import PixelGraph
+    from ingrain_bento.backends import Graph
+    from ingrain_bento.backends.pixels import PixelGraph
 
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     pipeline = _image_pipeline(model)
@@ -86,8 +86,8 @@ def _graphs(folder: Path) -> dict[str, Graph]:
 class TimmModel(LoadedModel):
     capabilities = CAPABILITIES
 
-    def __init__(self, ref: ModelRef, runner: Runner, labels: list[str], feature_size: int) -> None:
-        super().__init__(ref, runner)
+    def __init__(self, ref: ModelRef, executor: Executor, labels: list[str], feature_size: int) -> None:
+        super().__init__(ref, executor)
         self._size = feature_size
         self.labels = labels
 
@@ -98,7 +98,7 @@ class TimmModel(LoadedModel):
     def _run(self, items: Sequence[np.ndarray]) -> list[np.ndarray]:
         import numpy as np
 
-        return self.runner.run("image", {"pixels": np.stack(items)})
+        return self.executor.run("image", {"pixels": np.stack(items)})
 
     def encode_image(self, items: Sequence[np.ndarray]) -> np.ndarray:
         """The pooled pre-logits features."""
@@ -189,12 +189,12 @@ class TimmFamily:
     def graphs(self, folder: Path) -> dict[str, Graph]:
         return _graphs(folder)
 
-    def load(self, folder: Path, ref: ModelRef, engine: EngineChoice) -> LoadedModel:
+    def load(self, folder: Path, ref: ModelRef, choice: BackendChoice) -> LoadedModel:
         labels = self.read_labels(folder)
         assert labels is not None
         graphs = _graphs(folder)
         size = _feature_size(graphs["image"].module.model)
-        return TimmModel(ref, engine.runner(graphs), labels, size)
+        return TimmModel(ref, choice.executor(graphs), labels, size)
 
     def load_preprocessor(self, folder: Path, ref: ModelRef) -> Preprocessor:
         return TimmPreprocessor(folder)

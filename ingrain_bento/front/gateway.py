@@ -36,7 +36,7 @@ from ingrain_bento.front.inputs import InputPreparer
 from ingrain_bento.front.outputs import OUTPUTS
 from ingrain_bento.metrics import RequestMetrics
 from ingrain_bento.settings import Settings
-from ingrain_bento.tasks import CLASSIFY, EMBED_IMAGE, EMBED_SPARSE, EMBED_TEXT, RERANK, TASKS, refuse
+from ingrain_bento.tasks import CLASSIFY, EMBED_IMAGE, EMBED_SPARSE, EMBED_TEXT, RERANK, TASKS, elapsed_ms, refuse
 
 __all__ = ["ImageOutput", "ModelGateway"]
 
@@ -148,13 +148,21 @@ class ModelGateway:
         return await self.inputs.preprocessor(handle)
 
     async def default_model(self, task: str) -> str:
-        """The model a body that names none means (TEI's): ``INGRAIN_DEFAULT_MODEL``, else the only
-        resident model able to do ``task``; a 400 that names the setting otherwise."""
-        if self.settings.default_model:
-            return self.settings.default_model
+        """The model a body that names none means (TEI's): ``INGRAIN_DEFAULT_MODEL`` when it can do
+        ``task``, else the only resident model that can; the setting still (its refusal says what
+        it does) or a 400 naming the setting when there is neither."""
+        name = self.settings.default_model
+        if name:
+            try:
+                if task in (await self.handle(s.ModelRequest(name=name))).capabilities:
+                    return name
+            except IngrainError:
+                return name  # not known here: the request's own answer says so
         able = [m.id for m in (await self.loaded_models()).models if task in m.capabilities]
         if len(able) == 1:
             return able[0]
+        if name:
+            return name
         found = f"{len(able)} resident models can ({', '.join(able)})" if able else "no resident model can"
         raise BadRequest(f"This request names no model and {found} {TASKS[task].does}: set INGRAIN_DEFAULT_MODEL, "
                          "or keep exactly one such model loaded.")
@@ -248,12 +256,12 @@ class ModelGateway:
     async def embed_text(self, request: s.InferenceRequest) -> s.EmbeddingsResponse:
         started = time.perf_counter()
         (embeddings,) = await self._serve(request, "embed_text", [EMBED_TEXT])
-        return s.EmbeddingsResponse.model_construct(embeddings=embeddings, processing_time_ms=_ms_since(started))
+        return s.EmbeddingsResponse.model_construct(embeddings=embeddings, processing_time_ms=elapsed_ms(started))
 
     async def embed_image(self, request: s.InferenceRequest, output: ImageOutput) -> s.EmbeddingsResponse:
         started = time.perf_counter()
         (embeddings,) = await self._serve(request, "embed_image", [await self._image_task(request, output)])
-        return s.EmbeddingsResponse.model_construct(embeddings=embeddings, processing_time_ms=_ms_since(started))
+        return s.EmbeddingsResponse.model_construct(embeddings=embeddings, processing_time_ms=elapsed_ms(started))
 
     async def embed(self, request: s.InferenceRequest, output: ImageOutput) -> s.TextImageEmbeddingsResponse:
         started = time.perf_counter()
@@ -264,7 +272,7 @@ class ModelGateway:
         text_rows = outputs[0] if request.text is not None else None
         image_rows = outputs[-1] if request.image is not None else None
         return s.TextImageEmbeddingsResponse.model_construct(text_embeddings=text_rows, image_embeddings=image_rows,
-                                                             processing_time_ms=_ms_since(started))
+                                                             processing_time_ms=elapsed_ms(started))
 
     async def classify_image(self, request: s.InferenceRequest) -> s.ProbabilitiesResponse:
         """Softmax probabilities, whatever ``normalize`` says (the seed's /infer_image honours it)."""
@@ -272,14 +280,14 @@ class ModelGateway:
         (probabilities,) = await self._serve(request.model_copy(update={"normalize": True}), "classify_image",
                                              [CLASSIFY])
         return s.ProbabilitiesResponse.model_construct(probabilities=probabilities,
-                                                       processing_time_ms=_ms_since(started))
+                                                       processing_time_ms=elapsed_ms(started))
 
     async def embed_sparse(self, request: s.SparseRequest) -> s.SparseEmbeddingsResponse:
         started = time.perf_counter()
         (vectors,) = await self._serve(request, "embed_sparse", [EMBED_SPARSE])
         return s.SparseEmbeddingsResponse.model_construct(
             embeddings=[s.SparseEmbedding.model_construct(indices=i, values=v) for i, v in vectors],
-            processing_time_ms=_ms_since(started))
+            processing_time_ms=elapsed_ms(started))
 
     async def rerank(self, request: s.RerankRequest) -> s.RerankResponse:
         """The documents by relevance to the query, best first, cut to ``top_n``."""
@@ -289,7 +297,3 @@ class ModelGateway:
             s.RerankResult(index=index, relevance_score=score,
                            document=s.RerankDocument(text=documents[index]) if request.return_documents else None)
             for index, score in ranked])
-
-
-def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000

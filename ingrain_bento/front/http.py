@@ -184,8 +184,6 @@ class GuardMiddleware:
         await error_response(path, status, message, kind)(scope, receive, send)
 
 
-
-
 class WorkerHeaderMiddleware:
     """``X-Ingrain-Worker: <n>`` on every response: which front worker answered (debugging a
     load balance, and the tests that check every worker answers alike)."""

@@ -149,10 +149,10 @@ def _parse(schema: type[Any], body: dict[str, Any]) -> Any:
 
 
 async def _classifies(gateway: ModelGateway, body: dict[str, Any]) -> bool:
-    """Whether ``inputs`` are texts to classify, as TEI decides by its model: the default model is a
-    classifier, or (none set) the body carries huggingface_hub's ``parameters`` of
-    ``text_classification``, which ``feature_extraction`` never sends."""
+    """Whether ``inputs`` are texts to classify: the body carries huggingface_hub's ``parameters``
+    of ``text_classification`` (``feature_extraction`` never sends them), or, as TEI decides by its
+    one model, the default model is a classifier."""
+    if "parameters" in body:
+        return True
     name = gateway.settings.default_model
-    if name:
-        return classify_text.CLASSIFY_TEXT in (await gateway.handle(s.ModelRequest(name=name))).capabilities
-    return "parameters" in body
+    return bool(name) and classify_text.CLASSIFY_TEXT in (await gateway.handle(s.ModelRequest(name=name))).capabilities

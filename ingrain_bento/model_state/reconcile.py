@@ -94,7 +94,7 @@ class Reconciler:
 
     def __init__(self, home: StateHome, runner: RunnerModels) -> None:
         self.home = home
-        self.runner = runner
+        self.executor = runner
         self.generation: int | None = None  # the last generation this runner reached (failures aside)
         self.failures: dict[str, str] = {}  # model key -> why this runner could not make it resident
         self.desired: DesiredState | None = None  # the record as the last step read it
@@ -105,21 +105,21 @@ class Reconciler:
         A record this runner already reached, with nothing failing and nothing missing, is not
         planned again: an idle runner's step costs one read (no listing of its store)."""
         desired = self.desired = (await call(self.home, self.home.read)).state
-        held = self.runner.held()
+        held = self.executor.held()
         if desired.generation == self.generation and not self.failures and desired.models.keys() <= held.keys():
             return Plan([], [], [], [])
-        stored = await asyncio.to_thread(self.runner.stored_tags)  # reads every entry's file: not on the loop
+        stored = await asyncio.to_thread(self.executor.stored_tags)  # reads every entry's file: not on the loop
         plan = plan_changes(desired, held, stored)
         for ref in plan.unload:
-            await self.runner.unload(ref)
+            await self.executor.unload(ref)
         for tag in plan.drop:
-            await self.runner.drop_entry(tag)
+            await self.executor.drop_entry(tag)
         for tag in plan.fetch:
             try:
-                await self.runner.fetch_entry(tag)
+                await self.executor.fetch_entry(tag)
             except Exception as exc:  # a load that needs it fails with its own reason; tried again next step
                 log.warning("reconcile.fetch tag=%s failed: %s", tag, exc)
-        failed = await self.runner.load(plan.load) if plan.load else {}
+        failed = await self.executor.load(plan.load) if plan.load else {}
         for model in plan.load:  # kept, shown, and tried again at the next step
             key = model_key(model.ref)
             if key in failed:
@@ -128,7 +128,7 @@ class Reconciler:
             else:
                 self.failures.pop(key, None)
         for ref in plan.pin:
-            await self.runner.pin(ref)
+            await self.executor.pin(ref)
         self.failures = {key: why for key, why in self.failures.items() if key in desired.models}
         self.generation = desired.generation
         if not plan.empty:

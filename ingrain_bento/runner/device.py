@@ -1,4 +1,4 @@
-"""Which device a runner's models live on (the threads torch uses there: ``engines.torch``)."""
+"""Which device a runner's models live on (the threads torch uses there: ``backends.torch``)."""
 
 from __future__ import annotations
 

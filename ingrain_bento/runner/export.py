@@ -1,4 +1,4 @@
-"""A stored model's export for a backend that runs one (``EngineSpec.exports``: ONNX): made once,
+"""A stored model's export for a backend that runs one (``BackendSpec.exports``: ONNX): made once,
 in a child process, and kept in the BentoML store.
 
 ``ensure_export`` (the runner's side) finds the export of a store entry for a backend, or makes
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingrain_bento.engines.base import ENGINES, Backend
+from ingrain_bento.backends.base import BACKENDS, Backend
 
 __all__ = ["Export", "ensure_export"]
 
@@ -50,8 +50,8 @@ class Export:
 
 async def ensure_export(store: Any, stored: Any, backend: Backend, timeout_s: float) -> Export:
     """The export of store entry ``stored`` for ``backend`` (``onnx`` or ``onnx-int8``), made now
-    when there is none (``onnx-int8`` from the ``onnx`` one: ``EngineSpec.export_from``)."""
-    spec = ENGINES[backend]
+    when there is none (``onnx-int8`` from the ``onnx`` one: ``BackendSpec.export_from``)."""
+    spec = BACKENDS[backend]
     exporter_version = _exporter_version(backend)
     found = await asyncio.to_thread(store.find_export, stored, backend)
     if found is not None:
@@ -74,10 +74,10 @@ async def ensure_export(store: Any, stored: Any, backend: Backend, timeout_s: fl
         entry = await asyncio.to_thread(store.write_export, stored, backend, out, report)
     exported = _from_entry(backend, entry)
     if exported.failure is None:
-        log.info("engine.export model=%s backend=%s bytes=%d seconds=%.2f", stored.tag, backend,
+        log.info("backend.export model=%s backend=%s bytes=%d seconds=%.2f", stored.tag, backend,
                  sum(graph["bytes"] for graph in report["graphs"].values()), report["seconds"])
     else:
-        log.warning("engine.export model=%s backend=%s failed: %s", stored.tag, backend, exported.failure)
+        log.warning("backend.export model=%s backend=%s failed: %s", stored.tag, backend, exported.failure)
     return exported
 
 
@@ -86,7 +86,7 @@ def _exporter_version(backend: Backend) -> int:
     older one recorded is tried again."""
     import importlib
 
-    version: int = importlib.import_module(ENGINES[backend].module).EXPORTER_VERSION
+    version: int = importlib.import_module(BACKENDS[backend].module).EXPORTER_VERSION
     return version
 
 
@@ -126,26 +126,26 @@ def _export(backend: Backend, library: str, folder: Path, out: Path, source: Pat
     from ingrain_bento.families import family
 
     graphs = family(library).graphs(folder)
-    report: dict[str, Any] = importlib.import_module(ENGINES[backend].module).export(backend, graphs, out, source)
+    report: dict[str, Any] = importlib.import_module(BACKENDS[backend].module).export(backend, graphs, out, source)
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a stored model's graphs for a backend (run by the server).")
-    parser.add_argument("backend", choices=[name for name, spec in ENGINES.items() if spec.exports])
+    parser.add_argument("backend", choices=[name for name, spec in BACKENDS.items() if spec.exports])
     parser.add_argument("library")
     parser.add_argument("folder", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--source", type=Path, default=None, help="the export this backend's is made from")
     args = parser.parse_args(argv)
-    from ingrain_bento.engines.torch import apply_torch_threads
+    from ingrain_bento.backends.torch import apply_torch_threads
     from ingrain_bento.settings import get_settings
 
     apply_torch_threads(get_settings().torch_threads)
     try:
         report = _export(args.backend, args.library, args.folder, args.out, args.source)
     except Exception as exc:  # every reason a model does not export: the server loads it with torch
-        for pattern in ENGINES[args.backend].stored_files:
+        for pattern in BACKENDS[args.backend].stored_files:
             for leftover in args.out.glob(pattern):
                 leftover.unlink()
         report = {"failure": str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}",

@@ -15,10 +15,10 @@ model first. A load through the API may still evict a pinned one (as Ingrain ser
 then the pool tells ``on_evict`` so the eviction is recorded as an unload everywhere; a load that
 follows the desired state (``evict_pinned=False``) never does: it fails with the reason instead.
 
-Each load picks its engine (``engines.choose_backend``: the load's ``backend``, else
-``INGRAIN_BACKEND``); an ONNX engine needs the model's export, made once (``runner.export``),
+Each load picks its backend (``backends.choose_backend``: the load's ``backend``, else
+``INGRAIN_BACKEND``); an ONNX backend needs the model's export, made once (``runner.export``),
 and a model that has none loads with torch, ``fallback`` saying why. A model resident with one
-engine and asked for with another is a 409: unload it first.
+backend and asked for with another is a 409: unload it first.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ingrain_bento.backends import BACKENDS, Backend, BackendChoice, choose_backend
+from ingrain_bento.backends.torch import apply_torch_threads
 from ingrain_bento.batching import Batcher, BatcherClosed, TokenBudgetBatcher, in_executor
-from ingrain_bento.engines import ENGINES, Backend, EngineChoice, choose_backend
-from ingrain_bento.engines.torch import apply_torch_threads
 from ingrain_bento.errors import AtCapacity, Conflict, ModelNotFound, ModelStillLoading
 from ingrain_bento.families import family
 from ingrain_bento.families.base import LoadedModel, freeze_heap
@@ -61,7 +61,7 @@ STILL_LOADING_RETRY_S = 5
 
 
 class _EngineFailed(Exception):
-    """An engine other than torch could not open a model (the pool then opens it with torch)."""
+    """A backend other than torch could not open a model (the pool then opens it with torch)."""
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Resident:
 
     model: LoadedModel
     stored: StoredModel
-    # The load's own ``backend`` (None: the server default, resolved again on restore); the engine it
+    # The load's own ``backend`` (None: the server default, resolved again on restore); the backend it
     # resolves to is ``ModelPool.backend_for(ref, asked)`` (``model.backend`` differs after a fallback).
     asked: str | None = None
     pinned: bool = True  # loaded through the API or restored (False: on demand by a request; evicted first)
@@ -139,7 +139,7 @@ class ModelPool:
         return loading[0] if loading else None
 
     def backend_for(self, ref: ModelRef, requested: str | None) -> Backend:
-        """The engine a load of ``ref`` asking for ``requested`` (None: the server default) gets."""
+        """The backend a load of ``ref`` asking for ``requested`` (None: the server default) gets."""
         return choose_backend(requested, self.settings.backend, self.device.type, ref.library)
 
     async def load(self, ref: ModelRef, backend: str | None = None, *, evict_pinned: bool = True) -> bool:
@@ -169,11 +169,11 @@ class ModelPool:
     @staticmethod
     def _check_backend(ref: ModelRef, current: Backend, wanted: Backend, asked: str | None) -> None:
         if asked is not None and current != wanted:
-            raise Conflict(f"{ref.display_id} is loaded with the {current} engine: unload it first to load it with "
+            raise Conflict(f"{ref.display_id} is loaded with the {current} backend: unload it first to load it with "
                            f"{wanted}.")
 
     async def restore(self, refs: Sequence[tuple[ModelRef, str | None]]) -> dict[ModelRef, BaseException]:
-        """Load ``refs``, pinned, one at a time, each with the engine its load asked for (None: the
+        """Load ``refs``, pinned, one at a time, each with the backend its load asked for (None: the
         server's default): what the desired model state holds (after a restart, or what another
         runner loaded) and the preload list. All of them are ``LOADING`` at once, so a request for
         one waits for it (``wait_resident``) instead of finding it unknown. None evicts a pinned
@@ -193,7 +193,7 @@ class ModelPool:
         return failures
 
     async def wait_resident(self, ref: ModelRef, wait_s: float | None) -> Resident:
-        """``ref`` resident, loading it if needed (with the default engine); a 503 with
+        """``ref`` resident, loading it if needed (with the default backend); a 503 with
         ``Retry-After`` when that takes longer than ``wait_s`` (the load goes on: a later request
         finds it resident)."""
         resident = self._resident.get(ref)
@@ -241,10 +241,10 @@ class ModelPool:
         started = time.perf_counter()
         stored = await asyncio.to_thread(self.store.pull, ref)
         estimate = int(stored.metadata.get("weights_bytes", stored.size_bytes)) // (2 if self.half else 1)
-        engine, fallback = await self._engine(stored, backend)
+        choice, fallback = await self._backend_choice(stored, backend)
         await self._make_room(ref, estimate, evict_pinned)
         try:
-            model = await self._open(ref, stored, engine)
+            model = await self._open(ref, stored, choice)
         except _EngineFailed as exc:  # an export that ONNX Runtime cannot open: torch, and why
             fallback = str(exc)
             model = await self._open(ref, stored, self._choice("torch"))
@@ -261,27 +261,27 @@ class ModelPool:
                  model.device, model.memory_bytes, time.perf_counter() - started)
         return resident
 
-    def _choice(self, backend: Backend, export: Path | None = None) -> EngineChoice:
-        return EngineChoice(backend, self.device, self.half, self.settings.torch_threads, export,
+    def _choice(self, backend: Backend, export: Path | None = None) -> BackendChoice:
+        return BackendChoice(backend, self.device, self.half, self.settings.torch_threads, export,
                             self.settings.onnx_spinning)
 
-    async def _engine(self, stored: StoredModel, backend: Backend) -> tuple[EngineChoice, str | None]:
-        """The engine to open ``stored`` with, and why it is not ``backend`` when it is not."""
-        if not ENGINES[backend].exports:
+    async def _backend_choice(self, stored: StoredModel, backend: Backend) -> tuple[BackendChoice, str | None]:
+        """The backend to open ``stored`` with, and why it is not ``backend`` when it is not."""
+        if not BACKENDS[backend].exports:
             return self._choice(backend), None
         export = await ensure_export(self.store, stored, backend, self.settings.export_timeout_s)
         if export.folder is None:
             return self._choice("torch"), f"it has no {backend} export: {export.failure}"
         return self._choice(backend, export.folder), None
 
-    async def _open(self, ref: ModelRef, stored: StoredModel, engine: EngineChoice) -> LoadedModel:
+    async def _open(self, ref: ModelRef, stored: StoredModel, choice: BackendChoice) -> LoadedModel:
         def load() -> LoadedModel:
             try:
-                return family(ref.library).load(stored.path, ref, engine)
+                return family(ref.library).load(stored.path, ref, choice)
             except Exception as exc:
-                if not ENGINES[engine.backend].exports:
+                if not BACKENDS[choice.backend].exports:
                     raise
-                raise _EngineFailed(f"the {engine.backend} engine could not open its export "
+                raise _EngineFailed(f"the {choice.backend} backend could not open its export "
                                     f"({type(exc).__name__}: {exc})") from exc
 
         return await asyncio.to_thread(load)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from ingrain_bento.families.base import Preprocessor
 
 __all__ = ["CLASSIFY", "EMBED_IMAGE", "EMBED_SPARSE", "EMBED_TEXT", "IMAGE", "RERANK", "TASKS", "TEXT", "Route",
-           "Task", "TaskGateway", "modalities_of", "refuse", "register"]
+           "Task", "TaskGateway", "elapsed_ms", "modalities_of", "refuse", "register"]
 
 EMBED_TEXT = "embed_text"
 EMBED_IMAGE = "embed_image"
@@ -104,6 +105,11 @@ def register(task: Task) -> Task:
     """Called once by each task module, at import."""
     TASKS[task.name] = task
     return task
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since ``started`` (``time.perf_counter()``): a response's ``processingTimeMs``."""
+    return (time.perf_counter() - started) * 1000
 
 
 def modalities_of(capabilities: Iterable[str]) -> list[str]:

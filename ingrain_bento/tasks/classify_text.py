@@ -17,11 +17,11 @@ import uuid
 from typing import Any
 
 import numpy as np
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from ingrain_bento import schemas as s
 from ingrain_bento.errors import BadRequest
-from ingrain_bento.tasks import TEXT, Route, Task, TaskGateway, register
+from ingrain_bento.tasks import TEXT, Route, Task, TaskGateway, elapsed_ms, register
 
 __all__ = ["CLASSIFY_TEXT", "ClassifyTextRequest", "ClassifyTextResponse", "InfinityClassifyRequest", "Prediction",
            "TEIPredictRequest", "classify", "predictions", "tei_predict"]
@@ -29,20 +29,12 @@ __all__ = ["CLASSIFY_TEXT", "ClassifyTextRequest", "ClassifyTextResponse", "Infi
 CLASSIFY_TEXT = "classify_text"
 
 
-class ClassifyTextRequest(s.ApiModel):
+class ClassifyTextRequest(s.ModelTextsRequest):
     """``/classify_text``: texts, and ``top_k`` (the best labels of each, all by default)."""
 
-    name: s.NonEmptyName = Field(validation_alias=AliasChoices("name", "model"))
-    text: s.Texts
     top_k: int | None = Field(None, ge=1)
     raw_scores: bool = False  # the logits themselves, no softmax or sigmoid (TEI's raw_scores)
     truncate: bool = True
-    pretrained: s.Pretrained = None
-    library: str | None = None
-
-    @property
-    def texts(self) -> list[str]:
-        return s.as_list(self.text)
 
 
 class Prediction(s.ApiModel):
@@ -116,7 +108,7 @@ async def answer(gateway: TaskGateway, request: ClassifyTextRequest) -> Classify
     started = time.perf_counter()
     rows = await classify(gateway, request)
     return ClassifyTextResponse.model_construct(predictions=rows,
-                                                processing_time_ms=(time.perf_counter() - started) * 1000)
+                                                processing_time_ms=elapsed_ms(started))
 
 
 def _pairs(rows: list[list[Prediction]]) -> list[list[dict[str, Any]]]:

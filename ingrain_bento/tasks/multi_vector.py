@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import AliasChoices, Field
 
 from ingrain_bento import schemas as s
 from ingrain_bento.errors import BadRequest
-from ingrain_bento.tasks import TEXT, Route, Task, TaskGateway, register
+from ingrain_bento.tasks import TEXT, Route, Task, TaskGateway, elapsed_ms, register
 
 __all__ = ["EMBED_MULTI_VECTOR", "MultiVectorRequest", "MultiVectorResponse", "answer", "item", "pack", "pair_item",
            "read_item", "read_pair", "unpack"]
@@ -34,18 +33,10 @@ InputType = Literal["query", "document"]
 _SIDES: dict[str, InputType] = {"q": "query", "d": "document"}
 
 
-class MultiVectorRequest(s.ApiModel):
+class MultiVectorRequest(s.ModelTextsRequest):
     """``/embed_multi_vector``: texts, encoded as queries or as documents (the default)."""
 
-    name: s.NonEmptyName = Field(validation_alias=AliasChoices("name", "model"))
-    text: s.Texts
     input_type: InputType = "document"
-    pretrained: s.Pretrained = None
-    library: str | None = None
-
-    @property
-    def texts(self) -> list[str]:
-        return s.as_list(self.text)
 
 
 class MultiVectorResponse(s.ApiModel):
@@ -112,7 +103,7 @@ async def answer(gateway: TaskGateway, request: MultiVectorRequest) -> MultiVect
     started = time.perf_counter()
     matrices = await embed(gateway, request)
     return MultiVectorResponse.model_construct(embeddings=matrices,
-                                               processing_time_ms=(time.perf_counter() - started) * 1000)
+                                               processing_time_ms=elapsed_ms(started))
 
 
 register(Task(EMBED_MULTI_VECTOR, TEXT, "own", "embed_multi_vector", "make multi-vector embeddings",

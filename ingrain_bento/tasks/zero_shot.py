@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ingrain_bento import schemas as s
 from ingrain_bento.errors import BadRequest
-from ingrain_bento.tasks import EMBED_TEXT, IMAGE, Task, TaskGateway, register
+from ingrain_bento.tasks import EMBED_TEXT, IMAGE, Task, TaskGateway, elapsed_ms, register
 
 __all__ = ["CLASSIFIER_CACHE_SIZE", "DEFAULT_TEMPLATES", "MAX_LABEL_TEXTS", "ZERO_SHOT", "ClassifierCache",
            "ZeroShotRequest", "ZeroShotResponse", "answer", "classifier_from_rows"]
@@ -153,7 +153,7 @@ async def answer(gateway: TaskGateway, request: ZeroShotRequest) -> ZeroShotResp
     started = time.perf_counter()
     probabilities = await classify(gateway, request)
     return ZeroShotResponse.model_construct(probabilities=probabilities, labels=list(request.labels or []),
-                                            processing_time_ms=(time.perf_counter() - started) * 1000)
+                                            processing_time_ms=elapsed_ms(started))
 
 
 # Its route is /classify_image, shared with timm's own classes: ``service.py`` sends a body with

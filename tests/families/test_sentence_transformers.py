@@ -89,8 +89,8 @@ def _halves(name: str, folder: Path, backend: str = "torch"):
     saved folder (exported first, for onnx)."""
     from sentence_transformers import SentenceTransformer
 
-    from ingrain_bento.engines import EngineChoice
-    from ingrain_bento.engines.onnx import export_graphs
+    from ingrain_bento.backends import BackendChoice
+    from ingrain_bento.backends.onnx import export_graphs
     from ingrain_bento.families import family, parse_ref
 
     SentenceTransformer(name, device="cpu").save(str(folder / "model"))
@@ -101,7 +101,7 @@ def _halves(name: str, folder: Path, backend: str = "torch"):
         export = folder / "export"
         export.mkdir()
         export_graphs(st.graphs(folder / "model"), export)
-    engine = EngineChoice(backend, torch.device("cpu"), False, None, export)  # type: ignore[arg-type]
+    engine = BackendChoice(backend, torch.device("cpu"), False, None, export)  # type: ignore[arg-type]
     return st.load_preprocessor(folder / "model", ref), st.load(folder / "model", ref, engine)
 
 
@@ -123,7 +123,7 @@ def test_the_front_opens_the_model_without_its_weights(hub_models, tmp_path):
     preprocessor, model = _halves(hub_models["minilm"], tmp_path)
     assert {p.device.type for p in preprocessor.model.parameters()} == {"meta"}
     assert preprocessor.front_weights is None
-    assert {p.device.type for p in model.runner.graphs["forward"].module.parameters()} == {"cpu"}
+    assert {p.device.type for p in model.executor.graphs["forward"].module.parameters()} == {"cpu"}
 
 
 @pytest.mark.parametrize("key", ["st", "reranker", "sparse"])

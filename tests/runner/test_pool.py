@@ -165,7 +165,7 @@ def test_a_load_freezes_the_heap_out_of_full_collections_and_unload_still_frees_
     async def scenario() -> weakref.ref:
         pool = _pool()
         await pool.load(A)
-        module = pool.get(A).model.runner.graphs["image"].module
+        module = pool.get(A).model.executor.graphs["image"].module
         tracked = {id(obj) for obj in gc.get_objects()}  # the permanent generation is not listed
         assert id(module) not in tracked and gc.get_freeze_count() > 0
         unloaded = weakref.ref(module)

@@ -1,4 +1,4 @@
-"""The torch engine: a family's graphs run as the library's own modules, in eager mode.
+"""The torch backend: a family's graphs run as the library's own modules, in eager mode.
 
 On CUDA with ``FP16_ENABLED`` the weights are halved; inputs cross to the device pinned and
 non-blocking, integer inputs as int64 (what embedding lookups take), and the outputs come back
@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ingrain_bento.engines.base import Backend, Graph
+from ingrain_bento.backends.base import Backend, Graph
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from ingrain_bento.engines import EngineChoice
+    from ingrain_bento.backends import BackendChoice
 
-__all__ = ["TorchRunner", "apply_torch_threads", "open_runner"]
+__all__ = ["TorchExecutor", "apply_torch_threads", "open_executor"]
 
 
 def apply_torch_threads(threads: int | None) -> None:
@@ -29,11 +29,11 @@ def apply_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def open_runner(choice: EngineChoice, graphs: Mapping[str, Graph]) -> TorchRunner:
-    return TorchRunner(graphs, choice.device, choice.half)
+def open_executor(choice: BackendChoice, graphs: Mapping[str, Graph]) -> TorchExecutor:
+    return TorchExecutor(graphs, choice.device, choice.half)
 
 
-class TorchRunner:
+class TorchExecutor:
     backend: Backend = "torch"
 
     def __init__(self, graphs: Mapping[str, Graph], device: torch.device, half: bool) -> None:

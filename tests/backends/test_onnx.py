@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from ingrain_bento import schemas as s
-from ingrain_bento.engines import Graph, choose_backend
-from ingrain_bento.engines.onnx import export_graphs
+from ingrain_bento.backends import Graph, choose_backend
+from ingrain_bento.backends.onnx import export_graphs
 from ingrain_bento.errors import Conflict
 from ingrain_bento.runner.engine import RunnerEngine
 from ingrain_bento.settings import Settings
@@ -59,7 +59,7 @@ def test_the_first_load_exports_into_the_store_and_later_loads_open_it_without_e
         started = time.perf_counter()
         await engine.load(VIT.model_copy(update={"backend": "onnx"}))
         first = time.perf_counter() - started
-        assert "engine.export" in caplog.text
+        assert "backend.export" in caplog.text
         info = _info(await engine.loaded_models(), VIT)
         assert (info.backend, info.fallback, info.exports) == ("onnx", None, ["onnx"])
         entry = engine.pool.get(engine.resolve(VIT.name, VIT.pretrained, "timm")).stored
@@ -73,7 +73,7 @@ def test_the_first_load_exports_into_the_store_and_later_loads_open_it_without_e
         started = time.perf_counter()
         await engine.load(VIT.model_copy(update={"backend": "onnx"}))
         again = time.perf_counter() - started
-        assert "engine.export" not in caplog.text and again < first, (again, first)
+        assert "backend.export" not in caplog.text and again < first, (again, first)
         await engine.unload(VIT)
         await engine.load(VIT.model_copy(update={"backend": "torch"}))
         torch_rows = await _infer(engine, VIT, "embed_image", _pixels(3))
@@ -136,7 +136,7 @@ def test_a_model_that_does_not_export_loads_with_torch_says_why_and_is_not_tried
         caplog.clear()
         started = time.perf_counter()
         await engine.load(request)
-        assert time.perf_counter() - started < 2.0 and "engine.export" not in caplog.text
+        assert time.perf_counter() - started < 2.0 and "backend.export" not in caplog.text
         assert _info(await engine.loaded_models(), request).fallback == info.fallback
 
     run(scenario, export_timeout_s=0.01)

@@ -1,9 +1,9 @@
-"""What every engine shares: the graphs a family hands it, and the runner it makes of them.
+"""What every backend shares: the graphs a family hands it, and the executor it makes of them.
 
 A family describes each forward of a model as a ``Graph``: a torch module whose inputs and
 outputs are plain arrays (token ids, uint8 pixels; rows), with one example input per name and
-the axes that vary. The torch engine runs those modules as they are; the ONNX engine runs the
-same modules exported once (``engines.onnx``). Either way the family gets a ``Runner``:
+the axes that vary. The torch backend runs those modules as they are; the ONNX backend runs the
+same modules exported once (``backends.onnx``). Either way the family gets an ``Executor``:
 ``run(graph, inputs) -> outputs``, numpy in and numpy out, and computes the rest of its task
 (pooling, post-processing) itself, as its library does.
 """
@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["BACKENDS", "ENGINES", "Backend", "EngineSpec", "Graph", "Runner"]
+__all__ = ["BACKENDS", "Backend", "BackendSpec", "Executor", "Graph"]
 
-Backend = str  # a name in ``ENGINES``
+Backend = str  # a name in ``BACKENDS``
 
 
 @dataclass(frozen=True)
-class EngineSpec:
+class BackendSpec:
     """One compute backend, everything the server needs to know of it.
 
-    ``module`` is imported on first use, never before (a front worker imports no engine): it has
-    ``open_runner(choice, graphs) -> Runner`` and, for a backend that runs an export of the
+    ``module`` is imported on first use, never before (a front worker imports no backend): it has
+    ``open_executor(choice, graphs) -> Executor`` and, for a backend that runs an export of the
     graphs, ``export(backend, graphs, out, source) -> report`` (run in a child process by
     ``runner.export``) and ``EXPORTER_VERSION``."""
 
@@ -36,23 +36,22 @@ class EngineSpec:
     exports: bool = False  # it runs an export of the graphs, made once and kept in the store
     export_from: str | None = None  # the backend whose export its own is made from (int8 from fp32)
     stored_files: tuple[str, ...] = ()  # the export's files the store keeps (globs)
-    auto: bool = False  # ``auto`` may pick it (``engines.AUTO`` says where)
+    auto: bool = False  # ``auto`` may pick it (``backends.AUTO`` says where)
     server_default: bool = False  # ``INGRAIN_BACKEND`` may name it (else: per load only)
 
 
 # The compute backends: a new one is its module and one line here.
-ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
-    EngineSpec("torch", "ingrain_bento.engines.torch", auto=True, server_default=True),
-    EngineSpec("onnx", "ingrain_bento.engines.onnx", exports=True, stored_files=("*.onnx",), auto=True,
-               server_default=True),
-    EngineSpec("onnx-int8", "ingrain_bento.engines.onnx", exports=True, export_from="onnx", stored_files=("*.onnx",)),
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
+    BackendSpec("torch", "ingrain_bento.backends.torch", auto=True, server_default=True),
+    BackendSpec("onnx", "ingrain_bento.backends.onnx", exports=True, stored_files=("*.onnx",), auto=True,
+                server_default=True),
+    BackendSpec("onnx-int8", "ingrain_bento.backends.onnx", exports=True, export_from="onnx", stored_files=("*.onnx",)),
 )}
-BACKENDS: tuple[Backend, ...] = tuple(ENGINES)
 
 
 @dataclass
 class Graph:
-    """One forward of a model, as its family defines it for every engine.
+    """One forward of a model, as its family defines it for every backend.
 
     ``module`` takes the inputs positionally, in ``inputs`` order, and returns one tensor or a
     tuple of them (``outputs`` names them). ``inputs`` maps each name to an example array (its
@@ -65,8 +64,8 @@ class Graph:
     dynamic: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
 
 
-class Runner(Protocol):
-    """A model's graphs on a device, ready to run."""
+class Executor(Protocol):
+    """A model's graphs on a device, ready to run (what a backend makes of them)."""
 
     backend: Backend
     device: str  # "cpu", "cuda:0"

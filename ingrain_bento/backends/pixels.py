@@ -1,4 +1,4 @@
-"""``PixelGraph``: the part of an image model's graph (``engines.Graph``) that every family shares.
+"""``PixelGraph``: the part of an image model's graph (``backends.Graph``) that every family shares.
 
 It runs an image model on the uint8 HWC pixels the front sends: it converts them
 as torchvision's ``ToTensor`` + ``Normalize`` do (the same float32 operations, so rows equal the

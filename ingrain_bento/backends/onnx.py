@@ -1,4 +1,4 @@
-"""The ONNX Runtime engine: a family's graphs exported once, with torch's own exporter, and run
+"""The ONNX Runtime backend: a family's graphs exported once, with torch's own exporter, and run
 by ONNX Runtime.
 
 - **Export** (``export_graphs``, run in a child process by ``runner.export``): each ``Graph``
@@ -8,7 +8,7 @@ by ONNX Runtime.
   not match is not used: the model loads with torch, and says why.
 - **onnx-int8**: the exported graphs with dynamic int8 quantization of their weights
   (``onnxruntime.quantization.quantize_dynamic``); opt-in, never a default: not exact.
-- **Run** (``OnnxRunner``): one session per graph, on the CPU execution provider, or CUDA's
+- **Run** (``OnnxExecutor``): one session per graph, on the CPU execution provider, or CUDA's
   when ``onnxruntime-gpu`` is installed and the model's device is a GPU; intra-op threads from
   ``INGRAIN_TORCH_THREADS`` (the setting torch's forwards use), one inter-op thread, every graph
   optimization on, idle threads asleep unless ``INGRAIN_ONNX_SPINNING``.
@@ -22,17 +22,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingrain_bento.engines.base import Backend, Graph
+from ingrain_bento.backends.base import Backend, Graph
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ingrain_bento.engines import EngineChoice
+    from ingrain_bento.backends import BackendChoice
 
-__all__ = ["EXPORTER_VERSION", "EXPORT_TOLERANCE", "OPSET", "OnnxRunner", "export", "export_graphs", "open_runner",
+__all__ = ["EXPORTER_VERSION", "EXPORT_TOLERANCE", "OPSET", "OnnxExecutor", "export", "export_graphs", "open_executor",
            "quantize_graphs"]
 
-log = logging.getLogger("ingrain_bento.engines.onnx")
+log = logging.getLogger("ingrain_bento.backends.onnx")
 
 OPSET = 17
 # Max abs difference, ONNX Runtime vs torch on the same inputs (fp32), per unit of the outputs' scale
@@ -64,13 +64,13 @@ def _session(path: Path, threads: int | None, device: str, spinning: bool = Fals
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def open_runner(choice: EngineChoice, graphs: Mapping[str, Graph]) -> OnnxRunner:
+def open_executor(choice: BackendChoice, graphs: Mapping[str, Graph]) -> OnnxExecutor:
     """The export's sessions; the graphs' torch modules are dropped (the weights are not needed)."""
     assert choice.export is not None
-    runner = OnnxRunner(choice.export, graphs, choice.backend, str(choice.device), choice.threads, choice.spinning)
+    executor = OnnxExecutor(choice.export, graphs, choice.backend, str(choice.device), choice.threads, choice.spinning)
     for graph in graphs.values():
         graph.module = None
-    return runner
+    return executor
 
 
 def export(backend: Backend, graphs: Mapping[str, Graph], out: Path, source: Path | None) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def export(backend: Backend, graphs: Mapping[str, Graph], out: Path, source: Pat
     return {"graphs": export_graphs(graphs, out)}
 
 
-class OnnxRunner:
+class OnnxExecutor:
     def __init__(self, folder: Path, graphs: Mapping[str, Graph], backend: Backend, device: str,
                  threads: int | None, spinning: bool = False) -> None:
         """The exported ``graphs`` in ``folder`` (an export's store entry); ``graphs`` gives each

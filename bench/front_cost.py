@@ -1,0 +1,158 @@
+"""CPU per request of each process, and where the front's goes (README "Front cost per request").
+
+    python bench/front_cost.py [--requests 4000] [--json FILE] [--no-profile] [--server-env KEY=VALUE]
+
+A real ``bentoml serve`` with the models in the runner (``INGRAIN_ENGINE_PROCESS=runner``, one
+front worker), 64 keep-alive clients (bench/loadgen.py, its own process), and /proc for each
+process's CPU time. For ``GET /health``, ``POST /embed_text`` of one text and of 64 texts, on
+all-MiniLM-L6-v2 and on a 2-layer 32-wide BERT whose forward costs next to nothing (so the
+runner's figure is its own cost around the forward): CPU milliseconds per request of the front
+and of the runner, and the runner's per forward (``ingrain_forward_seconds`` counts the
+forwards; its sum, their wall time, is given beside).
+
+Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load
+(all threads, idle frames left out), each sample put in the first stage its stack reaches from
+the leaf (``STAGES``: HTTP and middleware, validation, tokenization, the hop, batching,
+serialization, metrics, the event loop), as shares of the front's busy samples, and times the
+front's CPU per request: milliseconds per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    ROOT,
+    Server,
+    add_server_env_option,
+    cpu_seconds,
+    loadgen,
+    offline_workdir,
+    place_minilm,
+    place_tiny_st,
+    report,
+    server_env,
+)
+
+WORK = offline_workdir("ingrain-front-cost-")
+# Where a stack's time goes, by the first frame from the leaf that matches (file or function).
+STAGES: list[tuple[str, re.Pattern[str]]] = [
+    ("metrics", re.compile(r"prometheus_client|ingrain_bento/metrics\.py")),
+    ("serialization", re.compile(r"model_dump_json|json/|jsonable|front/outputs\.py|tolist|orjson|render")),
+    ("validation", re.compile(r"pydantic|fastapi/dependencies|fastapi/_compat|validate|schemas\.py")),
+    ("tokenization", re.compile(r"tokenizers|transformers/|sentence_transformers|front/inputs\.py|families/")),
+    ("hop", re.compile(r"ingrain_bento/wire\.py|aiohttp|remote_engine\.py|boundary\.py")),
+    ("batching", re.compile(r"ingrain_bento/batching\.py")),
+    ("http and middleware", re.compile(r"uvicorn|h11|httptools|starlette|fastapi|_bentoml|bentoml/|front/http\.py|"
+                                       r"opentelemetry|anyio")),
+    ("gateway and routes", re.compile(r"front/gateway\.py|service\.py|front/task_routes\.py")),
+    ("event loop", re.compile(r"asyncio|uvloop|selectors")),
+]
+
+
+def stage_of(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, pattern in STAGES:
+            if pattern.search(frame):
+                return name
+    return "other"
+
+
+def profile(pid: int, seconds: int) -> dict[str, float]:
+    """Shares of the front's busy samples per stage (py-spy: all threads, idle frames dropped)."""
+    raw = WORK / "front.txt"
+    subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "400", "--threads", "-f", "raw",
+                    "-o", str(raw)], check=True, capture_output=True)
+    stages: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        stages[stage_of(stack.split(";")[1:])] += int(count)
+    busy = sum(stages.values()) or 1
+    return {stage: count / busy for stage, count in stages.most_common()}
+
+
+def forward_stats(server: Server) -> tuple[float, float]:
+    """(forwards, their wall seconds) from the runner's /metrics."""
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}, timeout=30).text
+    count = sum(float(m) for m in re.findall(r"^ingrain_forward_seconds_count\{[^}]*\} (\S+)", text, re.M))
+    total = sum(float(m) for m in re.findall(r"^ingrain_forward_seconds_sum\{[^}]*\} (\S+)", text, re.M))
+    return count, total
+
+
+def measure(server: Server, url: str, bodies: list[dict], method: str = "POST") -> dict[str, float]:
+    """CPU ms per request of the front and the runner over ``bodies`` (64 clients), after a warm-up."""
+    loadgen(WORK, url, bodies[:256], 64, method=method)
+    front, runner = server.service_pids("ingrain-bento")[0], server.worker_pid()
+    forwards_before, wall_before = forward_stats(server)
+    front_before, runner_before = cpu_seconds(front), cpu_seconds(runner)
+    run = loadgen(WORK, url, bodies, 64, method=method)
+    front_cpu, runner_cpu = cpu_seconds(front) - front_before, cpu_seconds(runner) - runner_before
+    forwards_after, wall_after = forward_stats(server)
+    assert run["errors"] == 0, run
+    n = len(bodies)
+    forwards = forwards_after - forwards_before
+    return {"front_ms_per_request": front_cpu / n * 1000, "runner_ms_per_request": runner_cpu / n * 1000,
+            "runner_ms_per_forward": runner_cpu / forwards * 1000 if forwards else 0.0,
+            "forward_wall_ms_per_request": (wall_after - wall_before) / n * 1000,
+            "requests_per_s": n / run["seconds"], "loadgen_cpu_ms_per_request": run["cpu_s"] / n * 1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--seconds", type=int, default=8, help="of the profile")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--json", type=Path)
+    add_server_env_option(parser)
+    args = parser.parse_args()
+    if not args.no_profile and shutil.which("py-spy") is None:
+        sys.exit("py-spy is not installed: pip install py-spy (or --no-profile)")
+    minilm, tiny = place_minilm(), place_tiny_st()
+    env = {"INGRAIN_ENGINE_PROCESS": "runner", "INGRAIN_HTTP_WORKERS": "1", **server_env(args)}
+    results: dict = {"server_env": " ".join(f"{k}={v}" for k, v in env.items())}
+    server = Server(WORK / "serve.log", extra_env=env)
+    try:
+        for name in (minilm, tiny):
+            server.post("/load_model", {"name": name, "library": "sentence_transformers"})
+        n = args.requests
+        results["health"] = measure(server, f"{server.url}/health", [{}] * n, method="GET")
+        for label, name in (("minilm", minilm), ("tiny", tiny)):
+            one = [{"name": name, "text": f"text number {i} about the weather in town"} for i in range(n)]
+            many = [{"name": name, "text": [f"text {i} {j} about the weather in town" for j in range(64)]}
+                    for i in range(max(64, n // 32))]
+            results[f"{label}_1_text"] = measure(server, f"{server.url}/embed_text", one)
+            results[f"{label}_64_texts"] = measure(server, f"{server.url}/embed_text", many)
+        results["ratio_1_text_to_health"] = (results["minilm_1_text"]["front_ms_per_request"]
+                                             / results["health"]["front_ms_per_request"])
+        if not args.no_profile:
+            payloads = WORK / "profile.json"
+            payloads.write_text(json.dumps([{"name": minilm, "text": f"profile text {i} about the weather"}
+                                            for i in range(n * 4)]))
+            load = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url",
+                                     f"{server.url}/embed_text", "--payloads", str(payloads), "--concurrency", "64"],
+                                    stdout=subprocess.DEVNULL)
+            time.sleep(1)
+            shares = profile(server.service_pids("ingrain-bento")[0], args.seconds)
+            load.wait()
+            per_request = results["minilm_1_text"]["front_ms_per_request"]
+            results["front_profile_1_text"] = {stage: {"share": share, "ms_per_request": share * per_request}
+                                               for stage, share in shares.items()}
+    finally:
+        server.stop()
+        shutil.rmtree(WORK, ignore_errors=True)
+    report(results, args.json)
+
+
+if __name__ == "__main__":
+    main()
