@@ -6,8 +6,8 @@ apart (``encode_query``: the query prompt, query length and expansion; ``encode_
 document prompt and the skiplist). Each item names its side (``item``: ``q`` or ``d`` before the
 text); the family's method (``embed_multi_vector`` of ``families/sentence_transformers``) runs the
 library's own ``encode_query`` / ``encode_document`` on each side's texts of a batch and returns
-one fixed-width row per text (``pack``: its matrix flattened, NaN after its last token), so rows
-of many requests and forwards stack as every other task's do; the front cuts each back
+one fixed-width row per text (``pack``: its token count, then its matrix flattened), so rows of
+many requests and forwards stack as every other task's do; the front cuts each back
 (``unpack``). A rerank item is a (query, document) pair (``pair_item``), scored with the
 library's own ``similarity`` (MaxSim).
 """
@@ -25,8 +25,8 @@ from ingrain_bento import schemas as s
 from ingrain_bento.errors import BadRequest
 from ingrain_bento.tasks import TEXT, Route, Task, TaskGateway, elapsed_ms, register
 
-__all__ = ["EMBED_MULTI_VECTOR", "MultiVectorRequest", "MultiVectorResponse", "answer", "item", "pack", "pair_item",
-           "read_item", "read_pair", "unpack"]
+__all__ = ["EMBED_MULTI_VECTOR", "MultiVectorRequest", "MultiVectorResponse", "answer", "item",
+           "pack", "pair_item", "read_item", "read_pair", "unpack"]
 
 EMBED_MULTI_VECTOR = "embed_multi_vector"
 InputType = Literal["query", "document"]
@@ -66,22 +66,24 @@ def read_pair(value: str) -> tuple[str, str]:
 
 
 def pack(matrices: Sequence[np.ndarray], max_tokens: int) -> np.ndarray:
-    """(tokens_i, d) matrices -> one (max_tokens x d) row each, NaN after a matrix's last token."""
+    """(tokens_i, d) matrices -> one row each of ``1 + max_tokens x d`` floats: the matrix's token
+    count, then the matrix flattened, zeros after it (``np.zeros`` pages in only what is written)."""
     dimension = matrices[0].shape[1]
-    rows = np.full((len(matrices), max_tokens, dimension), np.nan, dtype=np.float32)
+    rows = np.zeros((len(matrices), 1 + max_tokens * dimension), dtype=np.float32)
     for index, matrix in enumerate(matrices):
         if matrix.shape[0] > max_tokens:
             raise RuntimeError(f"a text gave {matrix.shape[0]} token vectors, over the model's {max_tokens}")
-        rows[index, :matrix.shape[0]] = matrix
-    return rows.reshape(len(matrices), -1)
+        rows[index, 0] = matrix.shape[0]
+        rows[index, 1:1 + matrix.size] = matrix.reshape(-1)
+    return rows
 
 
 def unpack(rows: np.ndarray, dimension: int) -> list[list[list[float]]]:
     """``pack``'s rows -> each text's (tokens, d) matrix, as lists."""
     out = []
     for row in rows.astype(np.float32, copy=False):
-        matrix = row.reshape(-1, dimension)
-        out.append(matrix[~np.isnan(matrix[:, 0])].tolist())
+        count = int(row[0])
+        out.append(row[1:1 + count * dimension].reshape(count, dimension).tolist())
     return out
 
 
