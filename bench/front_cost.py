@@ -11,10 +11,11 @@ and of the runner, and the runner's per forward (``ingrain_forward_seconds`` cou
 forwards; its sum, their wall time, is given beside).
 
 Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load
-(all threads, idle frames left out), each sample put in the first stage its stack reaches from
-the leaf (``STAGES``: HTTP and middleware, validation, tokenization, the hop, batching,
-serialization, metrics, the event loop), as shares of the front's busy samples, and times the
-front's CPU per request: milliseconds per stage.
+(the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
+(``STAGES``: HTTP and middleware, validation, tokenization, the hop, batching, serialization,
+metrics, the event loop) and in every layer it is inside (``LAYERS``: uvicorn and BentoML's app,
+our middleware, the FastAPI app, the route, the gateway), times the front's CPU per request:
+milliseconds per stage and per layer.
 """
 
 from __future__ import annotations
@@ -67,17 +68,37 @@ def stage_of(frames: list[str]) -> str:
     return "other"
 
 
-def profile(pid: int, seconds: int) -> dict[str, float]:
-    """Shares of the front's busy samples per stage (py-spy: all threads, idle frames dropped)."""
-    raw = WORK / "front.txt"
-    subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "400", "--threads", "-f", "raw",
+# Layers of the request path, by a frame that marks where each starts: a sample inside a layer
+# counts for it and every layer around it (inclusive shares).
+LAYERS: list[tuple[str, re.Pattern[str]]] = [
+    ("uvicorn and BentoML's app", re.compile(r"httptools_impl\.py")),
+    ("our ASGI middleware", re.compile(r"MetricsFormatMiddleware\.__call__")),
+    ("the FastAPI app", re.compile(r"FastAPI\.__call__")),
+    ("FastAPI's route handler (body, validation, endpoint)", re.compile(r"get_request_handler")),
+    ("the endpoint", re.compile(r"run_endpoint_function")),
+    ("the gateway", re.compile(r"ModelGateway\.")),
+]
+
+
+def profile(pid: int, seconds: int, raw: Path) -> dict[str, dict[str, float]]:
+    """The front's samples holding the GIL (py-spy ``--gil``: what its Python costs), as shares
+    per stage (exclusive: the first stage from the leaf) and per layer (inclusive)."""
+    subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "400", "--gil", "-f", "raw",
                     "-o", str(raw)], check=True, capture_output=True)
     stages: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
+    total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        stages[stage_of(stack.split(";")[1:])] += int(count)
-    busy = sum(stages.values()) or 1
-    return {stage: count / busy for stage, count in stages.most_common()}
+        frames, n = stack.split(";")[1:], int(count)
+        total += n
+        stages[stage_of(frames)] += n
+        for name, pattern in LAYERS:
+            if any(pattern.search(frame) for frame in frames):
+                layers[name] += n
+    total = total or 1
+    return {"stages": {stage: count / total for stage, count in stages.most_common()},
+            "layers": {name: layers[name] / total for name, _ in LAYERS}}
 
 
 def forward_stats(server: Server) -> tuple[float, float]:
@@ -113,6 +134,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--seconds", type=int, default=8, help="of the profile")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-out", type=Path, help="keep py-spy's raw samples here")
     parser.add_argument("--json", type=Path)
     add_server_env_option(parser)
     args = parser.parse_args()
@@ -143,11 +165,13 @@ def main() -> None:
                                      f"{server.url}/embed_text", "--payloads", str(payloads), "--concurrency", "64"],
                                     stdout=subprocess.DEVNULL)
             time.sleep(1)
-            shares = profile(server.service_pids("ingrain-bento")[0], args.seconds)
+            shares = profile(server.service_pids("ingrain-bento")[0], args.seconds,
+                             args.profile_out or WORK / "front.txt")
             load.wait()
             per_request = results["minilm_1_text"]["front_ms_per_request"]
-            results["front_profile_1_text"] = {stage: {"share": share, "ms_per_request": share * per_request}
-                                               for stage, share in shares.items()}
+            results["front_stages_ms_1_text"] = {stage: share * per_request
+                                                 for stage, share in shares["stages"].items()}
+            results["front_layers_ms_1_text"] = {name: share * per_request for name, share in shares["layers"].items()}
     finally:
         server.stop()
         shutil.rmtree(WORK, ignore_errors=True)
