@@ -39,6 +39,9 @@ EXPECTED_IDS = {
     "reranker": "ingrain-test/tiny-reranker",
     "reranker_hf": "ingrain-test/tiny-plain-reranker",
     "sparse": "ingrain-test/tiny-splade",
+    "classifier": "ingrain-test/tiny-sentiment",
+    "multilabel": "ingrain-test/tiny-multilabel",
+    "colbert": "ingrain-test/tiny-colbert",
 }
 
 
@@ -108,6 +111,9 @@ def test_cache_layout(smoke_cache):
         "ingrain-test/tiny-reranker",
         "ingrain-test/tiny-plain-reranker",
         "ingrain-test/tiny-splade",
+        "ingrain-test/tiny-sentiment",
+        "ingrain-test/tiny-multilabel",
+        "ingrain-test/tiny-colbert",
     }
     for repo in repos.values():
         (revision,) = repo.revisions
@@ -313,6 +319,27 @@ def test_rerankers(offline, smoke_cache):
     long = " ".join(["berlin is a big city"] * 60)
     features = saved.preprocess([(QUERY, long), (long, long)])
     assert features["input_ids"].shape == (2, om.TINY_MAX_POSITIONS)
+
+
+def test_classifiers_and_multi_vector(offline, smoke_cache):
+    """The text classifiers are plain HF repos with id2label (one multi-label); the multi-vector
+    model is a MultiVectorEncoder with ColBERT's markers as prompts; none is degenerate."""
+    import numpy as np
+    from sentence_transformers import MultiVectorEncoder
+    from transformers import AutoModelForSequenceClassification
+
+    cache = smoke_cache[0]
+    for key, labels, problem in (("classifier", om.CLASSIFIER_LABELS, None),
+                                 ("multilabel", om.MULTILABEL_LABELS, "multi_label_classification")):
+        config = json.loads(_snapshot_file(cache, offline[key], "config.json").read_text())
+        assert config["architectures"] == ["BertForSequenceClassification"] and config.get("problem_type") == problem
+        model = AutoModelForSequenceClassification.from_pretrained(offline[key])
+        assert model.config.id2label == labels
+    assert _kind(cache, offline["colbert"]) == "MultiVectorEncoder"
+    colbert = MultiVectorEncoder(offline["colbert"], device="cpu")
+    assert colbert.prompts == om.COLBERT_PROMPTS
+    query, document = colbert.encode_query(["a query"])[0], colbert.encode_document(["a longer document"])[0]
+    assert query.shape[1] == document.shape[1] and not np.allclose(query[0], query[-1])
 
 
 def test_sparse_encoder(offline, smoke_cache):

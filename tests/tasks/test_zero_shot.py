@@ -66,6 +66,18 @@ def test_probabilities_equal_open_clips_recipe(client, clip, templates):
     np.testing.assert_allclose(answer["probabilities"], expected, atol=1e-5)
 
 
+def test_both_backends_give_open_clips_probabilities(client, clip):
+    images = noise_images(2, seed=3)
+    expected = open_clip_probabilities(clip, images, LABELS, TEMPLATES)
+    for backend in ("torch", "onnx"):
+        assert client.post("/unload_model", json={"name": clip}).status_code == 200
+        loaded = client.post("/load_model", json={"name": clip, "library": "open_clip", "backend": backend})
+        assert loaded.status_code == 200, loaded.text
+        body = {"name": clip, "image": [data_uri(i) for i in images], "labels": LABELS, "templates": TEMPLATES}
+        np.testing.assert_allclose(client.post("/classify_image", json=body).json()["probabilities"], expected,
+                                   atol=1e-5)
+
+
 def test_the_labels_classifier_is_made_once_per_label_set(client, clip):
     images = [data_uri(i) for i in noise_images(2, seed=1)]
     body = {"name": clip, "image": images, "labels": ["a", "b", "c"], "templates": ["{} here"]}
