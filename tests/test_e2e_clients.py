@@ -246,6 +246,8 @@ def test_the_three_task_modules_through_a_real_serve(server, hub_models, monkeyp
         features = clip.encode_image(preprocess(image)[None], normalize=True)
         probabilities = (clip.logit_scale.exp() * features @ weights).softmax(-1).numpy()
     np.testing.assert_allclose(zero_shot.json()["probabilities"], probabilities, atol=1e-5)
+    for name in names.values():  # the later tests count on the models they loaded being resident
+        httpx.post(f"{server.url}/unload_model", json={"name": name}, timeout=60).raise_for_status()
 
 
 def test_both_cohere_clients_and_a_jina_body_rerank_beside_an_embedder_and_a_clip_model(server, hub_models):
