@@ -36,13 +36,15 @@ import bentoml  # noqa: E402
 from fastapi import Body, Depends, Query  # noqa: E402
 from fastapi.encoders import jsonable_encoder  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
+from starlette.types import ASGIApp  # noqa: E402
 
 from ingrain_bento import schemas as s  # noqa: E402
-from ingrain_bento.bentoml_seam import dependency_address, worker_index  # noqa: E402
+from ingrain_bento.bentoml_seam import dependency_address, serve_outside_bentoml, worker_index  # noqa: E402
 from ingrain_bento.boundary import Engine  # noqa: E402
 from ingrain_bento.front import tei  # noqa: E402
 from ingrain_bento.front.cohere import cohere_embed  # noqa: E402
 from ingrain_bento.front.docs import CLIP, PNG, RERANKER, SPLADE, ST, TIMM  # noqa: E402
+from ingrain_bento.front.fast_path import FastPath, lean_routes  # noqa: E402
 from ingrain_bento.front.gateway import ModelGateway  # noqa: E402
 from ingrain_bento.front.http import (  # noqa: E402
     GuardMiddleware,
@@ -77,6 +79,7 @@ OBSERVABILITY: dict[str, Any] = {
     "logging": {"access": {"enabled": SETTINGS.access_log}},
     "tracing": {} if SETTINGS.tracing else {"excluded_urls": ".*"},
 }
+TIMEOUT_S = 600  # BentoML's traffic timeout, and FastPath's
 
 
 def new_engine(index: int = 0) -> RunnerEngine:
@@ -93,7 +96,7 @@ def new_engine(index: int = 0) -> RunnerEngine:
     name=RUNNER_NAME,
     workers=runner_count(SETTINGS),  # the models live in each worker's memory: one runner per device
     resources=runner_resources(SETTINGS),
-    traffic={"timeout": 600},
+    traffic={"timeout": TIMEOUT_S},
     **OBSERVABILITY,
 )
 class IngrainRunner:
@@ -149,7 +152,7 @@ app = create_app()
     image=bentoml.images.Image().requirements_file("lock/runtime.txt"),
     http={"port": SETTINGS.port},
     workers=http_workers(SETTINGS),  # stateless: tokenizers, images, HTTP and JSON (README Performance)
-    traffic={"timeout": 600, "concurrency": 256},
+    traffic={"timeout": TIMEOUT_S, "concurrency": 256},
     **OBSERVABILITY,
 )
 @bentoml.asgi_app(app, path="/")
@@ -191,9 +194,12 @@ class IngrainBento:
                 await engine.close()
 
 
+current_service = bentoml.get_current_service  # resolved once: bentoml's module resolves its names on each access
+
+
 async def gateway() -> ModelGateway:
     """The front worker's ``ModelGateway``, for routes (an async dependency: no thread hop)."""
-    front: IngrainBento = bentoml.get_current_service()
+    front: IngrainBento = current_service()
     return front.gateway
 
 
@@ -242,7 +248,7 @@ async def infer(gw: Gateway, request: Annotated[s.TextImageRequest, example(
 async def embed(gw: Gateway, request: Annotated[tei.EmbedBody, example(
         {"name": CLIP, "text": ["a red square"], "image": [PNG]}, "A text and an image")]) -> Response:
     if isinstance(request, s.TEIEmbedRequest):  # TEI's body (README "The TEI protocol")
-        return JSONResponse(await tei.embed(gw, SETTINGS, request))
+        return json_response(await tei.embed(gw, SETTINGS, request))
     return json_response(await gw.embed(request, output="features"))
 
 
@@ -388,7 +394,7 @@ async def cohere_v2_embed(gw: Gateway, request: Annotated[s.CohereEmbedRequest, 
 @app.post("/")
 async def tei_root(gw: Gateway, body: Annotated[dict[str, Any], example({"inputs": ["hello"]}, "TEI's embed")]
                    ) -> Response:
-    return JSONResponse(jsonable_encoder(await tei.root(gw, SETTINGS, body)))
+    return json_response(await tei.root(gw, SETTINGS, body))
 
 
 @app.post("/similarity")
@@ -420,11 +426,23 @@ add_fallback_route(app)
 # mypy does not apply class decorators: to it these names are still the plain classes.
 runner_service, front_service = cast(Any, IngrainRunner), cast(Any, IngrainBento)
 
-runner_service.add_asgi_middleware(RunnerGate, engine=runner_engine, token=RUNNER_TOKEN)
+# The gate serves the front's calls before BentoML's layers (front/fast_path.py says what they cost).
+serve_outside_bentoml(runner_service, lambda bentoml_app: RunnerGate(bentoml_app, engine=runner_engine,
+                                                                     token=RUNNER_TOKEN))
 
 # A Bento carries the preload list's store entries (only when INGRAIN_PRELOAD is set at build).
 runner_service.models.extend(bentoml.models.BentoModel(tag) for tag in baked_model_tags(SETTINGS))
 
-front_service.add_asgi_middleware(MetricsFormatMiddleware)
-front_service.add_asgi_middleware(GuardMiddleware)
-front_service.add_asgi_middleware(WorkerHeaderMiddleware)
+
+
+def outside_bentoml(bentoml_app: ASGIApp) -> ASGIApp:
+    """The front's layers before BentoML's: the worker header, the API key and body cap, /metrics'
+    format, then the lean path of the gateway routes (``front/fast_path.py``), unless tracing or
+    the access log asks BentoML's layers to see every request."""
+    inner = bentoml_app
+    if not (SETTINGS.tracing or SETTINGS.access_log):
+        inner = FastPath(bentoml_app, lambda: lean_routes(app, gateway), gateway, TIMEOUT_S)
+    return WorkerHeaderMiddleware(GuardMiddleware(MetricsFormatMiddleware(inner)))
+
+
+serve_outside_bentoml(front_service, outside_bentoml)

@@ -10,8 +10,8 @@ runner's figure is its own cost around the forward): CPU milliseconds per reques
 and of the runner, and the runner's per forward (``ingrain_forward_seconds`` counts the
 forwards; its sum, their wall time, is given beside).
 
-Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load
-(the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
+Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load and
+under the 64-text load (the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
 (``STAGES``: HTTP and middleware, validation, tokenization, the hop, batching, serialization,
 metrics, the event loop) and in every layer it is inside (``LAYERS``: uvicorn and BentoML's app,
 our middleware, the FastAPI app, the route, the gateway), times the front's CPU per request:
@@ -72,7 +72,8 @@ def stage_of(frames: list[str]) -> str:
 # counts for it and every layer around it (inclusive shares).
 LAYERS: list[tuple[str, re.Pattern[str]]] = [
     ("uvicorn and BentoML's app", re.compile(r"httptools_impl\.py")),
-    ("our ASGI middleware", re.compile(r"MetricsFormatMiddleware\.__call__")),
+    ("our ASGI middleware", re.compile(r"WorkerHeaderMiddleware\.__call__")),
+    ("the lean path (front/fast_path.py)", re.compile(r"FastPath\.__call__")),
     ("the FastAPI app", re.compile(r"FastAPI\.__call__")),
     ("FastAPI's route handler (body, validation, endpoint)", re.compile(r"get_request_handler")),
     ("the endpoint", re.compile(r"run_endpoint_function")),
@@ -99,6 +100,19 @@ def profile(pid: int, seconds: int, raw: Path) -> dict[str, dict[str, float]]:
     total = total or 1
     return {"stages": {stage: count / total for stage, count in stages.most_common()},
             "layers": {name: layers[name] / total for name, _ in LAYERS}}
+
+
+def profile_under_load(server: Server, bodies: list[dict], seconds: int, raw: Path) -> dict[str, dict[str, float]]:
+    """The front's profile (``profile``) while 64 clients send ``bodies`` to /embed_text."""
+    payloads = WORK / "profile.json"
+    payloads.write_text(json.dumps(bodies))
+    load = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", f"{server.url}/embed_text",
+                             "--payloads", str(payloads), "--concurrency", "64"], stdout=subprocess.DEVNULL)
+    time.sleep(1)
+    try:
+        return profile(server.service_pids("ingrain-bento")[0], seconds, raw)
+    finally:
+        load.wait()
 
 
 def forward_stats(server: Server) -> tuple[float, float]:
@@ -136,6 +150,7 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profile-out", type=Path, help="keep py-spy's raw samples here")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--minilm-only", action="store_true", help="skip the tiny model's figures")
     add_server_env_option(parser)
     args = parser.parse_args()
     if not args.no_profile and shutil.which("py-spy") is None:
@@ -149,7 +164,7 @@ def main() -> None:
             server.post("/load_model", {"name": name, "library": "sentence_transformers"})
         n = args.requests
         results["health"] = measure(server, f"{server.url}/health", [{}] * n, method="GET")
-        for label, name in (("minilm", minilm), ("tiny", tiny)):
+        for label, name in (("minilm", minilm), ("tiny", tiny))[:1 if args.minilm_only else 2]:
             one = [{"name": name, "text": f"text number {i} about the weather in town"} for i in range(n)]
             many = [{"name": name, "text": [f"text {i} {j} about the weather in town" for j in range(64)]}
                     for i in range(max(64, n // 32))]
@@ -158,20 +173,16 @@ def main() -> None:
         results["ratio_1_text_to_health"] = (results["minilm_1_text"]["front_ms_per_request"]
                                              / results["health"]["front_ms_per_request"])
         if not args.no_profile:
-            payloads = WORK / "profile.json"
-            payloads.write_text(json.dumps([{"name": minilm, "text": f"profile text {i} about the weather"}
-                                            for i in range(n * 4)]))
-            load = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url",
-                                     f"{server.url}/embed_text", "--payloads", str(payloads), "--concurrency", "64"],
-                                    stdout=subprocess.DEVNULL)
-            time.sleep(1)
-            shares = profile(server.service_pids("ingrain-bento")[0], args.seconds,
-                             args.profile_out or WORK / "front.txt")
-            load.wait()
-            per_request = results["minilm_1_text"]["front_ms_per_request"]
-            results["front_stages_ms_1_text"] = {stage: share * per_request
-                                                 for stage, share in shares["stages"].items()}
-            results["front_layers_ms_1_text"] = {name: share * per_request for name, share in shares["layers"].items()}
+            for texts, label in ((1, "1_text"), (64, "64_texts")):
+                bodies = [{"name": minilm, "text": [f"profile text {i} {j} about the weather" for j in range(texts)]}
+                          for i in range(n * 4 // texts)]
+                raw = args.profile_out.with_suffix(f".{label}.txt") if args.profile_out else WORK / f"{label}.txt"
+                shares = profile_under_load(server, bodies, args.seconds, raw)
+                per_request = results[f"minilm_{label}"]["front_ms_per_request"]
+                results[f"front_stages_ms_{label}"] = {stage: share * per_request
+                                                       for stage, share in shares["stages"].items()}
+                results[f"front_layers_ms_{label}"] = {name: share * per_request
+                                                       for name, share in shares["layers"].items()}
     finally:
         server.stop()
         shutil.rmtree(WORK, ignore_errors=True)

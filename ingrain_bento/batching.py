@@ -128,9 +128,9 @@ class Batcher(Generic[Item]):
         chunks = [_Chunk(items[i:i + self.max_batch]) for i in range(0, len(items), self.max_batch)]
         self._pending.extend(chunks)
         self._wakeup.set()
+        if len(chunks) == 1:  # most requests: their one chunk, without a gathering future
+            return await chunks[0].future
         rows = await asyncio.gather(*(chunk.future for chunk in chunks))
-        if len(rows) == 1:
-            return rows[0]
         return np.concatenate(rows) if isinstance(rows[0], np.ndarray) else [row for part in rows for row in part]
 
     def _admit(self) -> None:

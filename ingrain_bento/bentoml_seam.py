@@ -11,14 +11,22 @@ BentoML's public API (``bentoml.service``, ``bentoml.depends``, ``bentoml.models
   (``BENTOML_RUNNER_MAP``: a ``file://`` Unix socket under ``bentoml serve``, a URL when the
   services run apart);
 - ``worker_index``: which worker of its service this process is (public, kept here beside the
-  rest of what a process asks BentoML about itself).
+  rest of what a process asks BentoML about itself);
+- ``serve_outside_bentoml``: ASGI layers around the whole app BentoML builds for a service, so
+  that they run before BentoML's own middleware (``front/fast_path.py`` says why). BentoML
+  offers ``add_asgi_middleware``, but places those inside its metrics, tracing and timeout
+  layers; its worker serves ``service.to_asgi()`` (public), which this wraps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["bentoml_home", "dependency_address", "machine_resources", "worker_index"]
+from starlette.types import ASGIApp
+
+__all__ = ["bentoml_home", "dependency_address", "machine_resources", "serve_outside_bentoml", "worker_index"]
 
 
 def machine_resources() -> tuple[float, int]:
@@ -50,3 +58,17 @@ def worker_index() -> int:
     from bentoml import server_context
 
     return int(server_context.worker_index or 0)
+
+
+def serve_outside_bentoml(service: Any, wrap: Callable[[ASGIApp], ASGIApp]) -> None:
+    """Serve ``wrap(app)`` for ``service``, where ``app`` is what BentoML builds for it: every
+    request (and the lifespan) reaches ``wrap``'s layers first. A BentoML service is a slotted
+    class: the method is replaced on the class, for this one service."""
+    cls = type(service)
+    original = cls.to_asgi
+
+    def to_asgi(self: Any, *args: Any, **kwargs: Any) -> ASGIApp:
+        app: ASGIApp = original(self, *args, **kwargs)
+        return wrap(app) if self is service else app
+
+    cls.to_asgi = to_asgi

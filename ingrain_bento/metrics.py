@@ -18,6 +18,7 @@ import: BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` after importing the service mo
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -94,14 +95,46 @@ def _series() -> SimpleNamespace:
 
 
 class RequestMetrics:
-    """What a front worker counts: each inference request by model and route, and its runner calls."""
+    """What a front worker counts: each inference request by model and route, and its runner calls.
+
+    Requests are written to their series at most once a ``FLUSH_S`` (a request after a quiet
+    second at once): under load, one count and one label lookup per model and route a second,
+    not several Prometheus writes per request."""
+
+    FLUSH_S = 1.0
 
     def __init__(self) -> None:
         self.series = _series()
+        self._pending: dict[tuple[str, str, bool], list[float]] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flushed_at = 0.0
 
     def record_request(self, model: str, route: str, ok: bool, seconds: float) -> None:
-        self.series.requests.labels(model, route, "ok" if ok else "error").inc()
-        self.series.latency.labels(model, route).observe(seconds)
+        self._pending.setdefault((model, route, ok), []).append(seconds)
+        if self._flush_timer is not None:
+            return
+        wait = self._flushed_at + self.FLUSH_S - time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            wait = 0.0  # no loop to come back on
+        if wait <= 0:
+            self.flush()
+        else:
+            self._flush_timer = loop.call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        """Write the requests recorded since the last flush to their series."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._flushed_at = time.monotonic()
+        pending, self._pending = self._pending, {}
+        for (model, route, ok), latencies in pending.items():
+            self.series.requests.labels(model, route, "ok" if ok else "error").inc(len(latencies))
+            latency = self.series.latency.labels(model, route)
+            for seconds in latencies:
+                latency.observe(seconds)
 
     def record_runner_retry(self) -> None:
         self.series.runner_retries.inc()

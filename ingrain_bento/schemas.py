@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     AliasChoices,
@@ -20,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetPydanticSchema,
     StringConstraints,
     ValidationError,
     WithJsonSchema,
@@ -27,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import core_schema
 
 from ingrain_bento.backends.base import BACKENDS
 from ingrain_bento.settings import get_settings
@@ -365,8 +368,16 @@ class LabelsResponse(ApiModel):
     labels: list[str]
 
 
+# The server's own rows are numpy arrays up to the response's bytes (``front.http.json_response``
+# writes them with orjson: no Python float per number); a client reading a response gets lists.
+# JSON mode (``model_dump_json``) writes an array as its lists too.
+_NDArray = Annotated[np.ndarray, GetPydanticSchema(lambda _source, _handler: core_schema.is_instance_schema(
+    np.ndarray, serialization=core_schema.plain_serializer_function_ser_schema(np.ndarray.tolist, when_used="json")))]
+_NUMBERS = {"type": "array", "items": {"type": "number"}}
 # Rows as floats, or as integers with an int8/uint8/binary/ubinary ``precision``.
-Rows = list[list[float]] | list[list[int]]
+Rows = Annotated[list[list[float]] | list[list[int]] | _NDArray,
+                 WithJsonSchema({"type": "array", "items": _NUMBERS})]
+Row = Annotated[list[float] | _NDArray, WithJsonSchema(_NUMBERS)]
 
 
 class EmbeddingsResponse(ApiModel):
@@ -412,7 +423,7 @@ class RerankResponse(BaseModel):
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: Row | str
 
 
 class OpenAIUsage(BaseModel):

@@ -42,3 +42,12 @@ def test_the_home_is_the_one_bentoml_resolved_from_bentoml_home():
 def test_outside_bentoml_serve_there_is_no_dependency_and_the_worker_is_the_first():
     assert bentoml_seam.dependency_address("ingrain-runner") is None
     assert bentoml_seam.worker_index() == 0
+
+
+def test_bentomls_worker_still_serves_the_services_to_asgi():
+    """``serve_outside_bentoml`` wraps ``Service.to_asgi``: the worker must still serve what it returns."""
+    import inspect
+
+    from _bentoml_impl.worker import service as worker
+
+    assert "service.to_asgi(" in inspect.getsource(worker)

@@ -24,3 +24,38 @@ def test_each_text_is_counted_once_and_each_forward_once(client, hub_models):
     assert int(after["inferenceCount"]) - int(before["inferenceCount"]) == 5
     assert int(after["executionCount"]) - int(before["executionCount"]) == 2  # sequential requests: a forward each
     assert {"3", "2"} <= {entry["batchSize"] for entry in after["batchStats"]}
+
+
+def test_requests_are_written_at_once_after_a_quiet_second_and_then_once_a_second():
+    """``RequestMetrics``: under load, one write per model and route a second; nothing is lost."""
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from ingrain_bento.metrics import RequestMetrics
+
+    labels = {"model": "flush-test", "route": "embed_text", "status": "ok"}
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("ingrain_requests_total", labels) or 0.0
+
+    def observed() -> float:
+        return REGISTRY.get_sample_value("ingrain_request_latency_seconds_count",
+                                         {"model": "flush-test", "route": "embed_text"}) or 0.0
+
+    async def main() -> None:
+        metrics = RequestMetrics()
+        metrics.FLUSH_S = 0.3
+        start, start_observed = counted(), observed()
+        metrics.record_request("flush-test", "embed_text", True, 0.01)
+        assert counted() == start + 1, "the first request after a quiet spell is written at once"
+        for _ in range(5):
+            metrics.record_request("flush-test", "embed_text", True, 0.02)
+        assert counted() == start + 1, "the next ones wait for the flush"
+        await asyncio.sleep(0.5)
+        assert counted() == start + 6 and observed() == start_observed + 6
+        metrics.record_request("flush-test", "embed_text", True, 0.01)
+        metrics.flush()  # what the gateway does when the worker stops
+        assert counted() == start + 7
+
+    asyncio.run(main())

@@ -211,14 +211,17 @@ def split_rows(features: dict[str, Any], fmt: TextFormat) -> list[np.ndarray] | 
     if any(features[key].shape != mask.shape for key in fmt.keys):
         return None
     stacked = np.stack([features[key].numpy() for key in fmt.keys]).astype(np.int32)
-    width = mask.shape[1]
-    rows = []
-    for index, length in enumerate(mask.sum(dim=1).tolist()):
-        kept = slice(0, length) if fmt.padding_side == "right" else slice(width - length, width)
-        if not bool(mask[index, kept].all()):
+    kept = mask.numpy().astype(bool)
+    width = kept.shape[1]
+    lengths = kept.sum(axis=1)
+    positions = np.arange(width)
+    if fmt.padding_side == "right":
+        if not np.array_equal(kept, positions < lengths[:, None]):  # every row: its tokens, then padding
             return None
-        rows.append(stacked[:, index, kept])
-    return rows
+        return [stacked[:, index, :length] for index, length in enumerate(lengths.tolist())]
+    if not np.array_equal(kept, positions >= (width - lengths)[:, None]):
+        return None
+    return [stacked[:, index, width - length:] for index, length in enumerate(lengths.tolist())]
 
 
 def pad_rows(rows: Sequence[np.ndarray], fmt: TextFormat) -> dict[str, np.ndarray]:

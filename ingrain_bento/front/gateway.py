@@ -75,6 +75,8 @@ class ModelGateway:
         self._importing = asyncio.create_task(self.inputs.import_libraries())
 
     async def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.flush()
         await self.inputs.close()
         await self.fetcher.aclose()
 

@@ -16,9 +16,11 @@ import hmac
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,7 +33,7 @@ from ingrain_bento.settings import Settings, get_settings
 
 __all__ = ["ALL_METHODS", "OPENAI_PATHS", "OPEN_PATHS", "READ_METHODS", "TOO_LONG", "GuardMiddleware",
            "HeadAsGetMiddleware", "WorkerHeaderMiddleware", "add_fallback_route", "create_app", "error_response",
-           "is_open", "json_response"]
+           "exception_response", "is_open", "json_response"]
 
 log = logging.getLogger("ingrain_bento.http")
 
@@ -49,9 +51,25 @@ def is_open(path: str, method: str = "GET") -> bool:
     return method in READ_METHODS and (path in OPEN_PATHS or path.startswith(DOCS_STATIC_PREFIX))
 
 
-def json_response(model: BaseModel, status_code: int = 200, exclude_none: bool = False) -> Response:
-    return Response(model.model_dump_json(exclude_none=exclude_none), status_code=status_code,
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def json_response(content: Any, status_code: int = 200, exclude_none: bool = False) -> Response:
+    """``content`` (a response model, or plain JSON values) as JSON bytes, by orjson: numpy arrays
+    (a response's rows, ``schemas.Rows``) are written from their own memory, float32 in its
+    shortest form (which reads back into the same float32), with no Python float made per number.
+    pydantic's serializer writes what orjson does not know."""
+    if isinstance(content, BaseModel):
+        content = content.model_dump(by_alias=True, exclude_none=exclude_none)
+    return Response(orjson.dumps(content, default=_plain, option=JSON_OPTIONS), status_code=status_code,
                     media_type="application/json")
+
+
+def _plain(value: Any) -> Any:
+    """A value orjson does not know, as JSON values: a model by its aliases, anything else as pydantic writes it."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True)
+    return to_jsonable_python(value)
 
 
 def error_response(path: str, status_code: int, message: str, error_type: str = "invalid_request_error",
@@ -63,6 +81,16 @@ def error_response(path: str, status_code: int, message: str, error_type: str = 
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
+def exception_response(path: str, exc: Exception) -> Response:
+    """What a route's exception answers: an ``IngrainError`` its status and message; anything
+    else a 500 that says it is a bug (logged with its traceback)."""
+    if isinstance(exc, IngrainError):
+        return error_response(path, exc.status_code, exc.message, exc.error_type, exc.headers())
+    log.exception("Unhandled error on %s", path, exc_info=exc)
+    return error_response(path, 500, f"Internal error ({type(exc).__name__}); this is a bug, please report it with "
+                          "the request that caused it.", "server_error")
+
+
 def create_app() -> FastAPI:
     app = FastAPI(title="ingrain-bento", description="Ingrain-compatible model server on BentoML.",
                   openapi_url=OPENAPI_URL, docs_url=None, redoc_url=None)  # add_api_docs serves /docs
@@ -71,7 +99,7 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(IngrainError)
     async def _ingrain_error(request: Request, exc: IngrainError) -> Response:
-        return error_response(request.url.path, exc.status_code, exc.message, exc.error_type, exc.headers())
+        return exception_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -90,9 +118,7 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
-        log.exception("Unhandled error on %s", request.url.path)
-        return error_response(request.url.path, 500, f"Internal error ({type(exc).__name__}); this is a bug, "
-                              "please report it with the request that caused it.", "server_error")
+        return exception_response(request.url.path, exc)
 
     return app
 

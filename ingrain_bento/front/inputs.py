@@ -78,6 +78,8 @@ class InputPreparer:
     async def preprocessor(self, handle: ModelHandle) -> Preprocessor:
         """The model's preprocessor, opened once (concurrent requests wait for the same open)."""
         task = self._preprocessors.get(handle.tag)
+        if task is not None and task.done() and task.exception() is None:
+            return task.result()  # the common case, without a shield's future per request
         if task is None or (task.done() and task.exception() is not None):
             task = asyncio.ensure_future(asyncio.to_thread(self._open, handle))
             self._preprocessors[handle.tag] = task

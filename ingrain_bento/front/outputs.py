@@ -24,10 +24,11 @@ __all__ = ["INT8_SPREAD", "OUTPUTS", "embeddings", "int8_ranges", "probabilities
 INT8_SPREAD = 4.0
 
 
-def embeddings(rows: np.ndarray, request: Any) -> list[list[float]] | list[list[int]]:
+def embeddings(rows: np.ndarray, request: Any) -> np.ndarray:
     """Matryoshka: truncate to ``n_dims`` first, then normalize (``normalize``, default true), so a
     row is unit length (as torch's ``F.normalize``: divided by its norm, at least 1e-12); then the
-    ``precision`` asked for (``quantize``)."""
+    ``precision`` asked for (``quantize``). A numpy matrix: the response writes it as it is
+    (``front.http.json_response``)."""
     matrix = rows.astype(np.float32, copy=False)
     n_dims = request.n_dims
     if n_dims is not None:
@@ -39,8 +40,7 @@ def embeddings(rows: np.ndarray, request: Any) -> list[list[float]] | list[list[
     precision = getattr(request, "precision", "float32")
     if precision in ("int8", "uint8") and not request.normalize:
         raise BadRequest(f"precision {precision} maps unit-length rows onto a fixed range: send normalize: true.")
-    result: list[list[float]] | list[list[int]] = quantize(matrix, precision).tolist()
-    return result
+    return quantize(matrix, precision)
 
 
 def int8_ranges(dimension: int) -> np.ndarray:

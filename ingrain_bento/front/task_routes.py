@@ -9,10 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI
-from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.models import Example
 from pydantic import BaseModel
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from ingrain_bento.front.http import json_response
 from ingrain_bento.tasks import TASKS, Route
@@ -33,10 +32,7 @@ def add_task_routes(app: FastAPI, gateway: Callable[[], Awaitable[Any]]) -> None
 
 def _endpoint(route: Route, gateway: Callable[[], Awaitable[Any]]) -> Callable[..., Awaitable[Response]]:
     async def endpoint(gw: Any, body: Any) -> Response:
-        result = await route.answer(gw, body)
-        if isinstance(result, BaseModel):
-            return json_response(result)
-        return JSONResponse(jsonable_encoder(result))
+        return json_response(await route.answer(gw, body))
 
     # FastAPI reads a route's parameters from its signature: the body's schema is the route's own.
     example = {"example": Example(summary=route.summary, value=route.example)}

@@ -51,7 +51,7 @@ def _options(body: s.TEIOptions) -> dict[str, Any]:
             "truncation_direction": body.truncation_direction, "prompt_name": body.prompt_name}
 
 
-async def embed(gateway: ModelGateway, settings: Settings, body: s.TEIEmbedRequest) -> list[Any]:
+async def embed(gateway: ModelGateway, settings: Settings, body: s.TEIEmbedRequest) -> s.Rows:
     """``[[float]]``, one row per input."""
     name = await gateway.default_model(EMBED_TEXT)
     request = s.build(s.InferenceRequest, name=name, text=s.as_list(body.inputs), normalize=body.normalize,

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 
+import numpy as np
 from PIL import Image
 
 from ingrain_bento import schemas as s
@@ -41,7 +42,7 @@ def test_an_unload_through_another_worker_clears_this_workers_caches():
 
         await other.unload(s.ModelRequest(name="test_vit.r160_in1k::false"))
         again = await mine.embed_image(request, output="features")  # auto-loads; its reply carries the new version
-        assert again.embeddings == first.embeddings
+        assert np.array_equal(again.embeddings, first.embeddings)
         await mine.embed_image(request, output="features")
         reopened = await mine.inputs.preprocessor(next(iter(mine._handles.values())))
         assert reopened is not opened, "the preprocessor was opened again after the state moved"
@@ -73,7 +74,7 @@ def test_a_model_stored_again_through_another_worker_is_prepared_again_here(hub_
         await other.load(s.ModelRequest(name=name), "sentence_transformers")
         mine._version = engine.version  # A has not seen the delete: only the stale entry tells it
         again = await mine.embed_text(request)
-        assert again.embeddings == first.embeddings
+        assert np.array_equal(again.embeddings, first.embeddings)
         assert next(iter(mine._handles.values())).tag != old_tag, "A asked for the new store entry"
         for gateway in (mine, other):
             await gateway.close()
