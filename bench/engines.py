@@ -7,8 +7,12 @@ timm resnet50, random weights) and each engine: the export (seconds, ``.onnx`` b
 export's own report), the first load (exporting) and a later load (opening the stored export),
 then the forward itself through the server's own ``LoadedModel.forward`` on prepared items: items/s
 at batch 64 and the p50 of one item, each the median of ``--repeat`` rounds. For int8: its speed
-and the cosine of its rows to the fp32 export's on a fixed text set. This is what ``auto``
-(``backends.AUTO``) is chosen from: README "Engines".
+and the cosine of its rows to the fp32 export's on a fixed text set. These figures chose the table
+``auto`` falls back on (``backends.AUTO``): README "Engines".
+
+Then, per model, what ``auto`` picked on this machine and why: a load with no backend (the server
+default, ``auto``) and its listing's ``auto_pick``, the faster of torch and ONNX Runtime as timed
+when the model's export was made (``backends.timing``, kept in the export's report).
 """
 
 from __future__ import annotations
@@ -94,6 +98,20 @@ async def measure(engine, request, task: str, backends: list[str], repeat: int) 
     return out
 
 
+async def auto_pick(engine, request) -> dict:
+    """What a load with no backend (``INGRAIN_BACKEND``, ``auto`` unless set) runs the model with,
+    and the figure ``auto`` picked on (the listing's ``auto_pick``)."""
+    asked = request.model_copy(update={"backend": None})
+    await engine.load(asked)
+    ref = engine.resolve(request.name, request.pretrained, request.library)
+    info = next(info for info in await engine.loaded_models() if info.id == ref.display_id)
+    export = engine.store.find_export(engine.pool.get(ref).stored, "onnx")
+    await engine.unload(asked)
+    pick = info.auto_pick.model_dump() if info.auto_pick else {}
+    timing = export.metadata.get("report", {}).get("timing", {}) if export else {}
+    return {"loaded": info.backend, "fallback": info.fallback, **pick, "timing_s": timing.get("seconds")}
+
+
 async def main_async(repeat: int) -> dict:
     import numpy as np
 
@@ -103,10 +121,12 @@ async def main_async(repeat: int) -> dict:
 
     engine = RunnerEngine(Settings())
     results: dict = {}
+    picks: dict = {}
     try:
         minilm = s.ModelRequest(name=place_minilm(), library="sentence_transformers")
         results["all-MiniLM-L6-v2"] = await measure(engine, minilm, "embed_text", ["torch", "onnx", "onnx-int8"],
                                                     repeat)
+        picks["all-MiniLM-L6-v2"] = await auto_pick(engine, minilm)
         rows = {k: results["all-MiniLM-L6-v2"][k].pop("rows") for k in ("torch", "onnx", "onnx-int8")}
         unit = {k: v / np.linalg.norm(v, axis=1, keepdims=True) for k, v in rows.items()}
         results["all-MiniLM-L6-v2"]["onnx"]["max_abs_diff_rows_vs_torch"] = float(np.abs(rows["onnx"] -
@@ -120,8 +140,10 @@ async def main_async(repeat: int) -> dict:
         vit = s.ModelRequest(name="ViT-B-32", pretrained="bench-random", library="open_clip")
         results["ViT-B-32 image"] = await measure(engine, vit, "embed_image", ["torch", "onnx"], repeat)
         results["ViT-B-32 text"] = await measure(engine, vit, "embed_text", ["torch", "onnx"], repeat)
+        picks["ViT-B-32"] = await auto_pick(engine, vit)
         resnet = s.ModelRequest(name="resnet50.a1_in1k", pretrained=False, library="timm")
         results["resnet50 classify"] = await measure(engine, resnet, "classify", ["torch", "onnx"], repeat)
+        picks["resnet50"] = await auto_pick(engine, resnet)
     finally:
         await engine.close()
     for cases in results.values():
@@ -131,6 +153,7 @@ async def main_async(repeat: int) -> dict:
             if backend != "torch":
                 row["speedup_b64"] = row["b64_items_per_s"] / cases["torch"]["b64_items_per_s"]
                 row["speedup_one_item"] = cases["torch"]["one_item_p50_ms"] / row["one_item_p50_ms"]
+    results["auto_picks"] = picks
     return results
 
 
@@ -143,11 +166,14 @@ def main() -> None:
     args = parser.parse_args()
     results = {"cpu_count": os.cpu_count(), **asyncio.run(main_async(args.repeat))}
     for model, cases in results.items():
-        if not isinstance(cases, dict):
+        if not isinstance(cases, dict) or model == "auto_picks":
             continue
         for backend, row in cases.items():
             print(f"{model:22s} {backend:10s} " + " ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    for model, pick in results["auto_picks"].items():
+        print(f"auto {model:18s} loads {pick['loaded']} (timed in {pick['timing_s']} s): "
+              f"{pick.get('why') or pick['fallback']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

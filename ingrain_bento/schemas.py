@@ -34,7 +34,7 @@ from pydantic_core import core_schema
 from ingrain_bento.backends.base import BACKENDS
 from ingrain_bento.settings import get_settings
 
-__all__ = ["MAX_CLASSES", "PROTOCOL_TAGS", "ApiModel", "Backend", "CohereContent", "CohereEmbedRequest",
+__all__ = ["MAX_CLASSES", "PROTOCOL_TAGS", "ApiModel", "AutoPickInfo", "Backend", "CohereContent", "CohereEmbedRequest",
            "CohereEmbeddingType", "CohereImageUrl", "CohereInput", "CustomModelRequest", "EmbeddingSizeResponse",
            "EmbeddingsResponse", "Image", "ImageRequest", "Images", "InferenceRequest", "LabelsResponse",
            "MessageResponse", "ModelInfo", "ModelListResponse", "ModelRequest", "ModelTextsRequest", "ModelState",
@@ -331,6 +331,16 @@ class RunnerInfo(ApiModel):
     message: str | None = None  # why it FAILED (it does not fit, its files are missing)
 
 
+class AutoPickInfo(ApiModel):
+    """The backend ``auto`` picks for a model on this runner's device type, and why: the faster one
+    timed on this machine when its export was made (``backends.timing``), else ``backends.AUTO``."""
+
+    backend: str
+    device: str  # the device type it is picked for ("cpu", "cuda")
+    why: str  # the figure it was picked on ("onnx 133.4 ms vs torch 162.1 ms for a batch and one item (...)")
+    ms: dict[str, float] = {}  # the deciding figure per backend, batch plus one item (empty: not timed here)
+
+
 class ModelInfo(ApiModel):
     id: str
     name: str
@@ -348,6 +358,7 @@ class ModelInfo(ApiModel):
     backend: str | None = None  # the backend running it (resident models)
     fallback: str | None = None  # why that is not the backend its load asked for
     exports: list[str] = []  # the backends it has an export in the store for ("onnx", "onnx-int8")
+    auto_pick: AutoPickInfo | None = None  # what ``auto`` picks for it here (null until its export is made)
     # Why the answering front worker holds the model's weights (its weightless open failed and it
     # loaded them on the CPU, also counted in ingrain_front_weights_loaded_total); null: it holds none.
     front_weights: str | None = None

@@ -62,9 +62,9 @@ class Settings(BaseSettings):
                                                   "(default: theirs, one per core).")
     backend: str = Field(
         "auto", validation_alias=_env("INGRAIN_BACKEND"),
-        description="The backend a load gets when it names none: auto (per family and device, the faster one "
-                    "measured: README \"Engines\"), or a backend of backends.BACKENDS that may be the default "
-                    "(torch, onnx; onnx-int8 is per load only).")
+        description="The backend a load gets when it names none: auto (per model and device, the faster one "
+                    "timed on this machine when the model was exported: README \"Backends\"), or a backend of "
+                    "backends.BACKENDS that may be the default (torch, onnx; onnx-int8 is per load only).")
     onnx_spinning: bool = Field(False, validation_alias=_env("INGRAIN_ONNX_SPINNING"),
                                 description="ONNX Runtime's idle threads spin for work: less latency alone, more CPU "
                                             "(README Performance).")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ingrain_bento import schemas as s
+from ingrain_bento.backends import BACKENDS, auto_table, pick_auto
 from ingrain_bento.batching import BatcherClosed
 from ingrain_bento.boundary import InferReply, LoadResult, ModelHandle, ServedModel
 from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound, StaleModel
@@ -46,7 +47,7 @@ from ingrain_bento.refs import DISPLAY_SEPARATOR, ModelRef, split_display_id, va
 from ingrain_bento.runner.pool import ModelPool, Resident
 from ingrain_bento.runner.sync import ModelStateSync
 from ingrain_bento.settings import Settings
-from ingrain_bento.store import ModelStore, StoredModel, staging_dir
+from ingrain_bento.store import ModelStore, StoredExport, StoredModel, staging_dir
 from ingrain_bento.tasks import RERANK, modalities_of
 
 __all__ = ["RunnerEngine"]
@@ -220,10 +221,27 @@ class RunnerEngine:
             backend=model.backend if model else None,
             fallback=model.fallback if model else None,
             exports=sorted(e.backend for e in exports if not e.metadata.get("report", {}).get("failure")),
+            auto_pick=self._auto_pick(library, exports),
             prompts=sorted(model.prompts) if model else list(meta.get("prompts", [])),
             runners=[s.RunnerInfo.model_validate(r) for r in runner_entries(reports or [], model_key(ref))]
             if ref is not None else [],
         )
+
+    def _auto_pick(self, library: str, exports: list[StoredExport]) -> s.AutoPickInfo | None:
+        """What ``auto`` picks for a model on this runner's device type (before the device is
+        picked: the one its figures were measured on), as a load would (``pool.backend_for``);
+        None while that needs an export the model does not have yet."""
+        reports = {export.backend: dict(export.metadata.get("report", {})) for export in exports}
+        device_type = self.pool.device.type if self.pool.has_device else next(
+            (report["timing"]["device"] for report in reports.values() if (report.get("timing") or {}).get("device")),
+            None)
+        if device_type is None:
+            return None
+        table = auto_table(device_type, library)
+        if BACKENDS[table].exports and table not in reports:
+            return None
+        pick = pick_auto(table, device_type, reports.get(table))
+        return s.AutoPickInfo(backend=pick.backend, device=pick.device, why=pick.why, ms=dict(pick.ms))
 
     @staticmethod
     def _merged_state(key: str, desired: DesiredState | None, reports: list[RunnerReport]) -> s.ModelState:

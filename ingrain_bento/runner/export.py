@@ -3,11 +3,13 @@ in a child process, and kept in the BentoML store.
 
 ``ensure_export`` (the runner's side) finds the export of a store entry for a backend, or makes
 it: ``python -m ingrain_bento.runner.export`` opens the stored folder with the family's own
-loader, exports and checks its graphs (the backend module's ``export``), and writes them with a report; the
-export is then stored as its own BentoML model, labelled with the entry it was made from (``bentoml
-models list`` shows it; deleting the model deletes it). A model that does not export (custom
-code, an op the exporter lacks, outputs that differ) gets an export entry that records why, so
-later loads and restarts fall back to torch at once, without trying again.
+loader, exports and checks its graphs (the backend module's ``export``), times them against torch
+on this machine when ``auto`` may pick the backend (``backends.timing``: what ``auto`` picks from),
+and writes them with a report; the export is then stored as its own BentoML model, labelled with
+the entry it was made from (``bentoml models list`` shows it; deleting the model deletes it). A
+model that does not export (custom code, an op the exporter lacks, outputs that differ) gets an
+export entry that records why, so later loads and restarts fall back to torch at once, without
+trying again.
 
 Why a child process: an export traces the whole model in Python (seconds of GIL) and can take
 the memory of a second copy of the weights; in a process of its own it never stalls the runner's
@@ -127,7 +129,23 @@ def _export(backend: Backend, library: str, folder: Path, out: Path, source: Pat
 
     graphs = family(library).graphs(folder)
     report: dict[str, Any] = importlib.import_module(BACKENDS[backend].module).export(backend, graphs, out, source)
+    if BACKENDS[backend].auto:
+        report["timing"] = _timing(backend, graphs, out)
     return report
+
+
+def _timing(backend: Backend, graphs: Any, out: Path) -> dict[str, Any]:
+    """torch against the new export, on this machine (``backends.timing``): what ``auto`` picks
+    from. A timing that fails costs the export nothing: ``auto`` then keeps ``backends.AUTO``."""
+    from ingrain_bento.backends.timing import time_backends
+    from ingrain_bento.settings import get_settings
+
+    settings = get_settings()
+    try:
+        return time_backends(graphs, backend, out, settings.torch_threads, settings.onnx_spinning)
+    except Exception as exc:
+        log.warning("backend.timing backend=%s failed: %s: %s", backend, type(exc).__name__, exc)
+        return {"device": "cpu", "failure": f"the timing failed ({type(exc).__name__}: {str(exc)[:300]})"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,11 @@ follows the desired state (``evict_pinned=False``) never does: it fails with the
 
 Each load picks its backend (``backends.choose_backend``: the load's ``backend``, else
 ``INGRAIN_BACKEND``); an ONNX backend needs the model's export, made once (``runner.export``),
-and a model that has none loads with torch, ``fallback`` saying why. A model resident with one
-backend and asked for with another is a 409: unload it first.
+and a model that has none loads with torch, ``fallback`` saying why. ``auto``, where the table
+(``backends.AUTO``) names a backend that runs an export, is decided per model once that export is
+at hand: its report holds torch and that backend timed on this machine (``backends.timing``), and
+the faster one loads. A model resident with one backend and asked for with another is a 409:
+unload it first.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingrain_bento.backends import BACKENDS, Backend, BackendChoice, choose_backend
+from ingrain_bento.backends import BACKENDS, Backend, BackendChoice, auto_table, choose_backend, pick_auto
 from ingrain_bento.backends.torch import apply_torch_threads
 from ingrain_bento.batching import Batcher, BatcherClosed, TokenBudgetBatcher, in_executor
 from ingrain_bento.errors import AtCapacity, Conflict, ModelNotFound, ModelStillLoading
@@ -58,6 +61,9 @@ log = logging.getLogger("ingrain_bento.pool")
 
 UNLOAD_DRAIN_TIMEOUT_S = 120.0
 STILL_LOADING_RETRY_S = 5
+# What ``backend_for`` answers for ``auto`` while it is not decided yet: the model's export, and the
+# timing in its report, decide it as the load runs.
+MEASURED_AUTO = "auto"
 
 
 class _EngineFailed(Exception):
@@ -70,9 +76,11 @@ class Resident:
 
     model: LoadedModel
     stored: StoredModel
-    # The load's own ``backend`` (None: the server default, resolved again on restore); the backend it
-    # resolves to is ``ModelPool.backend_for(ref, asked)`` (``model.backend`` differs after a fallback).
+    # The load's own ``backend`` (None: the server default, resolved again on restore).
     asked: str | None = None
+    # The backend it resolved to (``model.backend`` differs after a fallback): what a later load naming
+    # another one conflicts with.
+    backend: Backend = "torch"
     pinned: bool = True  # loaded through the API or restored (False: on demand by a request; evicted first)
     batchers: dict[str, Batcher[Any]] = field(default_factory=dict)
     in_flight: int = 0
@@ -139,7 +147,11 @@ class ModelPool:
         return loading[0] if loading else None
 
     def backend_for(self, ref: ModelRef, requested: str | None) -> Backend:
-        """The backend a load of ``ref`` asking for ``requested`` (None: the server default) gets."""
+        """The backend a load of ``ref`` asking for ``requested`` (None: the server default) gets;
+        ``MEASURED_AUTO`` for an ``auto`` that the model's export and its timing decide."""
+        if (requested or self.settings.backend) == "auto" and BACKENDS[auto_table(self.device.type,
+                                                                                 ref.library)].exports:
+            return MEASURED_AUTO
         return choose_backend(requested, self.settings.backend, self.device.type, ref.library)
 
     async def load(self, ref: ModelRef, backend: str | None = None, *, evict_pinned: bool = True) -> bool:
@@ -149,14 +161,16 @@ class ModelPool:
         wanted = self.backend_for(ref, backend)
         resident = self._resident.get(ref)
         if resident is not None:
-            self._check_backend(ref, self.backend_for(ref, resident.asked), wanted, backend)
+            self._check_backend(ref, resident.backend, wanted, backend)
             self._resident.move_to_end(ref)
             resident.pinned = True
             return False
         loading = self._loading.get(ref)
-        if loading is not None:
+        if loading is not None and loading[0] != MEASURED_AUTO:
             self._check_backend(ref, loading[0], wanted, backend)
         resident = await asyncio.shield(self._start_load(ref, wanted, asked=backend, evict_pinned=evict_pinned))
+        if loading is not None:  # a load by ``auto``: known now
+            self._check_backend(ref, resident.backend, wanted, backend)
         resident.pinned = True
         return loading is None
 
@@ -241,7 +255,7 @@ class ModelPool:
         started = time.perf_counter()
         stored = await asyncio.to_thread(self.store.pull, ref)
         estimate = int(stored.metadata.get("weights_bytes", stored.size_bytes)) // (2 if self.half else 1)
-        choice, fallback = await self._backend_choice(stored, backend)
+        picked, choice, fallback = await self._backend_choice(stored, backend)
         await self._make_room(ref, estimate, evict_pinned)
         try:
             model = await self._open(ref, stored, choice)
@@ -252,8 +266,8 @@ class ModelPool:
             self._reserved.pop(ref, None)
         model.fallback = fallback
         if fallback:
-            log.warning("pool.fallback model=%s backend=%s runs on torch: %s", ref.display_id, backend, fallback)
-        resident = Resident(model=model, stored=stored, asked=asked, pinned=pinned)
+            log.warning("pool.fallback model=%s backend=%s runs on torch: %s", ref.display_id, picked, fallback)
+        resident = Resident(model=model, stored=stored, asked=asked, backend=picked, pinned=pinned)
         self._resident[ref] = resident
         freeze_heap()
         self._report_resident()
@@ -265,14 +279,25 @@ class ModelPool:
         return BackendChoice(backend, self.device, self.half, self.settings.torch_threads, export,
                             self.settings.onnx_spinning)
 
-    async def _backend_choice(self, stored: StoredModel, backend: Backend) -> tuple[BackendChoice, str | None]:
-        """The backend to open ``stored`` with, and why it is not ``backend`` when it is not."""
+    async def _backend_choice(self, stored: StoredModel,
+                              backend: Backend) -> tuple[Backend, BackendChoice, str | None]:
+        """The backend ``backend`` resolves to (``MEASURED_AUTO``: the faster one timed with the
+        export of ``auto``'s table pick, which is made first), what to open ``stored`` with, and why
+        that is not the backend resolved to when it is not."""
+        measured = backend == MEASURED_AUTO
+        if measured:
+            backend = auto_table(self.device.type, stored.library)
         if not BACKENDS[backend].exports:
-            return self._choice(backend), None
+            return backend, self._choice(backend), None
         export = await ensure_export(self.store, stored, backend, self.settings.export_timeout_s)
         if export.folder is None:
-            return self._choice("torch"), f"it has no {backend} export: {export.failure}"
-        return self._choice(backend, export.folder), None
+            return backend, self._choice("torch"), f"it has no {backend} export: {export.failure}"
+        if measured:
+            pick = pick_auto(backend, self.device.type, export.report)
+            log.info("pool.auto model=%s picks %s: %s", stored.tag, pick.backend, pick.why)
+            if pick.backend != backend:
+                return pick.backend, self._choice(pick.backend), None
+        return backend, self._choice(backend, export.folder), None
 
     async def _open(self, ref: ModelRef, stored: StoredModel, choice: BackendChoice) -> LoadedModel:
         def load() -> LoadedModel:
