@@ -64,7 +64,13 @@ from ingrain_bento.machine import (  # noqa: E402
     runner_place,
     runner_resources,
 )
-from ingrain_bento.metrics import JSON_METRICS_PATH, MetricsFormatMiddleware, ModelMetrics, RequestMetrics  # noqa: E402
+from ingrain_bento.metrics import (  # noqa: E402
+    JSON_METRICS_PATH,
+    HttpMetrics,
+    MetricsFormatMiddleware,
+    ModelMetrics,
+    RequestMetrics,
+)
 from ingrain_bento.model_list import baked_model_tags, preload_list  # noqa: E402
 from ingrain_bento.runner.engine import RunnerEngine  # noqa: E402
 from ingrain_bento.runner.sync import open_model_state, runner_id  # noqa: E402
@@ -80,6 +86,8 @@ OBSERVABILITY: dict[str, Any] = {
     "tracing": {} if SETTINGS.tracing else {"excluded_urls": ".*"},
 }
 TIMEOUT_S = 600  # BentoML's traffic timeout, and FastPath's
+# BentoML's request series, for what is answered before its layers (the lean path, the runner's calls)
+FRONT_HTTP, RUNNER_HTTP = HttpMetrics("ingrain-bento"), HttpMetrics("ingrain-runner")
 
 
 def new_engine(index: int = 0) -> RunnerEngine:
@@ -125,6 +133,7 @@ class IngrainRunner:
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
+        RUNNER_HTTP.flush()
         if self.engine is not None:
             await self.engine.close()
 
@@ -188,6 +197,7 @@ class IngrainBento:
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
+        FRONT_HTTP.flush()
         await self.gateway.close()
         for engine in (self.local_engine, self.remote_engine):
             if engine is not None:
@@ -428,7 +438,7 @@ runner_service, front_service = cast(Any, IngrainRunner), cast(Any, IngrainBento
 
 # The gate serves the front's calls before BentoML's layers (front/fast_path.py says what they cost).
 serve_outside_bentoml(runner_service, lambda bentoml_app: RunnerGate(bentoml_app, engine=runner_engine,
-                                                                     token=RUNNER_TOKEN))
+                                                                     token=RUNNER_TOKEN, metrics=RUNNER_HTTP))
 
 # A Bento carries the preload list's store entries (only when INGRAIN_PRELOAD is set at build).
 runner_service.models.extend(bentoml.models.BentoModel(tag) for tag in baked_model_tags(SETTINGS))
@@ -441,7 +451,7 @@ def outside_bentoml(bentoml_app: ASGIApp) -> ASGIApp:
     the access log asks BentoML's layers to see every request."""
     inner = bentoml_app
     if not (SETTINGS.tracing or SETTINGS.access_log):
-        inner = FastPath(bentoml_app, lambda: lean_routes(app, gateway), gateway, TIMEOUT_S)
+        inner = FastPath(bentoml_app, lambda: lean_routes(app, gateway), gateway, TIMEOUT_S, FRONT_HTTP)
     return WorkerHeaderMiddleware(GuardMiddleware(MetricsFormatMiddleware(inner)))
 
 

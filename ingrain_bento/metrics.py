@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import SimpleNamespace
@@ -30,7 +32,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ingrain_bento.batching import BatchStats
 from ingrain_bento.refs import ModelRef
 
-__all__ = ["JSON_METRICS_PATH", "PROMETHEUS_ACCEPT", "MetricsFormatMiddleware", "ModelMetrics", "RequestMetrics"]
+__all__ = ["JSON_METRICS_PATH", "PROMETHEUS_ACCEPT", "Deferred", "HttpMetrics", "MetricsFormatMiddleware",
+           "ModelMetrics", "RequestMetrics"]
 
 PROMETHEUS_ACCEPT = (b"text/plain", b"application/openmetrics-text")
 JSON_METRICS_PATH = "/ingrain_metrics"
@@ -91,27 +94,33 @@ def _series() -> SimpleNamespace:
                               "reached", multiprocess_mode="livemin"),
         sync_unreachable=prom.Counter("ingrain_model_state_unreachable", "Sync steps that could not reach the home "
                                       "of the model state (INGRAIN_SHARED_STORE)"),
+        # BentoML's bentoml_service_request_* for the requests its layers no longer see (HttpMetrics)
+        http_requests=prom.Counter("ingrain_http_requests", "HTTP requests answered outside BentoML's layers "
+                                   "(the front's lean path, the runner's calls)", ["service", "route", "code"]),
+        http_seconds=prom.Histogram("ingrain_http_request_duration_seconds", "Their time, read to answered",
+                                    ["service", "route"]),
+        http_in_progress=prom.Gauge("ingrain_http_requests_in_progress", "Of them, in progress (as of the last "
+                                    "flush)", ["service"], multiprocess_mode="livesum"),
     )
 
 
-class RequestMetrics:
-    """What a front worker counts: each inference request by model and route, and its runner calls.
-
-    Requests are written to their series at most once a ``FLUSH_S`` (a request after a quiet
-    second at once): under load, one count and one label lookup per model and route a second,
-    not several Prometheus writes per request."""
+class Deferred:
+    """Records kept in this process and handed to ``write`` at most once a ``FLUSH_S`` (a record
+    after a quiet spell at once, the rest by a timer on the event loop): under load, a few
+    Prometheus writes a second instead of several per request (each is a locked write to the
+    multiprocess files). Nothing is dropped; ``flush`` writes what is left when a worker stops."""
 
     FLUSH_S = 1.0
 
-    def __init__(self) -> None:
-        self.series = _series()
-        self._pending: dict[tuple[str, str, bool], list[float]] = {}
-        self._flush_timer: asyncio.TimerHandle | None = None
+    def __init__(self, write: Callable[[list[Any]], None]) -> None:
+        self._write = write
+        self._pending: list[Any] = []
+        self._timer: asyncio.TimerHandle | None = None
         self._flushed_at = 0.0
 
-    def record_request(self, model: str, route: str, ok: bool, seconds: float) -> None:
-        self._pending.setdefault((model, route, ok), []).append(seconds)
-        if self._flush_timer is not None:
+    def add(self, record: Any) -> None:
+        self._pending.append(record)
+        if self._timer is not None:
             return
         wait = self._flushed_at + self.FLUSH_S - time.monotonic()
         try:
@@ -121,20 +130,38 @@ class RequestMetrics:
         if wait <= 0:
             self.flush()
         else:
-            self._flush_timer = loop.call_later(wait, self.flush)
+            self._timer = loop.call_later(wait, self.flush)
 
     def flush(self) -> None:
-        """Write the requests recorded since the last flush to their series."""
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._flushed_at = time.monotonic()
-        pending, self._pending = self._pending, {}
-        for (model, route, ok), latencies in pending.items():
-            self.series.requests.labels(model, route, "ok" if ok else "error").inc(len(latencies))
-            latency = self.series.latency.labels(model, route)
-            for seconds in latencies:
-                latency.observe(seconds)
+        pending, self._pending = self._pending, []
+        self._write(pending)
+
+
+class RequestMetrics:
+    """What a front worker counts: each inference request by model and route (written once a
+    second: ``Deferred``), and its runner calls."""
+
+    def __init__(self) -> None:
+        self.series = _series()
+        self.requests = Deferred(self._write_requests)
+
+    def record_request(self, model: str, route: str, ok: bool, seconds: float) -> None:
+        self.requests.add((model, route, ok, seconds))
+
+    def flush(self) -> None:
+        self.requests.flush()
+
+    def _write_requests(self, records: list[tuple[str, str, bool, float]]) -> None:
+        counts: Counter[tuple[str, str, bool]] = Counter()
+        for model, route, ok, seconds in records:
+            counts[model, route, ok] += 1
+            self.series.latency.labels(model, route).observe(seconds)
+        for (model, route, ok), count in counts.items():
+            self.series.requests.labels(model, route, "ok" if ok else "error").inc(count)
 
     def record_runner_retry(self) -> None:
         self.series.runner_retries.inc()
@@ -145,6 +172,37 @@ class RequestMetrics:
     def record_front_weights(self) -> None:
         """This worker loaded a model's weights: its weightless open failed (``Preprocessor.front_weights``)."""
         self.series.front_weights.inc()
+
+
+class HttpMetrics:
+    """BentoML's request series (count by status, time, in progress) for the requests answered
+    before its layers (``front.fast_path.FastPath``, ``wire.RunnerGate``), as
+    ``ingrain_http_*{service}``, written once a second (``Deferred``)."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.in_progress = 0
+        self.responses = Deferred(self._write)
+
+    def started(self) -> None:
+        self.in_progress += 1
+
+    def finished(self, route: str, code: int, seconds: float) -> None:
+        self.in_progress -= 1
+        self.responses.add((route, code, seconds))
+
+    def flush(self) -> None:
+        self.responses.flush()
+
+    def _write(self, records: list[tuple[str, int, float]]) -> None:
+        series = _series()
+        counts: Counter[tuple[str, int]] = Counter()
+        for route, code, seconds in records:
+            counts[route, code] += 1
+            series.http_seconds.labels(self.service, route).observe(seconds)
+        for (route, code), count in counts.items():
+            series.http_requests.labels(self.service, route, str(code)).inc(count)
+        series.http_in_progress.labels(self.service).set(self.in_progress)
 
 
 class ModelMetrics:

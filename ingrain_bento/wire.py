@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingrain_bento.boundary import Engine, InferReply
 from ingrain_bento.errors import IngrainError, from_reply
+from ingrain_bento.metrics import HttpMetrics
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import RUNNER_TOKEN_ENV
 
@@ -343,10 +344,12 @@ class RunnerGate:
     ``engine`` returns the runner's ``Engine`` (resolved per call: BentoML builds the service
     instance after its middlewares)."""
 
-    def __init__(self, app: ASGIApp, engine: Callable[[], Awaitable[Engine]], token: str) -> None:
+    def __init__(self, app: ASGIApp, engine: Callable[[], Awaitable[Engine]], token: str,
+                 metrics: HttpMetrics | None = None) -> None:
         self.app = app
         self.engine = engine
         self.expected = f"Bearer {token}".encode()
+        self.metrics = metrics  # the calls, as BentoML's layers (which the gate is in front of) counted them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -370,11 +373,18 @@ class RunnerGate:
         if codec is None or scope["method"] != "POST":
             await _reply_json(send, 404, {"message": f"No runner call {scope['method']} {path}."})
             return
-        body = await _read_body(receive)
+        if self.metrics is not None:
+            self.metrics.started()
         started = time.perf_counter()
-        status, media_type, reply = await self._call(codec, body)
-        timing = f"runner;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
-        await _reply(send, status, media_type, reply, [(b"server-timing", timing)])
+        status = 500
+        try:
+            body = await _read_body(receive)
+            status, media_type, reply = await self._call(codec, body)
+            timing = f"runner;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
+            await _reply(send, status, media_type, reply, [(b"server-timing", timing)])
+        finally:
+            if self.metrics is not None:
+                self.metrics.finished(path, status, time.perf_counter() - started)
 
     async def _call(self, codec: CallCodec, body: bytes) -> tuple[int, bytes, bytes]:
         try:

@@ -45,7 +45,7 @@ def test_requests_are_written_at_once_after_a_quiet_second_and_then_once_a_secon
 
     async def main() -> None:
         metrics = RequestMetrics()
-        metrics.FLUSH_S = 0.3
+        metrics.requests.FLUSH_S = 0.3
         start, start_observed = counted(), observed()
         metrics.record_request("flush-test", "embed_text", True, 0.01)
         assert counted() == start + 1, "the first request after a quiet spell is written at once"

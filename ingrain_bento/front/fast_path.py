@@ -17,8 +17,9 @@ for these routes moves here or around it:
 - the API key, the body cap, the worker header and ``/metrics``' format: the same middleware,
   now outside ``FastPath`` (``service.py``), for every route;
 - BentoML's traffic timeout: ``asyncio.timeout`` around the endpoint (a 504 in our shape);
-- the request metrics: ``ingrain_requests`` and ``ingrain_request_latency_seconds`` count these
-  routes (``RequestMetrics``); BentoML's ``bentoml_service_request_*`` count the rest;
+- BentoML's request series: ``ingrain_http_requests``, ``ingrain_http_request_duration_seconds``
+  and ``ingrain_http_requests_in_progress`` (``metrics.HttpMetrics``) count these routes as
+  ``bentoml_service_request_*`` count the rest (``ingrain_requests`` per model, as before);
 - an invalid body, another content type, any other method or path: the full stack, as before,
   with the body already read handed on, so every refusal reads exactly as it did.
 
@@ -29,6 +30,7 @@ see every request: ``service.py`` leaves ``FastPath`` out.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -40,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingrain_bento.errors import UpstreamTimeout
 from ingrain_bento.front.http import exception_response
+from ingrain_bento.metrics import HttpMetrics
 
 __all__ = ["FastPath", "LeanRoute", "lean_routes"]
 
@@ -81,8 +84,9 @@ class FastPath:
     FastAPI app on the first request (when every route has been added)."""
 
     def __init__(self, app: ASGIApp, routes: Callable[[], Mapping[str, LeanRoute]],
-                 gateway: Callable[[], Awaitable[Any]], timeout_s: float) -> None:
+                 gateway: Callable[[], Awaitable[Any]], timeout_s: float, metrics: HttpMetrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
         self._read_routes = routes
         self._routes: Mapping[str, LeanRoute] | None = None
         self.gateway = gateway
@@ -94,18 +98,33 @@ class FastPath:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        if self.metrics is None:
+            await self._answer(route, path, scope, receive, send)
+            return
+        started = time.perf_counter()
+        self.metrics.started()
+        code = 500
+        try:
+            code = await self._answer(route, path, scope, receive, send)
+        finally:
+            self.metrics.finished(path, code, time.perf_counter() - started)
+
+    async def _answer(self, route: LeanRoute, path: str, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer one request on the lean path; its status (499: the client went away)."""
         try:
             body = await _read_body(receive)
         except Exception as exc:  # the body cap (GuardMiddleware's receive)
-            await exception_response(path, exc)(scope, receive, send)
-            return
+            response = exception_response(path, exc)
+            await response(scope, receive, send)
+            return response.status_code
         if body is None:
-            return  # the client went away
+            return 499  # the client went away
         try:
             request = route.body.validate_json(body)
         except ValidationError:
-            await self.app(scope, _replay(body, receive), send)  # FastAPI says what is wrong, as ever
-            return
+            refused = _Status(send)
+            await self.app(scope, _replay(body, receive), refused)  # FastAPI says what is wrong, as ever
+            return refused.code
         try:
             async with asyncio.timeout(self.timeout_s):
                 response = await route.endpoint(**{route.gateway_param: await self.gateway(),
@@ -116,6 +135,7 @@ class FastPath:
         except Exception as exc:
             response = exception_response(path, exc)
         await response(scope, receive, send)
+        return response.status_code
 
     def _lean_route(self, scope: Scope) -> LeanRoute | None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -141,6 +161,19 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Status:
+    """A send that notes the status it passes on."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.code = 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.code = message["status"]
+        await self.send(message)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

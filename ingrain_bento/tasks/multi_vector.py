@@ -40,7 +40,7 @@ class MultiVectorRequest(s.ModelTextsRequest):
 
 
 class MultiVectorResponse(s.ApiModel):
-    embeddings: list[list[list[float]]]  # one (tokens, dimension) matrix per text
+    embeddings: list[s.Rows]  # one (tokens, dimension) matrix per text (numpy until the JSON: schemas.Rows)
     processing_time_ms: float
 
 
@@ -78,12 +78,12 @@ def pack(matrices: Sequence[np.ndarray], max_tokens: int) -> np.ndarray:
     return rows
 
 
-def unpack(rows: np.ndarray, dimension: int) -> list[list[list[float]]]:
-    """``pack``'s rows -> each text's (tokens, d) matrix, as lists."""
-    out = []
+def unpack(rows: np.ndarray, dimension: int) -> list[s.Rows]:
+    """``pack``'s rows -> each text's (tokens, d) matrix (views of ``rows``)."""
+    out: list[s.Rows] = []
     for row in rows.astype(np.float32, copy=False):
         count = int(row[0])
-        out.append(row[1:1 + count * dimension].reshape(count, dimension).tolist())
+        out.append(row[1:1 + count * dimension].reshape(count, dimension))
     return out
 
 
@@ -91,13 +91,13 @@ def _items(request: MultiVectorRequest) -> list[str]:
     return [item(text, request.input_type) for text in request.texts]
 
 
-async def embed(gateway: TaskGateway, request: MultiVectorRequest) -> list[list[list[float]]]:
-    async def compute(handle: Any) -> list[list[list[float]]]:
+async def embed(gateway: TaskGateway, request: MultiVectorRequest) -> list[s.Rows]:
+    async def compute(handle: Any) -> list[s.Rows]:
         if not handle.embedding_size:
             raise BadRequest(f"{handle.ref.display_id} reports no token embedding size.")
         return unpack(await gateway.rows(request, handle, EMBED_MULTI_VECTOR), handle.embedding_size)
 
-    result: list[list[list[float]]] = await gateway.serve(request, EMBED_MULTI_VECTOR, compute)
+    result: list[s.Rows] = await gateway.serve(request, EMBED_MULTI_VECTOR, compute)
     return result
 
 

@@ -199,3 +199,28 @@ def test_the_service_serves_the_lean_path_outside_bentomls_app(client):
         app = app.app
     assert layers[:4] == ["WorkerHeaderMiddleware", "GuardMiddleware", "MetricsFormatMiddleware", "FastPath"]
     assert type(service.IngrainRunner.to_asgi()).__name__ == "RunnerGate", "the runner's own layer, in front"
+
+
+def test_what_it_answers_is_counted_as_bentomls_layers_counted_it(behind):
+    """``ingrain_http_*{service}``: each answer by route and status, its time, those in progress."""
+    from prometheus_client import REGISTRY
+
+    from ingrain_bento.metrics import HttpMetrics
+
+    metrics = HttpMetrics("fast-path-test")
+
+    def answered(code: str) -> float:
+        labels = {"service": "fast-path-test", "route": "/echo", "code": code}
+        return REGISTRY.get_sample_value("ingrain_http_requests_total", labels) or 0.0
+
+    lean = FastPath(behind, lambda: lean_routes(APP, gateway), gateway, timeout_s=5, metrics=metrics)
+    with TestClient(lean) as client:
+        for body in ({"name": "a"}, {"name": "b"}, {"name": "missing"}, {"count": 1}):
+            client.post("/echo", json=body)
+        client.get("/read")  # not on the lean path: BentoML's layers count it
+    metrics.flush()
+    assert (answered("200"), answered("404"), answered("400")) == (2, 1, 1)
+    assert REGISTRY.get_sample_value("ingrain_http_request_duration_seconds_count",
+                                     {"service": "fast-path-test", "route": "/echo"}) == 4
+    assert REGISTRY.get_sample_value("ingrain_http_requests_in_progress", {"service": "fast-path-test"}) == 0
+    assert metrics.in_progress == 0
