@@ -16,6 +16,7 @@ import asyncio
 import importlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -35,6 +36,10 @@ from ingrain_bento.store import ModelStore
 __all__ = ["InputPreparer", "text_prep"]
 
 log = logging.getLogger("ingrain_bento.front.inputs")
+# The libraries' imports, one thread at a time: transformers 5's lazy module hands a second thread
+# a half-built namespace ("ImportError: cannot import name ..."), as when a request opens a model's
+# preprocessor while ``import_libraries`` imports in the background.
+LIBRARY_IMPORTS = threading.Lock()
 
 # A request of at most this many characters, alone in its worker, is tokenized on the event
 # loop (~0.5 ms for a short query with sentence-transformers' preprocessing) instead of on the
@@ -94,7 +99,8 @@ class InputPreparer:
             entry = self.store.pull(handle.ref)
         if entry.ref is None:
             raise ModelNotFound(f"{handle.ref.display_id} is not a loadable store entry.")
-        preprocessor = family(handle.ref.library).load_preprocessor(entry.path, handle.ref)
+        with LIBRARY_IMPORTS:
+            preprocessor = family(handle.ref.library).load_preprocessor(entry.path, handle.ref)
         log.info("front.preprocessor model=%s tag=%s seconds=%.2f", handle.ref.display_id, handle.tag,
                  time.perf_counter() - started)
         if preprocessor.front_weights is not None and self.metrics is not None:
@@ -121,7 +127,8 @@ class InputPreparer:
             for entry in families().values():
                 for module in entry.library_modules:
                     try:
-                        importlib.import_module(module)
+                        with LIBRARY_IMPORTS:
+                            importlib.import_module(module)
                     except Exception:
                         log.exception("front.import_libraries could not import %s", module)
 
