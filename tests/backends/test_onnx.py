@@ -20,7 +20,8 @@ from ingrain_bento.backends import Graph, choose_backend
 from ingrain_bento.backends.onnx import export_graphs
 from ingrain_bento.errors import Conflict
 from ingrain_bento.runner.engine import RunnerEngine
-from ingrain_bento.settings import Settings
+
+from fixtures.engine import run_engine
 
 VIT = s.ModelRequest(name="test_vit.r160_in1k", pretrained=False, library="timm")
 CONVNEXT = s.ModelRequest(name="test_convnext.r160_in1k", pretrained=False, library="timm")
@@ -31,14 +32,7 @@ def _pixels(count: int) -> list[np.ndarray]:
 
 
 def run(scenario, **settings):
-    async def main():
-        engine = RunnerEngine(Settings(**settings))
-        try:
-            return await asyncio.wait_for(scenario(engine), 300)
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
+    return run_engine(scenario, **settings)
 
 
 async def _infer(engine: RunnerEngine, request: s.ModelRequest, task: str, items: list) -> np.ndarray:

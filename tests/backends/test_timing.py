@@ -25,19 +25,13 @@ from ingrain_bento.backends.timing import BUDGET_S, CASES, IMAGE_BATCH, MARGIN, 
 from ingrain_bento.errors import Conflict
 from ingrain_bento.families import family, parse_ref
 from ingrain_bento.runner.engine import RunnerEngine
-from ingrain_bento.settings import Settings
 from ingrain_bento.store import ModelStore, StoredModel
+
+from fixtures.engine import run_engine
 
 
 def run(scenario: Callable[[RunnerEngine], Any], **settings: Any) -> Any:
-    async def main() -> Any:
-        engine = RunnerEngine(Settings(**settings))
-        try:
-            return await asyncio.wait_for(scenario(engine), 300)
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
+    return run_engine(scenario, **settings)
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from ingrain_bento import schemas as s
 from ingrain_bento.errors import BadRequest, ModelNotFound, StaleModel
 from ingrain_bento.model_state import LocalStateHome, StateHome, StoreUnreachable
 from ingrain_bento.runner.engine import RunnerEngine
-from ingrain_bento.settings import Settings
+
+from fixtures.engine import run_engine
 
 VIT = s.ModelRequest(name="test_vit.r160_in1k", pretrained=False)
 
@@ -29,15 +30,7 @@ def _pixels(count: int) -> list[np.ndarray]:
 
 def run(scenario, home: StateHome | None = None, **settings):
     settings.setdefault("backend", "torch")  # these are about the model state, not an engine
-
-    async def main():
-        engine = RunnerEngine(Settings(**settings), home=home)
-        try:
-            return await asyncio.wait_for(scenario(engine), 120)
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
+    return run_engine(scenario, home, timeout_s=120, **settings)
 
 
 def test_a_request_that_meets_an_unload_is_served_after_the_reload():
