@@ -8,9 +8,7 @@ process's CPU time. For ``GET /health``, ``POST /embed_text`` of one text and of
 all-MiniLM-L6-v2 and on a 2-layer 32-wide BERT whose forward costs next to nothing (so the
 runner's figure is its own cost around the forward): CPU milliseconds per request of the front
 and of the runner, and the runner's per forward (``ingrain_forward_seconds`` counts the
-forwards; its sum, their wall time, is given beside). The runner's own cost per call: its CPU per
-forward under the tiny model's one-text load (each forward one call's texts or a few calls'), less
-the CPU of the same forward (that many texts, torch) timed in this process.
+forwards; its sum, their wall time, is given beside).
 
 Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load and
 under the 64-text load (the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
@@ -127,23 +125,6 @@ def forward_stats(server: Server) -> tuple[float, float]:
     return count, total
 
 
-def library_forward_cpu_ms(repo: str, batch: int, repeat: int = 300) -> float:
-    """CPU ms of one forward of the tiny model in this process (torch, as the runner runs it:
-    ``backend: torch``) on ``batch`` of the one-text load's texts, tokenized beforehand."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(repo, device="cpu")
-    features = model.preprocess([f"text number {i} about the weather in town" for i in range(batch)])
-    with torch.inference_mode():
-        for _ in range(20):
-            model.forward(dict(features))
-        started = time.process_time()
-        for _ in range(repeat):
-            model.forward(dict(features))
-    return (time.process_time() - started) / repeat * 1000
-
-
 def measure(server: Server, url: str, bodies: list[dict], method: str = "POST") -> dict[str, float]:
     """CPU ms per request of the front and the runner over ``bodies`` (64 clients), after a warm-up."""
     loadgen(WORK, url, bodies[:256], 64, method=method)
@@ -179,9 +160,8 @@ def main() -> None:
     results: dict = {"server_env": " ".join(f"{k}={v}" for k, v in env.items())}
     server = Server(WORK / "serve.log", extra_env=env)
     try:
-        server.post("/load_model", {"name": minilm, "library": "sentence_transformers"})
-        # torch, so that this process can time the same forward (library_forward_cpu_ms)
-        server.post("/load_model", {"name": tiny, "library": "sentence_transformers", "backend": "torch"})
+        for name in (minilm, tiny):
+            server.post("/load_model", {"name": name, "library": "sentence_transformers"})
         n = args.requests
         results["health"] = measure(server, f"{server.url}/health", [{}] * n, method="GET")
         for label, name in (("minilm", minilm), ("tiny", tiny))[:1 if args.minilm_only else 2]:
@@ -192,13 +172,6 @@ def main() -> None:
             results[f"{label}_64_texts"] = measure(server, f"{server.url}/embed_text", many)
         results["ratio_1_text_to_health"] = (results["minilm_1_text"]["front_ms_per_request"]
                                              / results["health"]["front_ms_per_request"])
-        if not args.minilm_only:
-            tiny_1 = results["tiny_1_text"]
-            batch = max(1, round(tiny_1["runner_ms_per_forward"] / tiny_1["runner_ms_per_request"]))
-            forward = library_forward_cpu_ms(tiny, batch)
-            results["runner_own_ms_per_call"] = {
-                "texts_per_forward": batch, "library_forward_cpu_ms": forward,
-                "runner_ms_per_forward_beyond_the_forward": tiny_1["runner_ms_per_forward"] - forward}
         if not args.no_profile:
             for texts, label in ((1, "1_text"), (64, "64_texts")):
                 bodies = [{"name": minilm, "text": [f"profile text {i} {j} about the weather" for j in range(texts)]}

@@ -49,14 +49,17 @@ def report(results: dict, json_path: Path | None) -> None:
 def serve_and_measure(doc: str, work: Path, build: Callable[[], None],
                       figures: list[Callable[[Server, Any], dict]], seed: int) -> None:
     """The whole run of a bench that builds its models, then measures them against one real
-    ``bentoml serve``: ``--json`` and ``--server-env`` parsed, ``build()``, each of ``figures``
-    (server, a numpy generator seeded ``seed``) in turn, the backend each model ran on, the report."""
+    ``bentoml serve``: ``--json``, ``--server-env`` and ``--only`` parsed, ``build()``, each of
+    ``figures`` (server, a numpy generator seeded ``seed``) in turn, the backend each model ran
+    on, the report. ``--only NAME``: the figure functions whose name holds NAME."""
     import numpy as np
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", help="run only the figures whose function name holds this")
     add_server_env_option(parser)
     args = parser.parse_args()
+    figures = [figure for figure in figures if not args.only or args.only in figure.__name__]
     build()
     rng = np.random.default_rng(seed)
     results: dict = {"server_env": " ".join(args.server_env) or "(defaults)"}
