@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--skip-images", action="store_true")
+    parser.add_argument("--skip-texts", action="store_true")
     parser.add_argument("--json", type=Path)
     add_server_env_option(parser, ", e.g. INGRAIN_TORCH_THREADS=1")
     args = parser.parse_args()
@@ -221,7 +222,8 @@ def main() -> None:
     results["server_env"] = " ".join(args.server_env) or "(defaults)"
     server = Server(WORK / "serve.log", extra_env=server_env(args))
     try:
-        bench_text(server, args.texts, results)
+        if not args.skip_texts:
+            bench_text(server, args.texts, results)
         if not args.skip_images:
             bench_images(server, args.images, results)
             bench_classify(server, args.images, results)
