@@ -16,11 +16,14 @@ The token statistics of each workload (mean tokens a text as the model sees it, 
 are counted with the model's own tokenizer and printed. Per round and workload:
 
 - the library: ``SentenceTransformer.encode(texts, batch_size=64)`` in this process (it sorts
-  its inputs by length before batching);
+  its inputs by length before batching), on every other text before the server's run and on the
+  rest after it (a change in the machine's load weighs on both sides of the ratio);
 - the server (a real ``bentoml serve``, default settings unless ``--server-env``): 64 concurrent
   clients, one text per request (bench/loadgen.py in its own process); its padding ratio (padded
   tokens / real tokens of its forwards, from ``/metrics``); the p50 and p99 latency of the longest
-  5% of the texts (by their tokens before the cut: the texts that pay the most);
+  5% of the texts (by their tokens before the cut: the texts that pay the most); where the time
+  goes: texts per forward, the forwards' share of the run's wall time, the server's and the load
+  generator's CPU milliseconds per text;
 - the ratio of the two, within the round (this machine drifts by a third between runs).
 """
 
@@ -35,7 +38,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Server, add_server_env_option, loadgen, offline_workdir, place_minilm, server_env  # noqa: E402
+from harness import (  # noqa: E402
+    Server,
+    add_server_env_option,
+    cpu_seconds,
+    descendants,
+    loadgen,
+    offline_workdir,
+    place_minilm,
+    server_env,
+)
 
 WORK = offline_workdir("ingrain-mixed-")
 WORKLOADS = ("mixed", "heavy", "short")
@@ -85,17 +97,30 @@ def token_lengths(model: Any, texts: list[str]) -> tuple[list[int], list[int]]:
     return [min(length, model.max_seq_length) for length in whole], whole
 
 
-def token_counters(server: Server) -> tuple[float, float]:
+def counters(server: Server) -> dict[str, float]:
+    """The server's real and padded tokens, forwards and forward seconds so far (``/metrics``)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}, timeout=30).text
-    totals = {"ingrain_tokens_total": 0.0, "ingrain_padded_tokens_total": 0.0}
+    totals = dict.fromkeys(("ingrain_tokens_total", "ingrain_padded_tokens_total", "ingrain_forward_seconds_count",
+                            "ingrain_forward_seconds_sum"), 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in totals:
                 totals[sample.name] += sample.value
-    return totals["ingrain_tokens_total"], totals["ingrain_padded_tokens_total"]
+    return totals
+
+
+def server_cpu_s(server: Server) -> float:
+    """CPU seconds of the server's processes so far (the arbiter and every worker)."""
+    total = 0.0
+    for pid in [server.process.pid, *descendants(server.process.pid)]:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,16 +130,27 @@ def percentile(values: list[float], q: float) -> float:
 
 def one_round(server: Server, model: Any, name: str, texts: list[str], whole: list[int],
               label: str) -> dict[str, float]:
-    """The library, then the server, on ``texts``; ``whole``: their tokens before the cut."""
+    """The server on ``texts`` between two library runs, each on half of them (every other text),
+    so that a change in the machine's load during the round weighs on both sides; ``whole``: the
+    texts' tokens before the cut."""
     started = time.perf_counter()
-    model.encode(texts, batch_size=64)
-    library = len(texts) / (time.perf_counter() - started)
-    before = token_counters(server)
+    model.encode(texts[::2], batch_size=64)
+    library_s = time.perf_counter() - started
+    before, cpu_before = counters(server), server_cpu_s(server)
     run = loadgen(WORK, f"{server.url}/embed_text", [{"name": name, "text": t} for t in texts], 64, latencies=True)
-    after = token_counters(server)
+    cpu_after, after = server_cpu_s(server), counters(server)
+    started = time.perf_counter()
+    model.encode(texts[1::2], batch_size=64)
+    library = len(texts) / (library_s + time.perf_counter() - started)
+    delta = {key: after[key] - before[key] for key in after}
     out = {f"{label}_library_texts_per_s": library, f"{label}_server_texts_per_s": run["items_per_s"],
            f"{label}_ratio": run["items_per_s"] / library, f"{label}_errors": run["errors"],
-           f"{label}_padding_ratio": (after[1] - before[1]) / max(1.0, after[0] - before[0])}
+           f"{label}_padding_ratio": delta["ingrain_padded_tokens_total"] / max(1.0, delta["ingrain_tokens_total"]),
+           f"{label}_texts_per_forward": len(texts) / max(1.0, delta["ingrain_forward_seconds_count"]),
+           # where the time goes: the forwards' share of the run's wall time, CPU per text
+           f"{label}_forward_busy_share": delta["ingrain_forward_seconds_sum"] / run["seconds"],
+           f"{label}_server_cpu_ms_per_text": 1000 * (cpu_after - cpu_before) / len(texts),
+           f"{label}_loadgen_cpu_ms_per_text": 1000 * run["cpu_s"] / len(texts)}
     longest_first = sorted(range(len(texts)), key=lambda i: -whole[i])
     longest = [run["by_body"][i] for i in longest_first[:max(1, len(texts) // 20)]]
     out[f"{label}_longest5pct_p50_ms"] = percentile(longest, 0.5)

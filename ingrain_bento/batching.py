@@ -16,10 +16,11 @@ once. If a merged forward fails, each chunk is retried alone (``isolate_failures
 bad request never fails its batch neighbours.
 
 ``TokenBudgetBatcher`` forms forwards of texts by their padded tokens instead (a forward costs
-what its longest text times its item count costs): the items queued within the window are sorted
-by length and a forward takes the oldest item and the neighbours of similar length that make it
-cheapest per real token (``ForwardCost``), up to ``max_batch`` items and ``items x longest <=
-max_tokens``. The oldest item is in every forward, so none waits longer than the queue ahead of
+what its longest text times its item count costs, and a token of a long text more than one of a
+short text): the items queued within the window are sorted by length and a forward takes the
+oldest item and the neighbours of similar length that make it cheapest per unit of real work
+(``ForwardCost``, learned from the forwards run), up to ``max_batch`` items and ``items x longest
+<= max_tokens``. The oldest item is in every forward, so none waits longer than the queue ahead of
 it, however long it is.
 """
 
@@ -255,34 +256,70 @@ class Batcher(Generic[Item]):
 # ---- forwards sized by padded tokens ---------------------------------------------------------
 
 class ForwardCost:
-    """What a forward costs, learned from the forwards run: seconds ~ a + b x padded tokens, fit
-    by least squares over the recent forwards (each weighs ``DECAY`` less per later one).
-    ``overhead_tokens`` = a / b is the fixed cost of one forward in tokens' worth: small on a CPU
-    (a few dozen: small forwards cost little more per token), large on a GPU (thousands: fill
-    the forward)."""
+    """What a forward costs, learned from the forwards run: seconds ~ a + b x padded tokens + e x
+    padded tokens x longest, fit by least squares over the recent forwards (each weighs ``DECAY``
+    less per later one). The last term is attention's: a token of a text of L tokens costs more
+    the longer L is (all-MiniLM-L6-v2, ONNX Runtime, 2 cores: ~1.5x more at 256 tokens than at
+    16). Without it a fit over short and long forwards reads the long ones' higher cost per token
+    as a negative fixed cost, and every forward whose padding is not free is split: over forwards
+    of up to 2,048 tokens there, -14 tokens without it, +19 with it (the ~2.3 ms a forward costs).
+    Forwards much larger than the CPU's cache cost more per token again, which no term here
+    models: on a CPU the default token budget keeps them small (``ModelPool.max_batch_tokens``).
+
+    ``overhead_tokens`` = a / b is the fixed cost of one forward in short tokens' worth: a few
+    dozen on a CPU (small forwards cost little more per token), thousands on a GPU (fill the
+    forward). ``length_weight`` = e / b: a token of a text of L tokens costs 1 + L x length_weight
+    short tokens. Both hold their priors until the forwards seen vary enough to fit them."""
 
     DECAY = 0.97
     PRIOR_TOKENS = 64.0  # until the fit has seen forwards of different sizes
+    MAX_LENGTH_WEIGHT = 1 / 16  # a fit that reads more is noise: a token at 256 would cost 17 short ones
 
     def __init__(self) -> None:
-        self._n = self._x = self._y = self._xx = self._xy = 0.0
+        # Decayed sums over the forwards: count, x = padded tokens, z = padded tokens x longest, y = seconds.
+        self._n = self._x = self._z = self._y = 0.0
+        self._xx = self._xz = self._zz = self._xy = self._zy = 0.0
+        self.overhead_tokens = self.PRIOR_TOKENS
+        self.length_weight = 0.0
 
-    def observe(self, padded_tokens: int, seconds: float) -> None:
+    def observe(self, padded_tokens: int, seconds: float, longest: int = 0) -> None:
+        """One forward: its padded tokens (items x ``longest``), its seconds."""
         d = self.DECAY
-        x = float(padded_tokens)
-        self._n, self._x, self._y = d * self._n + 1, d * self._x + x, d * self._y + seconds
-        self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * seconds
+        x, z = float(padded_tokens), float(padded_tokens) * longest
+        self._n, self._x, self._z, self._y = d * self._n + 1, d * self._x + x, d * self._z + z, d * self._y + seconds
+        self._xx, self._xz, self._zz = d * self._xx + x * x, d * self._xz + x * z, d * self._zz + z * z
+        self._xy, self._zy = d * self._xy + x * seconds, d * self._zy + z * seconds
+        self.overhead_tokens, self.length_weight = self._fit()
 
-    @property
-    def overhead_tokens(self) -> float:
-        spread = self._n * self._xx - self._x * self._x
-        if self._n < 4 or spread <= 1e-9 * max(1.0, self._xx * self._n):
-            return self.PRIOR_TOKENS
-        slope = (self._n * self._xy - self._x * self._y) / spread
-        intercept = (self._y - slope * self._x) / self._n
-        if slope <= 0:
-            return self.PRIOR_TOKENS
-        return min(100_000.0, max(1.0, intercept / slope))
+    def _fit(self) -> tuple[float, float]:
+        """(a / b, e / b) of the least-squares fit; without the length term when the forwards seen
+        do not tell it apart (one length only) or it comes out negative; the priors when even that
+        cannot be fit (too few forwards, one size only, a cost that falls with size)."""
+        n = self._n
+        if n < 4:
+            return self.PRIOR_TOKENS, 0.0
+        mx, mz, my = self._x / n, self._z / n, self._y / n
+        cxx, cxz, czz = self._xx - n * mx * mx, self._xz - n * mx * mz, self._zz - n * mz * mz
+        cxy, czy = self._xy - n * mx * my, self._zy - n * mz * my
+        det = cxx * czz - cxz * cxz
+        if n >= 6 and det > 1e-6 * cxx * czz > 0:
+            b, e = (czz * cxy - cxz * czy) / det, (cxx * czy - cxz * cxy) / det
+            if b > 0 and e >= 0:
+                return self._bounded((my - b * mx - e * mz) / b), min(self.MAX_LENGTH_WEIGHT, e / b)
+        if cxx <= 1e-9 * max(1.0, self._xx):
+            return self.PRIOR_TOKENS, 0.0
+        b = cxy / cxx
+        if b <= 0:
+            return self.PRIOR_TOKENS, 0.0
+        return self._bounded((my - b * mx) / b), 0.0
+
+    @staticmethod
+    def _bounded(tokens: float) -> float:
+        return min(100_000.0, max(1.0, tokens))
+
+    def work(self, tokens: int) -> float:
+        """What one text of ``tokens`` costs in a forward, in short tokens' worth."""
+        return tokens * (1.0 + self.length_weight * tokens)
 
 
 @dataclass
@@ -313,7 +350,8 @@ class TokenBudgetBatcher(Batcher[Item]):
     """A ``Batcher`` for texts whose forwards are sized by padded tokens (see the module
     docstring); ``tokens(item)`` is an item's length, ``max_tokens`` the budget of a forward."""
 
-    FREE_PADDING = 1.2  # padded / real tokens a forward may reach without having to pay for itself
+    FREE_PADDING = 1.2  # padded / real tokens a forward may reach without having to pay for itself,
+    FREE_PADDING_TOKENS = 4  # ... and padded tokens a text, on average
 
     def __init__(self, forward: Forward, *, tokens: Callable[[Item], int], max_tokens: int, max_batch: int,
                  max_wait_s: float, merge: bool = True, on_batch: Callable[[BatchStats], None] | None = None) -> None:
@@ -344,36 +382,43 @@ class TokenBudgetBatcher(Batcher[Item]):
 
     def _select(self) -> list[_Slot]:
         """The oldest item, grown by neighbours in length order while that lowers the forward's
-        cost per real token, (overhead + items x longest) / (tokens of the items), or keeps the
-        forward's padding within ``FREE_PADDING`` (texts of about one length always share a forward,
-        whatever the learned overhead says: it is a noisy fit, and splitting them gains nothing)."""
+        cost per unit of work, (overhead + items x work(longest)) / (work of the items) with the
+        learned ``ForwardCost`` (work: a text's tokens, weighed by its length), or keeps the
+        forward's padding free: within ``FREE_PADDING`` of its real tokens and within
+        ``FREE_PADDING_TOKENS`` a text on average (texts of about one length always share a forward,
+        whatever the learned overhead says: it is a noisy fit, and splitting them gains nothing;
+        the per-text bound keeps long texts from being padded by a fifth for free, which at 256
+        tokens costs more than a forward's overhead)."""
         oldest: _Slot = self._pending.popleft()
         if not self.merge:
             return [oldest]
         pool = sorted(self._pending, key=lambda slot: slot.tokens)
-        lengths = [slot.tokens for slot in pool]
-        overhead = self.cost.overhead_tokens
+        lengths = [max(1, slot.tokens) for slot in pool]
+        overhead, work = self.cost.overhead_tokens, self.cost.work
         at = bisect_left(lengths, oldest.tokens)
         lo, hi = at, at  # pool[lo:hi] joins the oldest
-        count, real, longest = 1, max(1, oldest.tokens), oldest.tokens
+        count, real, longest = 1, max(1, oldest.tokens), max(1, oldest.tokens)
+        value = work(real)  # the work of the chosen texts, unpadded
         while count < self.max_batch:
             best: tuple[float, int] | None = None
             for side, index in ((-1, lo - 1), (1, hi)):
                 if 0 <= index < len(pool):
                     top = max(longest, lengths[index])
                     if (count + 1) * top <= self.max_tokens:
-                        score = (overhead + (count + 1) * top) / (real + max(1, lengths[index]))
+                        score = (overhead + (count + 1) * work(top)) / (value + work(lengths[index]))
                         if best is None or score < best[0]:
                             best = (score, side)
             if best is None:
                 break
             side = best[1]
             index = lo - 1 if side < 0 else hi
-            grown = (count + 1) * max(longest, lengths[index]) / (real + max(1, lengths[index]))
-            if best[0] > (overhead + count * longest) / real and grown > self.FREE_PADDING:
+            grown, padded = real + lengths[index], (count + 1) * max(longest, lengths[index])
+            free = padded <= min(self.FREE_PADDING * grown, grown + self.FREE_PADDING_TOKENS * (count + 1))
+            if best[0] > (overhead + count * work(longest)) / value and not free:
                 break
             lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
-            count, real, longest = count + 1, real + max(1, lengths[index]), max(longest, lengths[index])
+            count, real, longest = count + 1, grown, max(longest, lengths[index])
+            value += work(lengths[index])
         chosen = pool[lo:hi]
         taken = {id(slot) for slot in chosen}
         self._pending = deque(slot for slot in self._pending if id(slot) not in taken)
@@ -385,7 +430,7 @@ class TokenBudgetBatcher(Batcher[Item]):
         if (done := await self._forward_or_isolate(slots, items, self._run_slots)) is None:
             return
         rows, elapsed = done
-        self.cost.observe(len(slots) * longest, elapsed / 1e9)
+        self.cost.observe(len(slots) * longest, elapsed / 1e9, longest)
         for slot, row in zip(slots, rows, strict=True):
             request = slot.request
             if request.future.done():

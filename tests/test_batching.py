@@ -449,6 +449,34 @@ def test_the_forward_cost_model_learns_the_fixed_cost_of_a_forward():
     assert abs(cost.overhead_tokens - 400) < 1
 
 
+def test_the_forward_cost_model_weighs_the_tokens_of_long_texts_more():
+    """Attention makes a token of a long text cost more: a fit without that term reads the long
+    forwards' cost per token as a negative fixed cost."""
+    cost = ForwardCost()
+    for items, longest in [(64, 16), (8, 256), (32, 64), (4, 256), (16, 128), (64, 32), (2, 200), (10, 100)] * 2:
+        padded = items * longest
+        cost.observe(padded, 0.002 + padded * 1e-5 + padded * longest * 4e-8, longest)
+    assert abs(cost.overhead_tokens - 200) < 1
+    assert abs(cost.length_weight - 0.004) < 1e-6
+    assert cost.work(256) == pytest.approx(256 * (1 + 0.004 * 256))
+
+
+def test_long_texts_are_not_padded_by_a_fifth_for_free_short_ones_still_share():
+    """Free padding is within 1.2x and within a few tokens a text: texts of 256 and 220 tokens are
+    not merged for free (the cost rule alone decides), texts of 9 to 12 tokens share a forward."""
+
+    async def scenario(batcher, forward):
+        blocker = asyncio.create_task(batcher.submit([50]))  # in flight while the others queue
+        await asyncio.sleep(0.005)
+        await asyncio.gather(*(batcher.submit([n]) for n in [256] * 4 + [220] * 4))
+        await asyncio.gather(*(batcher.submit([n]) for n in [9, 10, 11, 12] * 8))
+        await blocker
+
+    _, forward = run_budget(scenario, max_tokens=8192, delay_s=0.01)
+    assert sorted(sorted(call) for call in forward.calls[1:3]) == [[220] * 4, [256] * 4], forward.calls
+    assert sorted(forward.calls[3]) == sorted([9, 10, 11, 12] * 8), forward.calls
+
+
 def test_on_batch_sees_the_real_and_padded_tokens_of_each_forward():
     seen = []
 
