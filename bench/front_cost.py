@@ -8,7 +8,8 @@ process's CPU time. For ``GET /health``, ``POST /embed_text`` of one text and of
 all-MiniLM-L6-v2 and on a 2-layer 32-wide BERT whose forward costs next to nothing (so the
 runner's figure is its own cost around the forward): CPU milliseconds per request of the front
 and of the runner, and the runner's per forward (``ingrain_forward_seconds`` counts the
-forwards; its sum, their wall time, is given beside).
+forwards; its sum, their wall time, is given beside); the runner's own cost per ``infer`` call,
+the forward left out: its event loop thread's CPU (forwards run on other threads) per call.
 
 Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load and
 under the 64-text load (the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
@@ -125,20 +126,39 @@ def forward_stats(server: Server) -> tuple[float, float]:
     return count, total
 
 
+def runner_calls(server: Server) -> float:
+    """``infer`` calls the runner has answered so far (its ``ingrain_http_requests``)."""
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}, timeout=30).text
+    pattern = r'^ingrain_http_requests_total\{[^}]*route="/ingrain/infer"[^}]*\} (\S+)'
+    return sum(float(m) for m in re.findall(pattern, text, re.M))
+
+
 def measure(server: Server, url: str, bodies: list[dict], method: str = "POST") -> dict[str, float]:
-    """CPU ms per request of the front and the runner over ``bodies`` (64 clients), after a warm-up."""
+    """CPU ms per request of the front and the runner over ``bodies`` (64 clients), after a warm-up.
+    The runner's own cost per call, the forward left out, is its event loop's thread (the main
+    thread: the HTTP, the frames, the batcher; forwards run on other threads) per ``infer`` call."""
     loadgen(WORK, url, bodies[:256], 64, method=method)
     front, runner = server.service_pids("ingrain-bento")[0], server.worker_pid()
+    time.sleep(1.2)  # the metrics of the warm-up written (metrics.Deferred: once a second)
     forwards_before, wall_before = forward_stats(server)
+    calls_before = runner_calls(server)
     front_before, runner_before = cpu_seconds(front), cpu_seconds(runner)
+    loop_before = cpu_seconds(runner, thread=runner)
     run = loadgen(WORK, url, bodies, 64, method=method)
     front_cpu, runner_cpu = cpu_seconds(front) - front_before, cpu_seconds(runner) - runner_before
+    loop_cpu = cpu_seconds(runner, thread=runner) - loop_before
+    time.sleep(1.2)
     forwards_after, wall_after = forward_stats(server)
+    calls = runner_calls(server) - calls_before
     assert run["errors"] == 0, run
     n = len(bodies)
     forwards = forwards_after - forwards_before
     return {"front_ms_per_request": front_cpu / n * 1000, "runner_ms_per_request": runner_cpu / n * 1000,
             "runner_ms_per_forward": runner_cpu / forwards * 1000 if forwards else 0.0,
+            "runner_loop_ms_per_call": loop_cpu / calls * 1000 if calls else 0.0,
+            "runner_loop_ms_per_request": loop_cpu / n * 1000, "runner_calls_per_request": calls / n,
             "forward_wall_ms_per_request": (wall_after - wall_before) / n * 1000,
             "requests_per_s": n / run["seconds"], "loadgen_cpu_ms_per_request": run["cpu_s"] / n * 1000}
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from ingrain_bento.boundary import join_rows
 from ingrain_bento.errors import AtCapacity
 
 log = logging.getLogger("ingrain_bento.batching")
@@ -132,7 +133,7 @@ class Batcher(Generic[Item]):
         if len(chunks) == 1:  # most requests: their one chunk, without a gathering future
             return await chunks[0].future
         rows = await asyncio.gather(*(chunk.future for chunk in chunks))
-        return np.concatenate(rows) if isinstance(rows[0], np.ndarray) else [row for part in rows for row in part]
+        return join_rows(rows) if isinstance(rows[0], np.ndarray) else [row for part in rows for row in part]
 
     def _admit(self) -> None:
         """A submit's first step: refused once closed; starts the collector; notes the arrival."""
@@ -361,15 +362,13 @@ class TokenBudgetBatcher(Batcher[Item]):
         self.cost = ForwardCost()
 
     async def submit(self, items: Sequence[Item]) -> Any:
-        """Rows for ``items``, in order (one array)."""
-        import numpy as np
-
+        """Rows for ``items``, in order (one array; rows of different forwards joined by ``join_rows``)."""
         self._admit()
         request = _Request(items, [None] * len(items), len(items))
         self._pending.extend(_Slot(request, i, self.tokens(item)) for i, item in enumerate(items))
         self._wakeup.set()
         rows = await request.future
-        return np.stack(rows)
+        return join_rows([row[None] for row in rows])
 
     async def _gather_and_run(self) -> None:
         """Wait the window out (under load), then one forward around the oldest item."""

@@ -22,7 +22,7 @@ from ingrain_bento.errors import IngrainError
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.schemas import CustomModelRequest, ModelInfo, ModelRequest
 
-__all__ = ["Engine", "InferReply", "LoadResult", "ModelHandle", "ServedModel"]
+__all__ = ["Engine", "InferReply", "LoadResult", "ModelHandle", "ServedModel", "join_rows"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,17 @@ class InferReply:
 
     results: list[np.ndarray | IngrainError]
     version: int
+
+
+def join_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Row arrays of one model and task (chunks of a request, requests of a call) as one. Rows are
+    one width per task, except a task whose results vary in size (multi-vector: a text's token
+    count, then its matrix), which packs each forward only as wide as its longest result: narrower
+    rows are widened with zeros at the end, which such a task reads past."""
+    width = max(part.shape[1] for part in rows) if rows[0].ndim == 2 else None
+    if width is None or all(part.shape[1] == width for part in rows):
+        return np.concatenate(rows)
+    return np.concatenate([np.pad(part, ((0, 0), (0, width - part.shape[1]))) for part in rows])
 
 
 class Engine(Protocol):

@@ -54,7 +54,8 @@ class Settings(BaseSettings):
                                    description="Merge concurrent requests into one forward per model.")
     max_batch_tokens: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_MAX_BATCH_TOKENS"),
                                          description="Padded tokens (items x longest text) of one forward at most "
-                                                     "(default: MAX_BATCH_SIZE x half the model's context).")
+                                                     "(default: MAX_BATCH_SIZE x half the model's context; under "
+                                                     "ONNX Runtime on a CPU at most MAX_BATCH_SIZE x 32).")
     batch_wait_ms: float = Field(2.0, ge=0, validation_alias=_env("INGRAIN_BATCH_WAIT_MS"),
                                  description="How long a forming batch waits for more requests.")
     torch_threads: int | None = Field(None, ge=1, validation_alias=_env("INGRAIN_TORCH_THREADS"),

@@ -42,7 +42,7 @@ import numpy as np
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ingrain_bento.boundary import Engine, InferReply
+from ingrain_bento.boundary import Engine, InferReply, join_rows
 from ingrain_bento.errors import IngrainError, from_reply
 from ingrain_bento.metrics import HttpMetrics
 from ingrain_bento.refs import ModelRef
@@ -222,7 +222,7 @@ class InferCodec(CallCodec):
     def encode_result(self, result: InferReply) -> bytes:
         rows = [r for r in result.results if not isinstance(r, IngrainError)]
         failed = {str(i): r.as_reply() for i, r in enumerate(result.results) if isinstance(r, IngrainError)}
-        arrays = {"rows": np.concatenate(rows)} if rows else {}
+        arrays = {"rows": join_rows(rows)} if rows else {}
         return encode_frame({"version": result.version, "failed": failed, "counts": [len(r) for r in rows]}, arrays)
 
     def decode_result(self, body: bytes) -> InferReply:

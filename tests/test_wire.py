@@ -143,6 +143,14 @@ def test_an_infer_call_crosses_as_arrays_and_its_reply_keeps_each_requests_rows_
     assert type(again.results[1]) is StaleModel and again.results[1].message == "stored again"
 
 
+def test_rows_of_different_widths_cross_widened_with_zeros_at_the_end():
+    """Multi-vector rows are packed as wide as their forward's longest text (boundary.join_rows)."""
+    codec = CALLS["infer"]
+    reply = InferReply([np.ones((2, 3), np.float32), np.full((1, 5), 2, np.float32)], 1)
+    again = codec.decode_result(codec.encode_result(reply))
+    assert again.results[0].tolist() == [[1, 1, 1, 0, 0]] * 2 and again.results[1].tolist() == [[2] * 5]
+
+
 def test_an_error_keeps_its_class_and_its_retry_after():
     from ingrain_bento.errors import from_reply
 

@@ -90,7 +90,6 @@ MODULE_PACKAGE = "sentence_transformers."
 WEIGHTLESS: dict[str, Any] = {"device_map": "meta", "use_kernels": False}
 RAW_TEXTS = ("its tokenizer's output does not split into token rows (it takes raw texts): only the torch backend "
              "runs it")
-CPU_SUB_BATCH = 16  # a multi-vector forward's texts per library batch on a CPU (MultiVectorModel._encode)
 MULTI_VECTOR = ("a multi-vector model runs the library's own encode_query / encode_document (query expansion, "
                 "skiplist masks per text): only the torch backend runs it")
 
@@ -429,19 +428,22 @@ class MultiVectorModel(LoadedModel):
     def embedding_size(self) -> int | None:
         return self._size
 
+    def item_tokens(self, task: str) -> Callable[[Any], int] | None:
+        """A text's tokens by the model's own tokenizer (the document's, for a rerank pair), so that
+        forwards group texts of about one length, as for the other text models: the library's own
+        ``encode`` pads each of its batches to the longest text."""
+        read = (lambda value: read_pair(value)[1]) if task == RERANK else (lambda value: read_item(value)[1])
+        tokenizer, most = self.library_model.tokenizer, self.max_tokens
+        return lambda value: min(most, len(tokenizer(read(value))["input_ids"]))  # ~70 us a text
+
     def _encode(self, side: str, texts: list[str]) -> list[np.ndarray]:
-        """The library's encode of one side's texts. Documents on a CPU in sub-batches of
-        ``CPU_SUB_BATCH``: ``encode`` sorts its texts by length first, so each sub-batch pads little
-        (64 texts of 10-40 words, MiniLM's shape, 2 cores: 131 texts/s as one batch of 64, 204 as
-        four of 16, 197 for the library over all 512 sorted at 64). Queries (short, and padded to
-        the model's query length when it expands them) and a GPU take the batch whole."""
+        """The library's encode of one side's texts, as one batch: the batcher has already grouped
+        texts of about one length into this forward (``item_tokens``)."""
         import torch
 
-        whole = side == "query" or self.device.startswith("cuda")
         encode = self.library_model.encode_query if side == "query" else self.library_model.encode_document
-        batch_size = len(texts) if whole else min(len(texts), CPU_SUB_BATCH)
         with torch.inference_mode():
-            matrices = encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+            matrices = encode(texts, batch_size=len(texts), show_progress_bar=False, convert_to_numpy=True)
         return [matrix.astype("float32", copy=False) for matrix in matrices]
 
     def embed_multi_vector(self, items: Sequence[str]) -> np.ndarray:

@@ -60,7 +60,7 @@ __all__ = ["ModelPool", "Resident"]
 log = logging.getLogger("ingrain_bento.pool")
 
 UNLOAD_DRAIN_TIMEOUT_S = 120.0
-CPU_TOKENS_PER_ITEM = 32  # a CPU text forward's default budget: MAX_BATCH_SIZE texts of this many tokens
+CPU_TOKENS_PER_ITEM = 32  # an ONNX text forward's default budget on a CPU: MAX_BATCH_SIZE texts of this many tokens
 STILL_LOADING_RETRY_S = 5
 # What ``backend_for`` answers for ``auto`` while it is not decided yet: the model's export, and the
 # timing in its report, decide it as the load runs.
@@ -409,16 +409,18 @@ class ModelPool:
 
     def max_batch_tokens(self, model: LoadedModel) -> int:
         """``INGRAIN_MAX_BATCH_TOKENS``, else ``MAX_BATCH_SIZE`` x half the model's context: a forward
-        of 64 texts of MiniLM's 256 tokens runs as two of 32 (README Performance: memory). On a CPU
-        at most ``MAX_BATCH_SIZE`` x ``CPU_TOKENS_PER_ITEM`` (2,048: 64 short texts, 8 of 256 tokens):
-        there a long texts' forward costs less per token when small (its attention stays in the
-        cache: MiniLM under ONNX Runtime on 2 cores, 5.9k tokens/s at 8 x 256, 5.2k at 64 x 256),
-        smaller forwards find texts of closer lengths (less padding), and the longest texts, served
-        a few at a time, wait more evenly (README "Texts of mixed lengths")."""
+        of 64 texts of MiniLM's 256 tokens runs as two of 32 (README Performance: memory). Under ONNX
+        Runtime on a CPU at most ``MAX_BATCH_SIZE`` x ``CPU_TOKENS_PER_ITEM`` (2,048: 64 short texts,
+        8 of 256 tokens): there a long texts' forward costs less per token when small (its attention
+        stays in the cache: MiniLM on 2 cores, 5.9k tokens/s at 8 x 256, 5.2k at 64 x 256), smaller
+        forwards find texts of closer lengths (less padding), and the longest texts, served a few at
+        a time, wait more evenly (README "Texts of mixed lengths"). Torch on a CPU does the opposite
+        (MiniLM's shape, sorted texts of ~35 tokens: 204 texts/s in forwards of 16, 224 in forwards of
+        32 or 64) and keeps the larger budget."""
         if self.settings.max_batch_tokens is not None:
             return self.settings.max_batch_tokens
         budget = self.settings.max_batch_size * max(1, (model.context_length or 512) // 2)
-        if model.device == "cpu":
+        if model.device == "cpu" and model.backend == "onnx":
             budget = min(budget, self.settings.max_batch_size * CPU_TOKENS_PER_ITEM)
         return budget
 

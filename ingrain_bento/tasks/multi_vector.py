@@ -6,10 +6,10 @@ apart (``encode_query``: the query prompt, query length and expansion; ``encode_
 document prompt and the skiplist). Each item names its side (``item``: ``q`` or ``d`` before the
 text); the family's method (``embed_multi_vector`` of ``families/sentence_transformers``) runs the
 library's own ``encode_query`` / ``encode_document`` on each side's texts of a batch and returns
-one fixed-width row per text (``pack``: its token count, then its matrix flattened), so rows of
-many requests and forwards stack as every other task's do; the front cuts each back
-(``unpack``). A rerank item is a (query, document) pair (``pair_item``), scored with the
-library's own ``similarity`` (MaxSim).
+one row per text (``pack``: its token count, then its matrix flattened, as wide as the forward's
+longest), so rows of many requests and forwards stack as every other task's do
+(``boundary.join_rows`` widens the narrower); the front cuts each back (``unpack``). A rerank item
+is a (query, document) pair (``pair_item``), scored with the library's own ``similarity`` (MaxSim).
 """
 
 from __future__ import annotations
@@ -66,13 +66,16 @@ def read_pair(value: str) -> tuple[str, str]:
 
 
 def pack(matrices: Sequence[np.ndarray], max_tokens: int) -> np.ndarray:
-    """(tokens_i, d) matrices -> one row each of ``1 + max_tokens x d`` floats: the matrix's token
-    count, then the matrix flattened, zeros after it (``np.zeros`` pages in only what is written)."""
+    """(tokens_i, d) matrices -> one row each: the matrix's token count, then the matrix flattened,
+    zeros after it, as wide as the longest of these matrices needs (not the model's ``max_tokens``:
+    rows of different forwards are widened when joined, ``boundary.join_rows``; a 64-text forward of
+    short documents of a 512-token model crosses the wire as ~1 MB, not 16 MB)."""
     dimension = matrices[0].shape[1]
-    rows = np.zeros((len(matrices), 1 + max_tokens * dimension), dtype=np.float32)
+    longest = max(matrix.shape[0] for matrix in matrices)
+    if longest > max_tokens:
+        raise RuntimeError(f"a text gave {longest} token vectors, over the model's {max_tokens}")
+    rows = np.zeros((len(matrices), 1 + longest * dimension), dtype=np.float32)
     for index, matrix in enumerate(matrices):
-        if matrix.shape[0] > max_tokens:
-            raise RuntimeError(f"a text gave {matrix.shape[0]} token vectors, over the model's {max_tokens}")
         rows[index, 0] = matrix.shape[0]
         rows[index, 1:1 + matrix.size] = matrix.reshape(-1)
     return rows

@@ -177,14 +177,18 @@ def test_a_load_freezes_the_heap_out_of_full_collections_and_unload_still_frees_
     assert asyncio.run(scenario())() is None
 
 
-def test_a_cpu_text_forward_defaults_to_a_smaller_token_budget_than_a_gpu_one():
-    """On a CPU long texts run a few at a time (their forwards cost less per token when small,
-    README "Texts of mixed lengths"); a GPU keeps MAX_BATCH_SIZE x half the context; the setting wins."""
+def test_an_onnx_text_forward_on_a_cpu_defaults_to_a_smaller_token_budget():
+    """Under ONNX Runtime on a CPU long texts run a few at a time (their forwards cost less per token
+    when small, README "Texts of mixed lengths"); torch on a CPU and a GPU keep MAX_BATCH_SIZE x half
+    the context; the setting wins."""
     from types import SimpleNamespace
 
+    def minilm(device: str, backend: str, context_length: int = 256) -> SimpleNamespace:
+        return SimpleNamespace(device=device, backend=backend, context_length=context_length)
+
     pool = _pool()
-    minilm_on = {device: SimpleNamespace(device=device, context_length=256) for device in ("cpu", "cuda:0")}
-    assert pool.max_batch_tokens(minilm_on["cpu"]) == 64 * 32
-    assert pool.max_batch_tokens(minilm_on["cuda:0"]) == 64 * 128
-    assert pool.max_batch_tokens(SimpleNamespace(device="cpu", context_length=32)) == 64 * 16
-    assert _pool(max_batch_tokens=9000).max_batch_tokens(minilm_on["cpu"]) == 9000
+    assert pool.max_batch_tokens(minilm("cpu", "onnx")) == 64 * 32
+    assert pool.max_batch_tokens(minilm("cpu", "torch")) == 64 * 128
+    assert pool.max_batch_tokens(minilm("cuda:0", "onnx")) == 64 * 128
+    assert pool.max_batch_tokens(minilm("cpu", "onnx", context_length=32)) == 64 * 16
+    assert _pool(max_batch_tokens=9000).max_batch_tokens(minilm("cpu", "onnx")) == 9000

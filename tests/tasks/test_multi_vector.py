@@ -34,6 +34,35 @@ def test_each_text_is_its_token_matrix_as_the_library_encodes_it(client, colbert
         np.testing.assert_allclose(matrix, library, atol=1e-5)
 
 
+def test_a_request_over_one_forward_of_texts_of_many_lengths_equals_the_library(client, colbert):
+    """More texts than one forward takes (MAX_BATCH_SIZE 64), of 1 to 60 words: the batcher groups
+    them by their token counts into several forwards, each packed only as wide as its longest text,
+    and the request's rows are joined again."""
+    name, model = colbert
+    texts = [" ".join(["word"] * (1 + (i * 7) % 60)) + f" {i}" for i in range(80)]
+    response = client.post("/embed_multi_vector", json={"name": name, "text": texts})
+    assert response.status_code == 200, response.text
+    expected = model.encode_document(texts, convert_to_numpy=True)
+    got = response.json()["embeddings"]
+    assert [len(matrix) for matrix in got] == [len(matrix) for matrix in expected]
+    for matrix, library in zip(got, expected, strict=True):
+        np.testing.assert_allclose(matrix, library, atol=1e-5)
+
+
+def test_rows_are_as_wide_as_the_forwards_longest_text_and_join_across_forwards():
+    from ingrain_bento.boundary import join_rows
+    from ingrain_bento.tasks.multi_vector import pack, unpack
+
+    rng = np.random.default_rng(0)
+    short, long = ([rng.standard_normal((n, 4)).astype(np.float32) for n in counts] for counts in ([1, 3], [7]))
+    first, second = pack(short, max_tokens=512), pack(long, max_tokens=512)
+    assert first.shape == (2, 1 + 3 * 4) and second.shape == (1, 1 + 7 * 4)
+    for matrix, back in zip([*short, *long], unpack(join_rows([first, second]), 4), strict=True):
+        np.testing.assert_array_equal(matrix, back)
+    with pytest.raises(RuntimeError, match="over the model's 5"):
+        pack(long, max_tokens=5)
+
+
 def test_queries_and_documents_differ(client, colbert):
     name, _ = colbert
     as_query = client.post("/embed_multi_vector", json={"name": name, "text": "hi", "input_type": "query"}).json()
