@@ -9,7 +9,8 @@ all-MiniLM-L6-v2 and on a 2-layer 32-wide BERT whose forward costs next to nothi
 runner's figure is its own cost around the forward): CPU milliseconds per request of the front
 and of the runner, and the runner's per forward (``ingrain_forward_seconds`` counts the
 forwards; its sum, their wall time, is given beside); the runner's own cost per ``infer`` call,
-the forward left out: its event loop thread's CPU (forwards run on other threads) per call.
+the forward left out: its event loop thread's CPU (forwards run on other threads) per call; and
+the tiny model's one-text figures from one client, where each call carries one request.
 
 Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load and
 under the 64-text load (the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
@@ -135,18 +136,18 @@ def runner_calls(server: Server) -> float:
     return sum(float(m) for m in re.findall(pattern, text, re.M))
 
 
-def measure(server: Server, url: str, bodies: list[dict], method: str = "POST") -> dict[str, float]:
-    """CPU ms per request of the front and the runner over ``bodies`` (64 clients), after a warm-up.
+def measure(server: Server, url: str, bodies: list[dict], method: str = "POST", clients: int = 64) -> dict[str, float]:
+    """CPU ms per request of the front and the runner over ``bodies`` (``clients`` at once), after a warm-up.
     The runner's own cost per call, the forward left out, is its event loop's thread (the main
     thread: the HTTP, the frames, the batcher; forwards run on other threads) per ``infer`` call."""
-    loadgen(WORK, url, bodies[:256], 64, method=method)
+    loadgen(WORK, url, bodies[:256], clients, method=method)
     front, runner = server.service_pids("ingrain-bento")[0], server.worker_pid()
     time.sleep(1.2)  # the metrics of the warm-up written (metrics.Deferred: once a second)
     forwards_before, wall_before = forward_stats(server)
     calls_before = runner_calls(server)
     front_before, runner_before = cpu_seconds(front), cpu_seconds(runner)
     loop_before = cpu_seconds(runner, thread=runner)
-    run = loadgen(WORK, url, bodies, 64, method=method)
+    run = loadgen(WORK, url, bodies, clients, method=method)
     front_cpu, runner_cpu = cpu_seconds(front) - front_before, cpu_seconds(runner) - runner_before
     loop_cpu = cpu_seconds(runner, thread=runner) - loop_before
     time.sleep(1.2)
@@ -190,6 +191,8 @@ def main() -> None:
                     for i in range(max(64, n // 32))]
             results[f"{label}_1_text"] = measure(server, f"{server.url}/embed_text", one)
             results[f"{label}_64_texts"] = measure(server, f"{server.url}/embed_text", many)
+            if label == "tiny":  # one client: each runner call carries one request
+                results["tiny_1_text_1_client"] = measure(server, f"{server.url}/embed_text", one[:n // 4], clients=1)
         results["ratio_1_text_to_health"] = (results["minilm_1_text"]["front_ms_per_request"]
                                              / results["health"]["front_ms_per_request"])
         if not args.no_profile:
