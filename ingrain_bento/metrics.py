@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import SimpleNamespace
@@ -184,12 +184,18 @@ class HttpMetrics:
         self.in_progress = 0
         self.responses = Deferred(self._write)
 
-    def started(self) -> None:
+    async def counted(self, route: str, answer: Callable[[], Awaitable[int]]) -> int:
+        """Run ``answer`` (it answers one request of ``route`` and returns the status it sent) as
+        one request in progress, then counted with its status and time (500 if it raised)."""
+        started = time.perf_counter()
         self.in_progress += 1
-
-    def finished(self, route: str, code: int, seconds: float) -> None:
-        self.in_progress -= 1
-        self.responses.add((route, code, seconds))
+        code = 500
+        try:
+            code = await answer()
+        finally:
+            self.in_progress -= 1
+            self.responses.add((route, code, time.perf_counter() - started))
+        return code
 
     def flush(self) -> None:
         self.responses.flush()

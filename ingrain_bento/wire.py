@@ -36,6 +36,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, get_type_hints
 
 import numpy as np
@@ -373,18 +374,20 @@ class RunnerGate:
         if codec is None or scope["method"] != "POST":
             await _reply_json(send, 404, {"message": f"No runner call {scope['method']} {path}."})
             return
-        if self.metrics is not None:
-            self.metrics.started()
+        serve = partial(self._serve, codec, receive, send)
+        if self.metrics is None:
+            await serve()
+        else:
+            await self.metrics.counted(path, serve)
+
+    async def _serve(self, codec: CallCodec, receive: Receive, send: Send) -> int:
+        """One call: its body read, the engine's answer sent with the runner's own time; its status."""
         started = time.perf_counter()
-        status = 500
-        try:
-            body = await _read_body(receive)
-            status, media_type, reply = await self._call(codec, body)
-            timing = f"runner;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
-            await _reply(send, status, media_type, reply, [(b"server-timing", timing)])
-        finally:
-            if self.metrics is not None:
-                self.metrics.finished(path, status, time.perf_counter() - started)
+        body = await _read_body(receive)
+        status, media_type, reply = await self._call(codec, body)
+        timing = f"runner;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
+        await _reply(send, status, media_type, reply, [(b"server-timing", timing)])
+        return status
 
     async def _call(self, codec: CallCodec, body: bytes) -> tuple[int, bytes, bytes]:
         try:

@@ -208,13 +208,13 @@ class Downstream:
         await send({"type": "http.response.body", "body": b"bentoml"})
 
 
-def _gate() -> tuple[RunnerGate, RecordingEngine, Downstream]:
+def _gate(metrics: Any = None) -> tuple[RunnerGate, RecordingEngine, Downstream]:
     engine, downstream = RecordingEngine(), Downstream()
 
     async def resolve() -> Any:
         return engine
 
-    return RunnerGate(downstream, engine=resolve, token=TOKEN), engine, downstream
+    return RunnerGate(downstream, engine=resolve, token=TOKEN, metrics=metrics), engine, downstream
 
 
 class Boom:
@@ -296,3 +296,27 @@ def test_the_runner_service_has_no_bentoml_api_and_the_gate_in_front():
 
     assert not service.IngrainRunner.apis, "a BentoML API on the runner would read BentoML's serde (pickle)"
     assert isinstance(service.IngrainRunner.to_asgi(), RunnerGate), "the gate is in front of BentoML's own layers"
+
+
+def test_the_gate_counts_each_call_by_status_as_bentomls_layers_did():
+    """``ingrain_http_*{service}`` for the calls the gate answers before BentoML's layers; a refusal
+    before the call (no token) is not a call."""
+    from prometheus_client import REGISTRY
+
+    from ingrain_bento.metrics import HttpMetrics
+
+    metrics = HttpMetrics("runner-gate-test")
+    gate, _, _ = _gate(metrics)
+    headers = {"content-type": FRAME_MEDIA_TYPE, "authorization": f"Bearer {TOKEN}"}
+    unload = CALLS["unload"].encode_args({"request": s.ModelRequest(name="m")})
+    asyncio.run(asgi(gate, "POST", "/ingrain/loaded_models", CALLS["loaded_models"].encode_args({}), headers))
+    asyncio.run(asgi(gate, "POST", "/ingrain/unload", unload, headers))
+    asyncio.run(asgi(gate, "POST", "/ingrain/unload", unload, {"content-type": FRAME_MEDIA_TYPE}))
+    metrics.flush()
+
+    def answered(route: str, code: str) -> float:
+        labels = {"service": "runner-gate-test", "route": route, "code": code}
+        return REGISTRY.get_sample_value("ingrain_http_requests_total", labels) or 0.0
+
+    assert (answered("/ingrain/loaded_models", "200"), answered("/ingrain/unload", "400")) == (1, 1)
+    assert answered("/ingrain/unload", "401") == 0 and metrics.in_progress == 0

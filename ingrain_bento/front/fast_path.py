@@ -30,9 +30,9 @@ see every request: ``service.py`` leaves ``FastPath`` out.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import FastAPI
@@ -98,16 +98,11 @@ class FastPath:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        answer = partial(self._answer, route, path, scope, receive, send)
         if self.metrics is None:
-            await self._answer(route, path, scope, receive, send)
-            return
-        started = time.perf_counter()
-        self.metrics.started()
-        code = 500
-        try:
-            code = await self._answer(route, path, scope, receive, send)
-        finally:
-            self.metrics.finished(path, code, time.perf_counter() - started)
+            await answer()
+        else:
+            await self.metrics.counted(path, answer)
 
     async def _answer(self, route: LeanRoute, path: str, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer one request on the lean path; its status (499: the client went away)."""
