@@ -39,6 +39,7 @@ from harness import (  # noqa: E402
     add_server_env_option,
     cpu_seconds,
     loadgen,
+    metric_totals,
     offline_workdir,
     place_minilm,
     place_tiny_st,
@@ -117,23 +118,13 @@ def profile_under_load(server: Server, bodies: list[dict], seconds: int, raw: Pa
         load.wait()
 
 
-def forward_stats(server: Server) -> tuple[float, float]:
-    """(forwards, their wall seconds) from the runner's /metrics."""
-    import httpx
-
-    text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}, timeout=30).text
-    count = sum(float(m) for m in re.findall(r"^ingrain_forward_seconds_count\{[^}]*\} (\S+)", text, re.M))
-    total = sum(float(m) for m in re.findall(r"^ingrain_forward_seconds_sum\{[^}]*\} (\S+)", text, re.M))
-    return count, total
-
-
-def runner_calls(server: Server) -> float:
-    """``infer`` calls the runner has answered so far (its ``ingrain_http_requests``)."""
-    import httpx
-
-    text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}, timeout=30).text
-    pattern = r'^ingrain_http_requests_total\{[^}]*route="/ingrain/infer"[^}]*\} (\S+)'
-    return sum(float(m) for m in re.findall(pattern, text, re.M))
+def runner_counters(server: Server) -> tuple[float, float, float]:
+    """(forwards, their wall seconds, ``infer`` calls answered) so far, from the runner's series
+    (``ingrain_forward_seconds``; ``ingrain_http_requests`` of the gate)."""
+    totals = metric_totals(server, {"ingrain_forward_seconds_count": {}, "ingrain_forward_seconds_sum": {},
+                                    "ingrain_http_requests_total": {"route": "/ingrain/infer"}})
+    return (totals["ingrain_forward_seconds_count"], totals["ingrain_forward_seconds_sum"],
+            totals["ingrain_http_requests_total"])
 
 
 def measure(server: Server, url: str, bodies: list[dict], method: str = "POST", clients: int = 64) -> dict[str, float]:
@@ -143,16 +134,15 @@ def measure(server: Server, url: str, bodies: list[dict], method: str = "POST", 
     loadgen(WORK, url, bodies[:256], clients, method=method)
     front, runner = server.service_pids("ingrain-bento")[0], server.worker_pid()
     time.sleep(1.2)  # the metrics of the warm-up written (metrics.Deferred: once a second)
-    forwards_before, wall_before = forward_stats(server)
-    calls_before = runner_calls(server)
+    forwards_before, wall_before, calls_before = runner_counters(server)
     front_before, runner_before = cpu_seconds(front), cpu_seconds(runner)
     loop_before = cpu_seconds(runner, thread=runner)
     run = loadgen(WORK, url, bodies, clients, method=method)
     front_cpu, runner_cpu = cpu_seconds(front) - front_before, cpu_seconds(runner) - runner_before
     loop_cpu = cpu_seconds(runner, thread=runner) - loop_before
     time.sleep(1.2)
-    forwards_after, wall_after = forward_stats(server)
-    calls = runner_calls(server) - calls_before
+    forwards_after, wall_after, calls_after = runner_counters(server)
+    calls = calls_after - calls_before
     assert run["errors"] == 0, run
     n = len(bodies)
     forwards = forwards_after - forwards_before

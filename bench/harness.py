@@ -268,6 +268,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def metric_totals(server: Server, wanted: dict[str, dict[str, str]]) -> dict[str, float]:
+    """The server's ``/metrics`` read once: per sample name in ``wanted``, the sum of its samples
+    whose labels hold the given ones (``{}``: all of them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}, timeout=30).text
+    totals = dict.fromkeys(wanted, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = wanted.get(sample.name)
+            if labels is not None and labels.items() <= sample.labels.items():
+                totals[sample.name] += sample.value
+    return totals
+
+
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """User + system CPU seconds of ``pid`` so far, all its threads included (/proc/<pid>/stat),
     or of one of its threads (``thread``: its id; the main thread's is ``pid``)."""

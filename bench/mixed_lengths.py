@@ -44,6 +44,7 @@ from harness import (  # noqa: E402
     cpu_seconds,
     descendants,
     loadgen,
+    metric_totals,
     offline_workdir,
     place_minilm,
     server_env,
@@ -99,17 +100,8 @@ def token_lengths(model: Any, texts: list[str]) -> tuple[list[int], list[int]]:
 
 def counters(server: Server) -> dict[str, float]:
     """The server's real and padded tokens, forwards and forward seconds so far (``/metrics``)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.url}/metrics", headers={"Accept": "text/plain"}, timeout=30).text
-    totals = dict.fromkeys(("ingrain_tokens_total", "ingrain_padded_tokens_total", "ingrain_forward_seconds_count",
-                            "ingrain_forward_seconds_sum"), 0.0)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-    return totals
+    return metric_totals(server, dict.fromkeys(("ingrain_tokens_total", "ingrain_padded_tokens_total",
+                                                "ingrain_forward_seconds_count", "ingrain_forward_seconds_sum"), {}))
 
 
 def server_cpu_s(server: Server) -> float:
