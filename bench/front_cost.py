@@ -51,7 +51,8 @@ WORK = offline_workdir("ingrain-front-cost-")
 # Where a stack's time goes, by the first frame from the leaf that matches (file or function).
 STAGES: list[tuple[str, re.Pattern[str]]] = [
     ("metrics", re.compile(r"prometheus_client|ingrain_bento/metrics\.py")),
-    ("serialization", re.compile(r"model_dump_json|json/|jsonable|front/outputs\.py|tolist|orjson|render")),
+    ("serialization", re.compile(r"model_dump_json|json_response|json/|jsonable|front/outputs\.py|tolist|orjson|"
+                                 r"render")),
     ("validation", re.compile(r"pydantic|fastapi/dependencies|fastapi/_compat|validate|schemas\.py")),
     ("tokenization", re.compile(r"tokenizers|transformers/|sentence_transformers|front/inputs\.py|families/")),
     ("hop", re.compile(r"ingrain_bento/wire\.py|aiohttp|remote_engine\.py|boundary\.py")),

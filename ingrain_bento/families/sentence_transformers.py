@@ -20,7 +20,8 @@ follows the library's own ``encode`` / ``predict`` in two halves:
   accelerate's ``device_map``, no kernelization; no memory, no reads of the weights) and
   tokenizes with the model's own ``preprocess``, the configured default prompt included as
   ``encode`` applies it; each text becomes one unpadded item, its token rows stacked into a small
-  int32 array;
+  int32 array (texts to embed, classify or sparse-encode come from the Rust tokenizer straight
+  where that was verified to give the same rows at open: ``rust_tokens.RustTokens``);
 - the runner pads a batch of items the way the tokenizer pads and runs the model's own
   forward, every module ``modules.json`` lists (pooling with ``prompt_length`` for
   ``include_prompt=False``, ``Dense``, ``Normalize``; a reranker's head and activation; SPLADE
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from ingrain_bento.errors import BadRequest, TooLarge
 from ingrain_bento.families import register
 from ingrain_bento.families.base import DEFAULT_TEXT_PREP, LoadedModel, Preprocessor, TextPrep
+from ingrain_bento.families.rust_tokens import Direction, RustTokens
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.tasks import EMBED_SPARSE, EMBED_TEXT, RERANK
 from ingrain_bento.tasks.classify_text import CLASSIFY_TEXT
@@ -134,6 +136,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
          PROBE),
 )}
 SAVED_KINDS = ("SentenceTransformer", "CrossEncoder", "SparseEncoder", "MultiVectorEncoder")  # model_type values
+# The kinds whose texts the front tokenizes into one row each (``prepare_texts``).
+TEXT_ROW_KINDS = frozenset({"SentenceTransformer", "TextClassifier", "SparseEncoder"})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -506,6 +510,10 @@ class SentenceTransformerPreprocessor(Preprocessor):
         # The tokenizer's truncation side is flipped for a left cut: one tokenization at a time
         # (the tokenizer thread, or the event loop for a short request alone).
         self._tokenizing = threading.Lock()
+        self.rust_tokens = None if self.format is None or kind.name not in TEXT_ROW_KINDS else RustTokens.verified(
+            model, self.format.keys, self.prompt, self._library_rows)
+        self.tokenizes_inline = self.rust_tokens is not None
+        log.info("preprocessor.open folder=%s tokenizer=%s", folder.name, "rust" if self.rust_tokens else "library")
 
     def _split(self, inputs: list[Any], prompt: str | None = None, direction: str = "right",
                **kwargs: Any) -> list[Any]:
@@ -522,6 +530,18 @@ class SentenceTransformerPreprocessor(Preprocessor):
         if rows is None:
             raise RuntimeError("the tokenizer's output changed shape since load")
         return rows
+
+    def _text_rows(self, texts: list[str], prompt: str | None, direction: Direction) -> list[Any]:
+        """One row per text (``direction``: the side a text over the limit is cut from; None: not cut),
+        from the Rust tokenizer where it was verified equal to the library at load, else the library's."""
+        if self.rust_tokens is not None:
+            return self.rust_tokens.rows(texts, prompt, direction)
+        return self._library_rows(texts, prompt, direction)
+
+    def _library_rows(self, texts: list[str], prompt: str | None, direction: Direction) -> list[Any]:
+        if direction is None:
+            return self._split(texts, prompt, processing_kwargs={"text": {"truncation": False}})
+        return self._split(texts, prompt, direction)
 
     def resolve_prompt(self, prep: TextPrep) -> str | None:
         """The prefix ``encode(prompt_name=...)`` / ``encode(prompt=...)`` applies: a named prompt,
@@ -553,9 +573,9 @@ class SentenceTransformerPreprocessor(Preprocessor):
         if prompt != self.prompt and not self.pools_prompt:
             raise BadRequest("This model's pooling leaves its default prompt out of the embedding: it takes no "
                              "other prompt per request.")
+        rows = self._text_rows(list(texts), prompt, prep.direction if prep.truncate else None)
         if prep.truncate:
-            return self._split(list(texts), prompt, prep.direction)
-        rows = self._split(list(texts), prompt, processing_kwargs={"text": {"truncation": False}})
+            return rows
         limit = self.model.max_seq_length
         for index, row in enumerate(rows):
             if row.shape[-1] > limit:
