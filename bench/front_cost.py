@@ -10,7 +10,8 @@ runner's figure is its own cost around the forward): CPU milliseconds per reques
 and of the runner, and the runner's per forward (``ingrain_forward_seconds`` counts the
 forwards; its sum, their wall time, is given beside); the runner's own cost per ``infer`` call,
 the forward left out: its event loop thread's CPU (forwards run on other threads) per call; and
-the tiny model's one-text figures from one client, where each call carries one request.
+the tiny model's one-text figures from one client, where each call carries one request, and
+beside them the runner's floor: its loop's CPU for a call it answers with no work (the HTTP).
 
 Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load and
 under the 64-text load (the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
@@ -155,6 +156,34 @@ def measure(server: Server, url: str, bodies: list[dict], method: str = "POST", 
             "requests_per_s": n / run["seconds"], "loadgen_cpu_ms_per_request": run["cpu_s"] / n * 1000}
 
 
+def runner_http_floor(server: Server, calls: int = 3000) -> dict[str, float]:
+    """The runner's event-loop CPU per call for a call it answers with no work at all: an unknown
+    call, a 404 from ``RunnerGate`` right after the token check, sent one at a time with the
+    front's own transport. That is what uvicorn and the hop's HTTP cost the runner a call: the
+    floor under ``runner_loop_ms_per_call``, which no change of ours below the HTTP server moves."""
+    import asyncio
+
+    from ingrain_bento.wire import RunnerTransport
+
+    address, token = server.runner_address()
+    runner = server.worker_pid()
+
+    async def run() -> float:
+        transport = RunnerTransport(address, token)
+        try:
+            for _ in range(200):
+                await transport.post("no-such-call", b"")
+            before = cpu_seconds(runner, thread=runner)
+            for _ in range(calls):
+                reply = await transport.post("no-such-call", b"")
+                assert reply.status == 404, reply
+            return (cpu_seconds(runner, thread=runner) - before) / calls * 1000
+        finally:
+            await transport.close()
+
+    return {"runner_loop_ms_per_call": asyncio.run(run())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
@@ -184,6 +213,7 @@ def main() -> None:
             results[f"{label}_64_texts"] = measure(server, f"{server.url}/embed_text", many)
             if label == "tiny":  # one client: each runner call carries one request
                 results["tiny_1_text_1_client"] = measure(server, f"{server.url}/embed_text", one[:n // 4], clients=1)
+                results["runner_http_floor_1_client"] = runner_http_floor(server)
         results["ratio_1_text_to_health"] = (results["minilm_1_text"]["front_ms_per_request"]
                                              / results["health"]["front_ms_per_request"])
         if not args.no_profile:

@@ -91,6 +91,14 @@ class _Chunk(Generic[Item]):
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+async def _joined(parts: Sequence[asyncio.Future[Any]]) -> Any:
+    """The rows of a request's chunks as one: an array, or a list when the forward returns lists."""
+    import numpy as np
+
+    rows = await asyncio.gather(*parts)
+    return join_rows(rows) if isinstance(rows[0], np.ndarray) else [row for part in rows for row in part]
+
+
 def _fail(waiting: Sequence[Any], exc: BaseException) -> None:
     """Fail every chunk (or slot) in ``waiting`` that is not answered yet."""
     for entry in waiting:
@@ -114,6 +122,7 @@ class Batcher(Generic[Item]):
         self._busy = False  # a batch is being gathered or run
         self._last_arrival = 0.0
         self._arrival_gap = float("inf")  # moving average of the time between submits
+        self._overlap = 0.0  # moving average of whether a submit found work queued or running
 
     @property
     def idle(self) -> bool:
@@ -124,16 +133,18 @@ class Batcher(Generic[Item]):
     async def submit(self, items: Sequence[Item]) -> Any:
         """Rows for ``items``, in order, concatenated across chunks (an array, or a list when the
         forward returns lists, as tokenization does)."""
-        import numpy as np
+        return await self.enqueue(items)
 
+    def enqueue(self, items: Sequence[Item]) -> asyncio.Future[Any]:
+        """Queue ``items`` now; the future gives what ``submit`` returns. A caller with several
+        requests queues them all, then awaits each, without a task apiece."""
         self._admit()
         chunks = [_Chunk(items[i:i + self.max_batch]) for i in range(0, len(items), self.max_batch)]
         self._pending.extend(chunks)
         self._wakeup.set()
         if len(chunks) == 1:  # most requests: their one chunk, without a gathering future
-            return await chunks[0].future
-        rows = await asyncio.gather(*(chunk.future for chunk in chunks))
-        return join_rows(rows) if isinstance(rows[0], np.ndarray) else [row for part in rows for row in part]
+            return chunks[0].future
+        return asyncio.ensure_future(_joined([chunk.future for chunk in chunks]))
 
     def _admit(self) -> None:
         """A submit's first step: refused once closed; starts the collector; notes the arrival."""
@@ -144,13 +155,22 @@ class Batcher(Generic[Item]):
         self._note_arrival()
 
     def _note_arrival(self) -> None:
-        """Track the moving average of the time between submits (``under load``: shorter than the
-        wait window)."""
+        """Track the moving averages of the time between submits and of whether they overlap
+        (see ``under_load``)."""
         now = time.monotonic()
         if self._last_arrival:
             gap = now - self._last_arrival
             self._arrival_gap = gap if self._arrival_gap == float("inf") else 0.8 * self._arrival_gap + 0.2 * gap
         self._last_arrival = now
+        self._overlap = 0.8 * self._overlap + (0.2 if self._busy or self._pending else 0.0)
+
+    @property
+    def under_load(self) -> bool:
+        """Whether a forward should wait the window for company: submits arrive faster than the
+        window, and mostly while others are queued or running. A lone client's submits never
+        overlap, however fast its round trip (one shorter than the window would otherwise pay the
+        wait on every call, for company that never comes)."""
+        return self._arrival_gap < self.max_wait_s and self._overlap > 0.5
 
     async def _forward_checked(self, items: Sequence[Any]) -> Any:
         rows = await self.forward(items)
@@ -211,10 +231,9 @@ class Batcher(Generic[Item]):
         """One batch: the oldest chunk, and what joins it within the wait window."""
         batch = [self._pending.popleft()]
         size = len(batch[0].items)
-        # Wait for company only while requests arrive faster than the wait window: a lone
-        # client gets its forward at once instead of paying max_wait on every call.
-        under_load = self._arrival_gap < self.max_wait_s
-        deadline = batch[0].queued_at + (self.max_wait_s if under_load else 0.0)
+        # Wait for company only under load: a lone client gets its forward at once instead of
+        # paying max_wait on every call.
+        deadline = batch[0].queued_at + (self.max_wait_s if self.under_load else 0.0)
         while self.merge and size < self.max_batch:
             if self._pending:
                 if size + len(self._pending[0].items) > self.max_batch:
@@ -361,18 +380,18 @@ class TokenBudgetBatcher(Batcher[Item]):
         self.max_tokens = max_tokens
         self.cost = ForwardCost()
 
-    async def submit(self, items: Sequence[Item]) -> Any:
-        """Rows for ``items``, in order (one array; rows of different forwards joined by ``join_rows``)."""
+    def enqueue(self, items: Sequence[Item]) -> asyncio.Future[Any]:
+        """Queue ``items`` now; the future gives their rows, in order (one array; rows of different
+        forwards joined by ``join_rows``)."""
         self._admit()
         request = _Request(items, [None] * len(items), len(items))
         self._pending.extend(_Slot(request, i, self.tokens(item)) for i, item in enumerate(items))
         self._wakeup.set()
-        rows = await request.future
-        return join_rows([row[None] for row in rows])
+        return request.future
 
     async def _gather_and_run(self) -> None:
         """Wait the window out (under load), then one forward around the oldest item."""
-        if self.merge and self._arrival_gap < self.max_wait_s:
+        if self.merge and self.under_load:
             deadline = self._pending[0].queued_at + self.max_wait_s
             while not self._closed and (remaining := deadline - time.monotonic()) > 0:
                 if not await self._wait_for_more(remaining):
@@ -437,5 +456,5 @@ class TokenBudgetBatcher(Batcher[Item]):
             request.rows[slot.index] = row
             request.remaining -= 1
             if request.remaining == 0:
-                request.future.set_result(request.rows)
+                request.future.set_result(join_rows([row[None] for row in request.rows]))
         self._report(BatchStats(len(items), elapsed, sum(slot.tokens for slot in slots), len(slots) * longest))

@@ -91,6 +91,23 @@ def test_a_lone_client_does_not_wait_for_company():
     assert elapsed < 1.0
 
 
+def test_a_lone_client_faster_than_the_window_does_not_wait_either():
+    """Its requests come one after another, each sent when the last is answered: faster than the
+    window, but never beside another request, so no forward waits for company."""
+
+    async def scenario(batcher, forward):
+        elapsed = []
+        for i in range(6):
+            started = time.monotonic()
+            await batcher.submit([i])
+            elapsed.append(time.monotonic() - started)
+        return elapsed
+
+    elapsed, forward = run(scenario, max_wait_s=0.5, delay_s=0.0)
+    assert max(elapsed) < 0.25, elapsed
+    assert forward.calls == [[i] for i in range(6)]
+
+
 def test_a_request_larger_than_max_batch_is_split_and_reassembled():
     result, forward = run(lambda b, f: b.submit(list(range(10))), max_batch=4)
     assert values(result) == [float(x) for x in range(10)]
@@ -140,10 +157,11 @@ def test_staggered_requests_pile_up_behind_a_running_forward():
 
 
 def test_under_load_a_forming_batch_waits_up_to_max_wait_for_more():
-    """While requests arrive faster than ``max_wait_s``, a forming batch waits that long for company."""
+    """While requests arrive faster than ``max_wait_s``, and beside others, a forming batch waits
+    that long for company."""
 
     async def scenario(batcher, forward):
-        await asyncio.gather(batcher.submit([1]), batcher.submit([2]))  # back-to-back arrivals: "under load"
+        await asyncio.gather(*(batcher.submit([i]) for i in range(10, 20)))  # back to back: "under load"
         first = asyncio.create_task(batcher.submit([3]))
         await asyncio.sleep(0.03)  # well inside max_wait_s
         second = asyncio.create_task(batcher.submit([4]))
@@ -151,7 +169,7 @@ def test_under_load_a_forming_batch_waits_up_to_max_wait_for_more():
 
     (first, second), forward = run(scenario, max_wait_s=0.3)
     assert (first, second) == ([3.0], [4.0])
-    assert forward.calls == [[1, 2], [3, 4]]
+    assert forward.calls == [list(range(10, 20)), [3, 4]]
 
 
 def test_requests_that_queued_during_a_forward_do_not_wait_again():

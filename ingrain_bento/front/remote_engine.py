@@ -119,7 +119,8 @@ class RemoteEngine:
         """Each request joins the next call for its model (see Coalescing above)."""
         self._turn = (self._turn + 1) % self.lanes
         coalescer = self._coalescer(((ref, task, tag), self._turn))
-        outcomes: list[list[Outcome]] = await asyncio.gather(*(coalescer.submit([items]) for items in requests))
+        # queued as futures, gathered without a task apiece
+        outcomes: list[list[Outcome]] = await asyncio.gather(*(coalescer.enqueue([items]) for items in requests))
         return InferReply([outcome[0][0] for outcome in outcomes], max(outcome[0][1] for outcome in outcomes))
 
     def _coalescer(self, key: tuple[CoalesceKey, int]) -> Batcher[Any]:

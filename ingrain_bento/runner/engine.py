@@ -32,7 +32,7 @@ from typing import Any
 
 from ingrain_bento import schemas as s
 from ingrain_bento.backends import BACKENDS, auto_table, pick_auto
-from ingrain_bento.batching import BatcherClosed
+from ingrain_bento.batching import Batcher, BatcherClosed
 from ingrain_bento.boundary import InferReply, LoadResult, ModelHandle, ServedModel
 from ingrain_bento.errors import BadRequest, Conflict, IngrainError, ModelNotFound, StaleModel
 from ingrain_bento.families import api_pretrained, families, family, parse_ref
@@ -408,7 +408,7 @@ class RunnerEngine:
             try:
                 async with self._serving(ref, tag) as resident:
                     batcher = self.pool.batcher(resident, task)
-                    done = await asyncio.gather(*(batcher.submit(requests[i]) for i in pending),
+                    done = await asyncio.gather(*(_queued(batcher, requests[i]) for i in pending),
                                                 return_exceptions=True)
             except IngrainError as exc:  # the model itself cannot serve: every request gets that error
                 done = [exc] * len(pending)
@@ -430,3 +430,15 @@ class RunnerEngine:
             if self.metrics is not None:
                 self.metrics.record_outcome(ref, not isinstance(outcome, IngrainError), seconds)
         return InferReply(outcomes, self.version)
+
+
+def _queued(batcher: Batcher[Any], items: Sequence[Any]) -> asyncio.Future[Any]:
+    """``items`` queued on ``batcher``: their rows to come, or why they could not be queued. Every
+    request of a call is queued before any is awaited, so they share forwards, and gathering
+    futures (not coroutines) makes no task apiece."""
+    try:
+        return batcher.enqueue(items)
+    except Exception as exc:
+        refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        refused.set_exception(exc)
+        return refused

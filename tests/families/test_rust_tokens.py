@@ -20,6 +20,7 @@ from ingrain_bento.families.base import TextPrep
 from ingrain_bento.families.rust_tokens import RustTokens
 from ingrain_bento.families.sentence_transformers import SentenceTransformerPreprocessor, split_rows, text_format
 
+
 @pytest.fixture(autouse=True)
 def _every_model_ran_on_the_engine() -> None:
     """Nothing here runs a model: these tests run once, not once per engine (``conftest.py``)."""

@@ -1,8 +1,9 @@
 """``RunnerEngine``: the one model state, and inference on prepared items.
 
-A request that meets an unload is served after a reload (or refused with a 400 when
-auto-loading is off); inputs prepared for another store entry are refused; what is resident is
-recorded in the desired model state and loaded again by the next engine (with the engine its
+Requests queued before an unload are served first, and a request after it loads the model
+again (or is refused with a 400 when auto-loading is off); one that meets the unload is sent
+again; inputs prepared for another store entry are refused; what is resident is recorded in the
+desired model state and loaded again by the next engine (with the engine its
 load named, or the next engine's default); the state version is the desired state's
 its count of removals: it moves when a model stops being resident or stored, not when one arrives.
 """
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from ingrain_bento import schemas as s
+from ingrain_bento.batching import BatcherClosed
 from ingrain_bento.errors import BadRequest, ModelNotFound, StaleModel
 from ingrain_bento.model_state import LocalStateHome, StateHome, StoreUnreachable
 from ingrain_bento.runner.engine import RunnerEngine
@@ -33,20 +35,45 @@ def run(scenario, home: StateHome | None = None, **settings):
     return run_engine(scenario, home, timeout_s=120, **settings)
 
 
-def test_a_request_that_meets_an_unload_is_served_after_the_reload():
+def test_requests_queued_before_an_unload_are_served_and_the_next_one_loads_it_again():
     async def scenario(engine: RunnerEngine) -> None:
         await engine.load(VIT, "timm")
         handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
         calls = [asyncio.create_task(engine.infer(handle.ref, "embed_image", handle.tag, [_pixels(3)]))
                  for _ in range(6)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # each call has queued its items
         await engine.pool.unload(handle.ref)  # the pool's unload itself, at once (the route first records it)
         replies = await asyncio.gather(*calls)
         results = [result for reply in replies for result in reply.results]
         assert all(isinstance(r, np.ndarray) and r.shape[0] == 3 for r in results), results
-        assert engine.pool.get(handle.ref) is not None, "the requests loaded it again"
+        assert engine.pool.get(handle.ref) is None, "released once they were answered"
+        (after,) = (await engine.infer(handle.ref, "embed_image", handle.tag, [_pixels(1)])).results
+        assert isinstance(after, np.ndarray) and after.shape[0] == 1, after
+        assert engine.pool.get(handle.ref) is not None, "the next request loaded it again"
 
     run(scenario, max_batch_size=2)
+
+
+def test_a_request_that_meets_an_unload_is_sent_again_and_served():
+    """The model was unloaded between the request taking it and queueing on it (the batcher it
+    found is closed): the request uses the model again."""
+
+    async def scenario(engine: RunnerEngine) -> None:
+        await engine.load(VIT, "timm")
+        handle = await engine.describe(VIT.name, VIT.pretrained, "timm")
+        batcher, met = engine.pool.batcher, []
+
+        def closed_once(resident, task):
+            if not met:
+                met.append(task)
+                raise BatcherClosed("The model was unloaded while this request waited: send it again.")
+            return batcher(resident, task)
+
+        engine.pool.batcher = closed_once  # type: ignore[method-assign]  # the unload's race, once
+        (result,) = (await engine.infer(handle.ref, "embed_image", handle.tag, [_pixels(3)])).results
+        assert met == ["embed_image"] and isinstance(result, np.ndarray) and result.shape[0] == 3, result
+
+    run(scenario)
 
 
 def test_without_auto_loading_an_unloaded_model_is_a_400():
