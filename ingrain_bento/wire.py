@@ -32,6 +32,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -107,7 +108,7 @@ def decode_frame(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         for name, (dtype, shape, offset) in header["arrays"].items():
             if dtype not in _DTYPES:
                 raise FrameError(f"array {name!r} has dtype {dtype!r}, not one a frame carries")
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(int(size) for size in shape)  # np.prod costs ~5 µs a call
             kind = np.dtype(dtype)
             if offset < 0 or start + offset + count * kind.itemsize > len(body):
                 raise FrameError(f"array {name!r} runs past the end of the body")
@@ -342,13 +343,14 @@ class RunnerGate:
     """The runner service's ASGI middleware: refuses pickle everywhere and calls without the token
     (before reading their body), and serves ``/ingrain/<method>`` by calling the engine.
 
-    ``engine`` returns the runner's ``Engine`` (resolved per call: BentoML builds the service
-    instance after its middlewares)."""
+    ``engine`` returns the runner's ``Engine`` (resolved at the first call, not before: BentoML
+    builds the service instance after its middlewares; then kept)."""
 
     def __init__(self, app: ASGIApp, engine: Callable[[], Awaitable[Engine]], token: str,
                  metrics: HttpMetrics | None = None) -> None:
         self.app = app
         self.engine = engine
+        self._engine: Engine | None = None
         self.expected = f"Bearer {token}".encode()
         self.metrics = metrics  # the calls, as BentoML's layers (which the gate is in front of) counted them
 
@@ -392,7 +394,9 @@ class RunnerGate:
     async def _call(self, codec: CallCodec, body: bytes) -> tuple[int, bytes, bytes]:
         try:
             arguments = codec.decode_args(body)
-            result = await getattr(await self.engine(), codec.name)(**arguments)
+            if self._engine is None:
+                self._engine = await self.engine()
+            result = await getattr(self._engine, codec.name)(**arguments)
             return 200, FRAME_MEDIA_TYPE.encode(), codec.encode_result(result)
         except IngrainError as exc:
             error = exc

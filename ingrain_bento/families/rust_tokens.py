@@ -6,7 +6,8 @@ a dict per text, torch tensors), which the front then splits back into one row p
 short text that is ~170 µs a call beside ~15 µs of tokenizing, and ~0.8 ms more for 64 texts (2
 cores, ``bench/front_cost.py``). ``RustTokens`` asks the Rust tokenizer for the rows directly: the
 prompt prepended as the library prepends it, cut at the model's length from the side asked (or
-not cut), never padded.
+not cut), never padded. It is the library's own tokenizer object, configured for each call under
+the lock the library's calls hold too.
 
 It is used only where it gives back exactly the rows ``preprocess`` gives: ``RustTokens.verified``
 tokenizes probe texts both ways when the front opens a model (texts under and over the limit, the
@@ -18,6 +19,7 @@ backend, a library that changed how it prepares texts) keeps the library's path.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,39 +40,40 @@ PROBE_PROMPT = "probe prompt: "
 
 
 class RustTokens:
-    def __init__(self, backend: Any, keys: Sequence[str], max_length: int, split_special_tokens: bool) -> None:
-        """``backend``: the model's ``tokenizers.Tokenizer``; one copy per direction is configured
-        here (the model's own is reconfigured by transformers on every call, so it is not shared)."""
-        from tokenizers import Tokenizer
-
-        config = backend.to_str()
+    def __init__(self, backend: Any, keys: Sequence[str], max_length: int, split_special_tokens: bool,
+                 lock: threading.Lock) -> None:
+        """``backend``: the model's own ``tokenizers.Tokenizer``, shared with transformers (a copy
+        costs ~7 MB for a 30k vocabulary), so ``lock`` (held by the library's calls too) guards it:
+        transformers sets its truncation and padding on every call, and so does ``rows``."""
+        self._tokenizer = backend
         self._fields = tuple(ENCODING_FIELDS[key] for key in keys)
-        self._tokenizers: dict[Direction, Any] = {}
-        for direction in DIRECTIONS:
-            tokenizer = Tokenizer.from_str(config)
-            tokenizer.no_padding()
-            if direction is None:
-                tokenizer.no_truncation()
-            else:
-                tokenizer.enable_truncation(max_length, strategy="longest_first", direction=direction)
-            tokenizer.encode_special_tokens = split_special_tokens
-            self._tokenizers[direction] = tokenizer
+        self._max_length = max_length
+        self._split_special_tokens = split_special_tokens
+        self._lock = lock
 
     def rows(self, texts: Sequence[str], prompt: str | None, direction: Direction) -> list[np.ndarray]:
         """One int32 (keys, tokens) array per text, ``prompt`` first."""
         if not texts:
             return []
-        tokenizer = self._tokenizers[direction]
+        tokenizer = self._tokenizer
         encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no character offsets
-        encodings = encode([prompt + text for text in texts] if prompt else list(texts))
+        with self._lock:
+            tokenizer.no_padding()
+            if direction is None:
+                tokenizer.no_truncation()
+            else:
+                tokenizer.enable_truncation(self._max_length, strategy="longest_first", direction=direction)
+            tokenizer.encode_special_tokens = self._split_special_tokens
+            encodings = encode([prompt + text for text in texts] if prompt else list(texts))
         fields = self._fields
         return [np.array([getattr(encoding, name) for name in fields], dtype=np.int32) for encoding in encodings]
 
     @classmethod
-    def verified(cls, model: Any, keys: Sequence[str], default_prompt: str | None,
-                 library: LibraryRows) -> RustTokens | None:
+    def verified(cls, model: Any, keys: Sequence[str], default_prompt: str | None, library: LibraryRows,
+                 lock: threading.Lock) -> RustTokens | None:
         """The Rust path for ``model`` (a sentence-transformers model) when it equals ``library`` on
-        every probe; None when the model has no Rust tokenizer, or the two differ anywhere."""
+        every probe; None when the model has no Rust tokenizer, or the two differ anywhere.
+        ``lock``: held by ``library`` around each of its calls (not around this one)."""
         hf_tokenizer = getattr(model, "tokenizer", None)
         backend = getattr(hf_tokenizer, "_tokenizer", None)
         if backend is None or not hasattr(backend, "encode_batch") or not set(keys) <= ENCODING_FIELDS.keys():
@@ -79,7 +82,7 @@ class RustTokens:
         if limit <= 0:
             return None
         try:
-            fast = cls(backend, keys, limit, bool(getattr(hf_tokenizer, "split_special_tokens", False)))
+            fast = cls(backend, keys, limit, bool(getattr(hf_tokenizer, "split_special_tokens", False)), lock)
             for prompt in dict.fromkeys([None, default_prompt, PROBE_PROMPT]):
                 for direction in DIRECTIONS:
                     texts = probe_texts(hf_tokenizer, limit, over_limit=direction is not None)

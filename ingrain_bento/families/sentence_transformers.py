@@ -507,11 +507,11 @@ class SentenceTransformerPreprocessor(Preprocessor):
         # Pooling that leaves the prompt's tokens out takes one prompt length per batch: the
         # runner's graph has the default prompt's, so such a model takes no other prompt.
         self.pools_prompt = _pools_prompt(model)
-        # The tokenizer's truncation side is flipped for a left cut: one tokenization at a time
-        # (the tokenizer thread, or the event loop for a short request alone).
+        # The tokenizer's truncation side is flipped for a left cut, and ``RustTokens`` configures
+        # it for each call: one tokenization at a time (the tokenizer thread, or the event loop).
         self._tokenizing = threading.Lock()
         self.rust_tokens = None if self.format is None or kind.name not in TEXT_ROW_KINDS else RustTokens.verified(
-            model, self.format.keys, self.prompt, self._library_rows)
+            model, self.format.keys, self.prompt, self._library_rows, self._tokenizing)
         self.tokenizes_inline = self.rust_tokens is not None
         log.info("preprocessor.open folder=%s tokenizer=%s", folder.name, "rust" if self.rust_tokens else "library")
 

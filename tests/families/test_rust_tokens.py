@@ -9,6 +9,7 @@ byte-level BPE (RoBERTa, left-padded) tokenizers; anything that differs keeps th
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -152,4 +153,5 @@ def test_a_tokenizer_without_a_rust_backend_keeps_the_librarys_path():
         tokenizer = object()
         max_seq_length = 128
 
-    assert RustTokens.verified(PythonOnly(), ("input_ids",), None, lambda texts, prompt, direction: []) is None
+    assert RustTokens.verified(PythonOnly(), ("input_ids",), None, lambda texts, prompt, direction: [],
+                               threading.Lock()) is None
