@@ -11,7 +11,8 @@ and of the runner, and the runner's per forward (``ingrain_forward_seconds`` cou
 forwards; its sum, their wall time, is given beside); the runner's own cost per ``infer`` call,
 the forward left out: its event loop thread's CPU (forwards run on other threads) per call; and
 the tiny model's one-text figures from one client, where each call carries one request, and
-beside them the runner's floor: its loop's CPU for a call it answers with no work (the HTTP).
+beside them the runner's floor: its loop's CPU for a call it answers with no work (the HTTP),
+and its own path in this process, without HTTP: ``RunnerEngine.infer`` alone and through the gate.
 
 Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load and
 under the 64-text load (the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
@@ -184,6 +185,68 @@ def runner_http_floor(server: Server, calls: int = 3000) -> dict[str, float]:
     return {"runner_loop_ms_per_call": asyncio.run(run())}
 
 
+def runner_in_process(model: str, calls: int = 3000) -> dict[str, float]:
+    """The runner's own path without any HTTP server, one request a call, in this process (on
+    uvloop, as the runner is): the event-loop thread's CPU per call of ``RunnerEngine.infer`` (the
+    pool, the batcher, the forward's hand-off to its thread and back, the forward left out), and
+    of the same call through ``RunnerGate`` (the frames both ways, the gate). Metrics are off
+    here; the served figure has them, and uvicorn (``runner_http_floor``)."""
+
+    import uvloop
+
+    from ingrain_bento import schemas
+    from ingrain_bento.families import family
+    from ingrain_bento.runner.engine import RunnerEngine
+    from ingrain_bento.settings import Settings
+    from ingrain_bento.store import ModelStore
+    from ingrain_bento.wire import CALLS, RunnerGate
+
+    async def run() -> dict[str, float]:
+        engine = RunnerEngine(Settings())
+        try:
+            await engine.load(schemas.ModelRequest(name=model), "sentence_transformers")
+            handle = await engine.describe(model, None, "sentence_transformers")
+            entry = ModelStore().by_tag(handle.tag)
+            assert entry is not None
+            items = family("sentence_transformers").load_preprocessor(entry.path, handle.ref).prepare_texts(
+                ["text number 7 about the weather in town"])
+            body = CALLS["infer"].encode_args({"ref": handle.ref, "task": "embed_text", "tag": handle.tag,
+                                               "requests": [items]})
+
+            async def the_engine() -> RunnerEngine:
+                return engine
+
+            gate = RunnerGate(None, the_engine, "token")  # type: ignore[arg-type]  # only its calls are made
+            scope = {"type": "http", "method": "POST", "path": "/ingrain/infer",
+                     "headers": [(b"authorization", b"Bearer token")]}
+
+            async def receive() -> dict[str, object]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message: object) -> None:
+                pass
+
+            async def infer() -> None:
+                await engine.infer(handle.ref, "embed_text", handle.tag, [items])
+
+            async def through_the_gate() -> None:
+                await gate(scope, receive, send)
+
+            out = {}
+            for name, call in (("engine_infer", infer), ("through_the_gate", through_the_gate)):
+                for _ in range(300):
+                    await call()
+                started = time.thread_time()
+                for _ in range(calls):
+                    await call()
+                out[f"{name}_loop_ms_per_call"] = (time.thread_time() - started) / calls * 1000
+            return out
+        finally:
+            await engine.close()
+
+    return uvloop.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
@@ -214,6 +277,7 @@ def main() -> None:
             if label == "tiny":  # one client: each runner call carries one request
                 results["tiny_1_text_1_client"] = measure(server, f"{server.url}/embed_text", one[:n // 4], clients=1)
                 results["runner_http_floor_1_client"] = runner_http_floor(server)
+                results["runner_in_process_1_client"] = runner_in_process(name)
         results["ratio_1_text_to_health"] = (results["minilm_1_text"]["front_ms_per_request"]
                                              / results["health"]["front_ms_per_request"])
         if not args.no_profile:
