@@ -128,6 +128,12 @@ class Preprocessor:
     # batched with others on the tokenizer thread to share the library's cost a call.
     tokenizes_inline: bool = False
 
+    def tokenizer_idle(self) -> bool:
+        """Whether no tokenization of this model is running now (on the tokenizer thread): a short
+        request tokenized on the event loop would otherwise wait for it there, and so would every
+        request of the worker."""
+        return True
+
     def tokens(self, texts: Sequence[str], add_special_tokens: bool = True,
                prep: TextPrep = DEFAULT_TEXT_PREP) -> list[list[tuple[int, str, bool, int | None, int | None]]]:
         """Each text's tokens as the model's tokenizer makes them (its prompt first): (id, text,

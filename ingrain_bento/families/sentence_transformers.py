@@ -531,6 +531,9 @@ class SentenceTransformerPreprocessor(Preprocessor):
             raise RuntimeError("the tokenizer's output changed shape since load")
         return rows
 
+    def tokenizer_idle(self) -> bool:
+        return not self._tokenizing.locked()
+
     def _text_rows(self, texts: list[str], prompt: str | None, direction: Direction) -> list[Any]:
         """One row per text (``direction``: the side a text over the limit is cut from; None: not cut),
         from the Rust tokenizer where it was verified equal to the library at load, else the library's."""

@@ -151,14 +151,16 @@ class InputPreparer:
                     prep: TextPrep = DEFAULT_TEXT_PREP) -> list[Any]:
         """One item per text, tokenized with the texts of concurrent requests for this model that
         ask alike (``prep``); a short request is tokenized at once, on the event loop (see
-        ``INLINE_TEXT_CHARS``), when the model ``tokenizes_inline`` or when the request is ``alone``
-        in this worker and finds the tokenizer idle. With
+        ``INLINE_TEXT_CHARS``), when the model ``tokenizes_inline`` and its tokenizer is not busy on
+        the thread (a long request's texts), or when the request is ``alone`` in this worker and
+        finds the tokenizer idle. With
         ``truncate: false`` a request's texts are tokenized on their own, so that a text over the
         limit is named by its index in the request."""
         preprocessor = await self.preprocessor(handle)
         prepare = partial(preprocessor.prepare_texts, prep=prep)
-        short = sum(map(len, texts)) <= INLINE_TEXT_CHARS
-        if short and preprocessor.tokenizes_inline:
+        # short, and the loop would not wait for a tokenization running on the thread
+        inline = sum(map(len, texts)) <= INLINE_TEXT_CHARS and preprocessor.tokenizer_idle()
+        if inline and preprocessor.tokenizes_inline:
             return list(call_guarded(prepare, texts))
         if not prep.truncate:
             return list(await asyncio.get_running_loop().run_in_executor(
@@ -169,7 +171,7 @@ class InputPreparer:
                               max_batch=self.settings.max_batch_size, max_wait_s=self.settings.batch_wait_ms / 1000,
                               merge=self.settings.dynamic_batching)
             self._tokenizers[(handle.tag, prep)] = batcher
-        if short and alone and batcher.idle:
+        if inline and alone and batcher.idle:
             return list(call_guarded(prepare, texts))
         return list(await batcher.submit(texts))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,34 @@ def test_with_the_rust_tokenizer_every_short_request_is_tokenized_on_the_loop(hu
         threads.clear()
         await embed(gateway, "word " * (INLINE_TEXT_CHARS // 5 + 1))
         assert len(threads) == 1 and threads[0].startswith("ingrain-tokenize"), "a long text stays off the loop"
+
+    _recorded_embeds(hub_models["st"], check, rust=True)
+
+
+def test_a_short_request_does_not_wait_on_the_loop_for_a_tokenization_running_on_the_thread(hub_models):
+    """While the tokenizer is busy on its thread (a long request's texts; held here for 0.5 s), a
+    short request goes to the thread too: the event loop, and every other request, keeps going."""
+
+    async def check(gateway: ModelGateway, embed: Embed, threads: list[str]) -> None:
+        handle = await gateway.handle(s.TextRequest(name=hub_models["st"], text="x"))
+        preprocessor = await gateway.inputs.preprocessor(handle)
+        held = threading.Event()
+
+        def long_tokenization() -> None:
+            with preprocessor._tokenizing:  # what a long request's tokenization holds on the thread
+                held.set()
+                time.sleep(0.5)
+
+        busy = threading.Thread(target=long_tokenization)
+        busy.start()
+        held.wait()
+        short = asyncio.create_task(embed(gateway, "a short query"))
+        started = time.monotonic()
+        await asyncio.sleep(0.05)
+        assert time.monotonic() - started < 0.3, "the event loop waited for the tokenizer"
+        await short
+        busy.join()
+        assert len(threads) == 1 and threads[0].startswith("ingrain-tokenize"), threads
 
     _recorded_embeds(hub_models["st"], check, rust=True)
 
