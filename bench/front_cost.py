@@ -11,8 +11,9 @@ and of the runner, and the runner's per forward (``ingrain_forward_seconds`` cou
 forwards; its sum, their wall time, is given beside); the runner's own cost per ``infer`` call,
 the forward left out: its event loop thread's CPU (forwards run on other threads) per call; and
 the tiny model's one-text figures from one client, where each call carries one request, and
-beside them the runner's floor: its loop's CPU for a call it answers with no work (the HTTP),
-and its own path in this process, without HTTP: ``RunnerEngine.infer`` alone and through the gate.
+beside them, calls sent straight to the runner (a call it answers with no work: the HTTP; one
+``infer`` after another) and its own path in this process, without HTTP (``RunnerEngine.infer``
+alone and through the gate).
 
 Then, unless ``--no-profile``: the front worker sampled with py-spy under the one-text load and
 under the 64-text load (the thread holding the GIL), each sample put in the first stage its stack reaches from the leaf
@@ -157,32 +158,46 @@ def measure(server: Server, url: str, bodies: list[dict], method: str = "POST", 
             "requests_per_s": n / run["seconds"], "loadgen_cpu_ms_per_request": run["cpu_s"] / n * 1000}
 
 
-def runner_http_floor(server: Server, calls: int = 3000) -> dict[str, float]:
-    """The runner's event-loop CPU per call for a call it answers with no work at all: an unknown
-    call, a 404 from ``RunnerGate`` right after the token check, sent one at a time with the
-    front's own transport. That is what uvicorn and the hop's HTTP cost the runner a call: the
-    floor under ``runner_loop_ms_per_call``, which no change of ours below the HTTP server moves."""
+def runner_direct(server: Server, model: str, calls: int = 3000) -> dict[str, float]:
+    """The runner's event-loop CPU per call for calls sent straight to its socket, one at a time,
+    with the front's own transport: a call it answers with no work at all (an unknown call, a 404
+    from ``RunnerGate`` right after the token check: what uvicorn and the hop's HTTP cost the
+    runner a call, the floor under ``runner_loop_ms_per_call``, which no change of ours below the
+    HTTP server moves), and a one-text ``infer`` call back to back (no idle time between calls)."""
     import asyncio
 
-    from ingrain_bento.wire import RunnerTransport
+    import numpy as np
+
+    from ingrain_bento.boundary import ModelHandle
+    from ingrain_bento.wire import CALLS, RunnerTransport
 
     address, token = server.runner_address()
     runner = server.worker_pid()
 
-    async def run() -> float:
+    async def per_call(transport: RunnerTransport, method: str, body: bytes, status: int) -> float:
+        for _ in range(200):
+            await transport.post(method, body)
+        before = cpu_seconds(runner, thread=runner)
+        for _ in range(calls):
+            reply = await transport.post(method, body)
+            assert reply.status == status, reply
+        return (cpu_seconds(runner, thread=runner) - before) / calls * 1000
+
+    async def run() -> dict[str, float]:
         transport = RunnerTransport(address, token)
         try:
-            for _ in range(200):
-                await transport.post("no-such-call", b"")
-            before = cpu_seconds(runner, thread=runner)
-            for _ in range(calls):
-                reply = await transport.post("no-such-call", b"")
-                assert reply.status == 404, reply
-            return (cpu_seconds(runner, thread=runner) - before) / calls * 1000
+            describe, infer = CALLS["describe"], CALLS["infer"]
+            reply = await transport.post("describe", describe.encode_args({"name": model, "pretrained": None,
+                                                                          "library": None}))
+            handle: ModelHandle = describe.decode_result(reply.body)
+            one_text = infer.encode_args({"ref": handle.ref, "task": "embed_text", "tag": handle.tag,
+                                          "requests": [[np.ones((3, 12), dtype=np.int32)]]})
+            return {"http_floor_loop_ms_per_call": await per_call(transport, "no-such-call", b"", 404),
+                    "infer_loop_ms_per_call": await per_call(transport, "infer", one_text, 200)}
         finally:
             await transport.close()
 
-    return {"runner_loop_ms_per_call": asyncio.run(run())}
+    return asyncio.run(run())
 
 
 def runner_in_process(model: str, calls: int = 3000) -> dict[str, float]:
@@ -190,7 +205,7 @@ def runner_in_process(model: str, calls: int = 3000) -> dict[str, float]:
     uvloop, as the runner is): the event-loop thread's CPU per call of ``RunnerEngine.infer`` (the
     pool, the batcher, the forward's hand-off to its thread and back, the forward left out), and
     of the same call through ``RunnerGate`` (the frames both ways, the gate). Metrics are off
-    here; the served figure has them, and uvicorn (``runner_http_floor``)."""
+    here; the served figure has them, and uvicorn (``runner_direct``)."""
 
     import uvloop
 
@@ -276,7 +291,7 @@ def main() -> None:
             results[f"{label}_64_texts"] = measure(server, f"{server.url}/embed_text", many)
             if label == "tiny":  # one client: each runner call carries one request
                 results["tiny_1_text_1_client"] = measure(server, f"{server.url}/embed_text", one[:n // 4], clients=1)
-                results["runner_http_floor_1_client"] = runner_http_floor(server)
+                results["runner_direct_1_client"] = runner_direct(server, name)
                 results["runner_in_process_1_client"] = runner_in_process(name)
         results["ratio_1_text_to_health"] = (results["minilm_1_text"]["front_ms_per_request"]
                                              / results["health"]["front_ms_per_request"])
