@@ -105,5 +105,5 @@ def probe_texts(hf_tokenizer: Any, limit: int, over_limit: bool) -> list[str]:
     specials = " ".join(str(token) for token in getattr(hf_tokenizer, "all_special_tokens", []) or [])
     texts = ["", "a", "Hello, World!  tabs\tand\nnewlines ÜNÏCÖDÉ 日本語 🙂", f"before {specials} after"]
     if over_limit:
-        texts.append(" ".join(f"Wort{i} straße, naïve café {i % 7}!" for i in range(limit)))
+        texts.append(" ".join(f"Wort{i} straße" for i in range(limit + 1)))  # two words: over the limit
     return texts
