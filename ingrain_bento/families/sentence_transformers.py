@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from ingrain_bento.errors import BadRequest, TooLarge
 from ingrain_bento.families import register
 from ingrain_bento.families.base import DEFAULT_TEXT_PREP, LoadedModel, Preprocessor, TextPrep
-from ingrain_bento.families.rust_tokens import Direction, RustTokens
 from ingrain_bento.refs import ModelRef
+from ingrain_bento.rust_tokens import Direction, RustTokens
 from ingrain_bento.tasks import EMBED_SPARSE, EMBED_TEXT, RERANK
 from ingrain_bento.tasks.classify_text import CLASSIFY_TEXT
 from ingrain_bento.tasks.multi_vector import (

@@ -1,4 +1,4 @@
-"""Token rows from a model's Rust tokenizer, called straight (``families.rust_tokens``).
+"""Token rows from a model's Rust tokenizer, called straight (``rust_tokens``).
 
 The front opens a model and, where the Rust tokenizer gives back exactly what the library's
 ``preprocess`` gives on probe texts, tokenizes with it: the same rows, without the library's
@@ -18,14 +18,8 @@ import pytest
 
 from ingrain_bento.families import family, parse_ref
 from ingrain_bento.families.base import TextPrep
-from ingrain_bento.families.rust_tokens import RustTokens
 from ingrain_bento.families.sentence_transformers import SentenceTransformerPreprocessor, split_rows, text_format
-
-
-@pytest.fixture(autouse=True)
-def _every_model_ran_on_the_engine() -> None:
-    """Nothing here runs a model: these tests run once, not once per engine (``conftest.py``)."""
-
+from ingrain_bento.rust_tokens import RustTokens
 
 TEXTS = [
     "The cat sits on the mat.",

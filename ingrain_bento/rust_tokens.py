@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = ["Direction", "LibraryRows", "RustTokens"]
 
-log = logging.getLogger("ingrain_bento.families.rust_tokens")
+log = logging.getLogger("ingrain_bento.rust_tokens")
 
 Direction = str | None  # the side a text over the limit is cut from ("right", "left"); None: not cut
 # The library's own rows: (texts, prompt, direction) -> one int32 (keys, tokens) array per text.
