@@ -50,6 +50,7 @@ from harness import (  # noqa: E402
     loadgen,
     offline_workdir,
     place_tiny_st,
+    runner_handle,
 )
 
 WORK = offline_workdir("ingrain-cost-")
@@ -135,7 +136,6 @@ def hop(server: Server, model: str, texts_per_call: int, calls: int = 2000) -> d
     calls of ``texts_per_call`` tokenized texts, straight to its socket with the front's transport."""
     import numpy as np
 
-    from ingrain_bento.boundary import ModelHandle
     from ingrain_bento.wire import CALLS, RunnerTransport
 
     address, token = server.runner_address()
@@ -143,10 +143,8 @@ def hop(server: Server, model: str, texts_per_call: int, calls: int = 2000) -> d
 
     async def run() -> dict[str, float]:
         transport = RunnerTransport(address, token)
-        describe, infer = CALLS["describe"], CALLS["infer"]
-        reply = await transport.post("describe", describe.encode_args({"name": model, "pretrained": None,
-                                                                      "library": None}))
-        handle: ModelHandle = describe.decode_result(reply.body)
+        infer = CALLS["infer"]
+        handle = await runner_handle(transport, model)
         beyond, cpu_started = [], time.process_time()
         for _ in range(calls):
             started = time.perf_counter()

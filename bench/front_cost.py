@@ -47,6 +47,7 @@ from harness import (  # noqa: E402
     place_minilm,
     place_tiny_st,
     report,
+    runner_handle,
     server_env,
 )
 
@@ -168,7 +169,6 @@ def runner_direct(server: Server, model: str, calls: int = 3000) -> dict[str, fl
 
     import numpy as np
 
-    from ingrain_bento.boundary import ModelHandle
     from ingrain_bento.wire import CALLS, RunnerTransport
 
     address, token = server.runner_address()
@@ -186,11 +186,8 @@ def runner_direct(server: Server, model: str, calls: int = 3000) -> dict[str, fl
     async def run() -> dict[str, float]:
         transport = RunnerTransport(address, token)
         try:
-            describe, infer = CALLS["describe"], CALLS["infer"]
-            reply = await transport.post("describe", describe.encode_args({"name": model, "pretrained": None,
-                                                                          "library": None}))
-            handle: ModelHandle = describe.decode_result(reply.body)
-            one_text = infer.encode_args({"ref": handle.ref, "task": "embed_text", "tag": handle.tag,
+            handle = await runner_handle(transport, model)
+            one_text = CALLS["infer"].encode_args({"ref": handle.ref, "task": "embed_text", "tag": handle.tag,
                                           "requests": [[np.ones((3, 12), dtype=np.int32)]]})
             return {"http_floor_loop_ms_per_call": await per_call(transport, "no-such-call", b"", 404),
                     "infer_loop_ms_per_call": await per_call(transport, "infer", one_text, 200)}
@@ -206,7 +203,6 @@ def runner_in_process(model: str, calls: int = 3000) -> dict[str, float]:
     pool, the batcher, the forward's hand-off to its thread and back, the forward left out), and
     of the same call through ``RunnerGate`` (the frames both ways, the gate). Metrics are off
     here; the served figure has them, and uvicorn (``runner_direct``)."""
-
     import uvloop
 
     from ingrain_bento import schemas

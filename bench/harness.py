@@ -268,6 +268,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+async def runner_handle(transport: Any, model: str) -> Any:
+    """The runner's ``ModelHandle`` for ``model``, asked straight over ``transport`` (a
+    ``wire.RunnerTransport``), as a front's ``describe`` asks it."""
+    from ingrain_bento.wire import CALLS
+
+    describe = CALLS["describe"]
+    reply = await transport.post("describe", describe.encode_args({"name": model, "pretrained": None,
+                                                                  "library": None}))
+    return describe.decode_result(reply.body)
+
+
 def metric_totals(server: Server, wanted: dict[str, dict[str, str]]) -> dict[str, float]:
     """The server's ``/metrics`` read once: per sample name in ``wanted``, the sum of its samples
     whose labels hold the given ones (``{}``: all of them)."""

@@ -46,6 +46,7 @@ class RustTokens:
         costs ~7 MB for a 30k vocabulary), so ``lock`` (held by the library's calls too) guards it:
         transformers sets its truncation and padding on every call, and so does ``rows``."""
         self._tokenizer = backend
+        self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no character offsets
         self._fields = tuple(ENCODING_FIELDS[key] for key in keys)
         self._max_length = max_length
         self._split_special_tokens = split_special_tokens
@@ -56,7 +57,6 @@ class RustTokens:
         if not texts:
             return []
         tokenizer = self._tokenizer
-        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no character offsets
         with self._lock:
             tokenizer.no_padding()
             if direction is None:
@@ -64,7 +64,7 @@ class RustTokens:
             else:
                 tokenizer.enable_truncation(self._max_length, strategy="longest_first", direction=direction)
             tokenizer.encode_special_tokens = self._split_special_tokens
-            encodings = encode([prompt + text for text in texts] if prompt else list(texts))
+            encodings = self._encode([prompt + text for text in texts] if prompt else list(texts))
         fields = self._fields
         return [np.array([getattr(encoding, name) for name in fields], dtype=np.int32) for encoding in encodings]
 
