@@ -63,7 +63,10 @@ def join_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
     """Row arrays of one model and task (chunks of a request, requests of a call) as one. Rows are
     one width per task, except a task whose results vary in size (multi-vector: a text's token
     count, then its matrix), which packs each forward only as wide as its longest result: narrower
-    rows are widened with zeros at the end, which such a task reads past."""
+    rows are widened with zeros at the end, which such a task reads past. One part is returned as
+    it is (most calls: one request of one chunk)."""
+    if len(rows) == 1:
+        return rows[0]
     width = max(part.shape[1] for part in rows) if rows[0].ndim == 2 else None
     if width is None or all(part.shape[1] == width for part in rows):
         return np.concatenate(rows)

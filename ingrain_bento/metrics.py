@@ -219,6 +219,7 @@ class ModelMetrics:
         self._reported: set[str] = set()
         self.series = _series()
         self.series.runner_starts.inc()
+        self.forwards = Deferred(self._write_forwards)  # ~12 µs of writes a forward, once a second instead
 
     def _model(self, ref: ModelRef) -> _ModelStats:
         return self._stats.setdefault(ref.display_id, _ModelStats())
@@ -231,18 +232,33 @@ class ModelMetrics:
             stats.last_inference_ms = int(time.time() * 1000)
 
     def record_batch(self, ref: ModelRef, task: str, backend: str, batch: BatchStats) -> None:
+        """One forward: Ingrain's statistics at once, the series by ``Deferred``."""
         size, ns = batch.items, batch.ns
-        self.series.items.labels(ref.display_id, task, backend).inc(size)
-        self.series.batch_size.labels(ref.display_id, task, backend).observe(size)
-        self.series.forward_seconds.labels(ref.display_id, task, backend).observe(ns / 1e9)
-        if batch.tokens is not None and batch.padded_tokens is not None:
-            self.series.tokens.labels(ref.display_id, task).inc(batch.tokens)
-            self.series.padded_tokens.labels(ref.display_id, task).inc(batch.padded_tokens)
+        self.forwards.add((ref.display_id, task, backend, batch))
         stats = self._model(ref)
         stats.inference_count += size
         stats.execution_count += 1
         stats.compute_infer.add(ns)
         stats.batches.setdefault(size, _Duration()).add(ns)
+
+    def flush(self) -> None:
+        self.forwards.flush()
+
+    def _write_forwards(self, records: list[tuple[str, str, str, BatchStats]]) -> None:
+        by_model: dict[tuple[str, str, str], list[BatchStats]] = {}
+        for model, task, backend, batch in records:
+            by_model.setdefault((model, task, backend), []).append(batch)
+        for (model, task, backend), batches in by_model.items():
+            self.series.items.labels(model, task, backend).inc(sum(batch.items for batch in batches))
+            sizes = self.series.batch_size.labels(model, task, backend)
+            seconds = self.series.forward_seconds.labels(model, task, backend)
+            for batch in batches:
+                sizes.observe(batch.items)
+                seconds.observe(batch.ns / 1e9)
+            counted = [batch for batch in batches if batch.tokens is not None and batch.padded_tokens is not None]
+            if counted:
+                self.series.tokens.labels(model, task).inc(sum(batch.tokens or 0 for batch in counted))
+                self.series.padded_tokens.labels(model, task).inc(sum(batch.padded_tokens or 0 for batch in counted))
 
     def record_resident(self, sizes: dict[str, int]) -> None:
         """Bytes per resident model; a model that left reads 0 (multiprocess mode cannot remove

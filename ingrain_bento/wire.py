@@ -41,6 +41,7 @@ from functools import partial
 from typing import Any, get_type_hints
 
 import numpy as np
+import orjson
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -92,7 +93,7 @@ def encode_frame(args: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | Non
         pad = _padded(array.nbytes)
         chunks.append(b"\0" * pad)
         offset += array.nbytes + pad
-    header = json.dumps({"args": args, "arrays": layout}, separators=(",", ":")).encode()
+    header = orjson.dumps({"args": args, "arrays": layout}, option=orjson.OPT_NON_STR_KEYS)  # ~1 µs; json ~5
     lead = _LENGTH.pack(len(header)) + header
     return b"".join([lead, b"\0" * _padded(len(lead)), *chunks])
 
@@ -101,7 +102,7 @@ def decode_frame(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``encode_frame`` undone; the arrays are read-only views into ``body`` (no copy)."""
     try:
         (length,) = _LENGTH.unpack_from(body)
-        header = json.loads(body[_LENGTH.size:_LENGTH.size + length])
+        header = orjson.loads(body[_LENGTH.size:_LENGTH.size + length])
         start = _LENGTH.size + length
         start += _padded(start)
         arrays = {}

@@ -20,7 +20,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from ingrain_bento.batching import Batcher, ForwardCost, TokenBudgetBatcher, call_guarded, in_executor
+from ingrain_bento.batching import Batcher, ForwardCost, OneThread, TokenBudgetBatcher, call_guarded, in_executor
 from ingrain_bento.errors import AtCapacity
 
 POISON = -1
@@ -379,6 +379,53 @@ def test_call_guarded_turns_a_panic_into_a_runtime_error():
         call_guarded(panics, ["x"])
     with pytest.raises(ValueError):
         call_guarded(lambda items: int("nope"), ["x"])
+
+
+def test_one_thread_runs_its_calls_in_order_on_one_thread_from_the_loop_and_from_anywhere():
+    """``OneThread``: a device's forwards one at a time. ``run`` answers the event loop on an
+    asyncio future, ``submit`` (and so ``run_in_executor``) a concurrent one, in one order."""
+    one = OneThread("test-one")
+    ran: list[tuple[str, str]] = []
+
+    def record(name: str) -> str:
+        time.sleep(0.005)
+        ran.append((name, threading.current_thread().name))
+        return name.upper()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        answers = await asyncio.gather(one.run(record, "a"), loop.run_in_executor(one, record, "b"),
+                                       one.run(record, "c"))
+        assert answers == ["A", "B", "C"]
+        with pytest.raises(ValueError, match="nope"):
+            await one.run(int, "nope")
+        forward = in_executor(lambda items: [x * 2 for x in items], one)
+        assert await forward([1, 2]) == [2, 4]
+
+    asyncio.run(main())
+    assert [name for name, _ in ran] == ["a", "b", "c"]
+    assert {thread for _, thread in ran} == {"test-one"}
+    assert one.submit(record, "d").result(timeout=5) == "D"
+    one.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        one.submit(record, "e")
+
+
+def test_one_thread_turns_a_panic_of_a_forward_into_an_error_the_caller_gets():
+    class PanicException(BaseException):
+        pass
+
+    def panics(items):
+        raise PanicException("boom")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="PanicException: boom"):
+            await in_executor(panics, one)(["x"])
+        assert await one.run(len, "abc") == 3  # the thread lives on
+
+    one = OneThread("test-panic")
+    asyncio.run(main())
+    one.shutdown()
 
 
 # ---- forwards sized by padded tokens (texts) ----------------------------------------------------

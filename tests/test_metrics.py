@@ -59,3 +59,46 @@ def test_requests_are_written_at_once_after_a_quiet_second_and_then_once_a_secon
         assert counted() == start + 7
 
     asyncio.run(main())
+
+
+def test_forwards_are_written_at_once_after_a_quiet_second_and_then_once_a_second():
+    """``ModelMetrics.record_batch``: Ingrain's statistics at once, the Prometheus series of the
+    forwards by the same ``Deferred``; nothing is lost, ``flush`` (at the runner's close) writes the rest."""
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from ingrain_bento.batching import BatchStats
+    from ingrain_bento.metrics import ModelMetrics
+    from ingrain_bento.refs import ModelRef
+
+    ref = ModelRef("sentence_transformers", "flush-forwards", None)
+    labels = {"model": ref.display_id, "task": "embed_text", "backend": "torch"}
+
+    def items() -> float:
+        return REGISTRY.get_sample_value("ingrain_items_total", labels) or 0.0
+
+    def forwards() -> float:
+        return REGISTRY.get_sample_value("ingrain_batch_size_count", labels) or 0.0
+
+    def padded() -> float:
+        return REGISTRY.get_sample_value("ingrain_padded_tokens_total",
+                                         {"model": ref.display_id, "task": "embed_text"}) or 0.0
+
+    async def main() -> None:
+        metrics = ModelMetrics()
+        metrics.forwards.FLUSH_S = 0.3
+        start_items, start_forwards, start_padded = items(), forwards(), padded()
+        metrics.record_batch(ref, "embed_text", "torch", BatchStats(3, 1_000_000, 12, 15))
+        assert (items(), forwards()) == (start_items + 3, start_forwards + 1), "the first one at once"
+        for size in (1, 2, 4):
+            metrics.record_batch(ref, "embed_text", "torch", BatchStats(size, 2_000_000, size * 5, size * 6))
+        assert items() == start_items + 3, "the next ones wait for the flush"
+        assert metrics.ingrain_json()["modelStats"][0]["executionCount"] == "4", "Ingrain's statistics do not"
+        await asyncio.sleep(0.5)
+        assert (items(), forwards(), padded()) == (start_items + 10, start_forwards + 4, start_padded + 15 + 42)
+        metrics.record_batch(ref, "embed_text", "torch", BatchStats(2, 1_000_000))
+        metrics.flush()
+        assert (items(), forwards()) == (start_items + 12, start_forwards + 5)
+
+    asyncio.run(main())

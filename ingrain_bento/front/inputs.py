@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from ingrain_bento.batching import Batcher, call_guarded, in_executor
+from ingrain_bento.batching import Batcher, OneThread, call_guarded, in_executor
 from ingrain_bento.boundary import ModelHandle
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import families, family
@@ -77,7 +77,7 @@ class InputPreparer:
         self.one_torch_thread = one_torch_thread
         self.store = ModelStore()
         self.loader = ImageLoader(fetcher, settings)
-        self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-tokenize")
+        self.tokenize_executor = OneThread("ingrain-tokenize")
         self.image_executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
                                                  thread_name_prefix="ingrain-image")
         self._preprocessors: dict[str, asyncio.Task[Preprocessor]] = {}
@@ -163,8 +163,7 @@ class InputPreparer:
         if inline and preprocessor.tokenizes_inline:
             return list(call_guarded(prepare, texts))
         if not prep.truncate:
-            return list(await asyncio.get_running_loop().run_in_executor(
-                self.tokenize_executor, partial(call_guarded, prepare), texts))
+            return list(await self.tokenize_executor.run(call_guarded, prepare, texts))
         batcher = self._tokenizers.get((handle.tag, prep))
         if batcher is None:
             batcher = Batcher(in_executor(prepare, self.tokenize_executor),
@@ -179,11 +178,8 @@ class InputPreparer:
         """One item per (query, document) pair, tokenized together as the model's own tokenizer
         pairs them, on the tokenizer thread (a request's pairs are already a batch)."""
         preprocessor = await self.preprocessor(handle)
-        loop = asyncio.get_running_loop()
-        return list(await loop.run_in_executor(
-            self.tokenize_executor, partial(call_guarded, lambda docs: preprocessor.prepare_pairs(query, docs,
-                                                                                                  max_tokens)),
-            documents))
+        prepare = partial(preprocessor.prepare_pairs, query, max_tokens=max_tokens)
+        return list(await self.tokenize_executor.run(call_guarded, prepare, documents))
 
     async def images(self, handle: ModelHandle, values: list[str], headers: dict[str, str] | None) -> list[Any]:
         """One pixel item per image, in order; the first bad image fails the request (400 naming it)."""

@@ -85,6 +85,8 @@ class RunnerEngine:
         await self.sync.close()
         await self.pool.close()
         await self.fetcher.aclose()
+        if self.metrics is not None:
+            self.metrics.flush()
 
     async def _evicted(self, ref: ModelRef) -> None:
         """A pinned model was evicted to make room: an unload, everywhere."""

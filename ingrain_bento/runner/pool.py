@@ -32,7 +32,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingrain_bento.backends import BACKENDS, Backend, BackendChoice, auto_table, choose_backend, pick_auto
 from ingrain_bento.backends.torch import apply_torch_threads
-from ingrain_bento.batching import Batcher, BatcherClosed, TokenBudgetBatcher, in_executor
+from ingrain_bento.batching import Batcher, BatcherClosed, OneThread, TokenBudgetBatcher, in_executor
 from ingrain_bento.errors import AtCapacity, Conflict, ModelNotFound, ModelStillLoading
 from ingrain_bento.families import family
 from ingrain_bento.families.base import LoadedModel, freeze_heap
@@ -102,7 +101,7 @@ class ModelPool:
         self.on_evict = on_evict
         self.device_index = device_index
         # One forward at a time per device: torch already uses every core (or the GPU) per forward.
-        self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingrain-forward")
+        self.forward_executor = OneThread("ingrain-forward")
         self._device: torch.device | None = None
         self._resident: OrderedDict[ModelRef, Resident] = OrderedDict()
         self._loading: dict[ModelRef, tuple[Backend, asyncio.Task[Resident]]] = {}
