@@ -123,10 +123,13 @@ class Preprocessor:
     prompts: dict[str, str] = {}  # its named prompts, for ``TextPrep.prompt_name``
     labels: list[str] | None = None  # a classifier's labels, in the order of its scores
     multi_label: bool = False  # its labels are scored apart (sigmoid), not against each other (softmax)
-    # Its ``prepare_texts`` costs next to nothing a call beyond the texts themselves (the Rust
-    # tokenizer straight): a short request is tokenized at once, on the event loop, instead of being
-    # batched with others on the tokenizer thread to share the library's cost a call.
-    tokenizes_inline: bool = False
+
+    @property
+    def tokenizes_inline(self) -> bool:
+        """Its ``prepare_texts`` costs next to nothing a call beyond the texts themselves (the Rust
+        tokenizer straight): a short request is tokenized at once, on the event loop, instead of
+        being batched with others on the tokenizer thread to share the library's cost a call."""
+        return False
 
     def tokenizer_idle(self) -> bool:
         """Whether no tokenization of this model is running now (on the tokenizer thread): a short

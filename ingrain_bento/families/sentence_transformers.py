@@ -512,8 +512,11 @@ class SentenceTransformerPreprocessor(Preprocessor):
         self._tokenizing = threading.Lock()
         self.rust_tokens = None if self.format is None or kind.name not in TEXT_ROW_KINDS else RustTokens.verified(
             model, self.format.keys, self.prompt, self._library_rows, self._tokenizing)
-        self.tokenizes_inline = self.rust_tokens is not None
         log.info("preprocessor.open folder=%s tokenizer=%s", folder.name, "rust" if self.rust_tokens else "library")
+
+    @property
+    def tokenizes_inline(self) -> bool:
+        return self.rust_tokens is not None
 
     def _split(self, inputs: list[Any], prompt: str | None = None, direction: str = "right",
                **kwargs: Any) -> list[Any]:

@@ -49,7 +49,7 @@ def _recorded_embeds(name: str, check: Callable[[ModelGateway, Embed, list[str]]
             preprocessor = await gateway.inputs.preprocessor(handle)
             assert preprocessor.tokenizes_inline, "a BERT tokenizer is called straight"
             if not rust:
-                preprocessor.rust_tokens, preprocessor.tokenizes_inline = None, False
+                preprocessor.rust_tokens = None
             tokenize, threads = preprocessor.prepare_texts, []
 
             def recording(texts, **options):
