@@ -130,41 +130,47 @@ class OneThread(Executor):
         with self._start_lock:
             self._shut = True
             thread = self._thread
-        if thread is not None:
-            self._jobs.put(None)
-            if wait:
-                thread.join()
+            if thread is not None:
+                self._jobs.put(None)
+        if thread is not None and wait:
+            thread.join()
 
     def _put(self, call: Callable[[], Any], answer: Any) -> None:
-        with self._start_lock:
+        with self._start_lock:  # a call is queued before shutdown's end mark, or refused
             if self._shut:
                 raise RuntimeError(f"{self.name} is shut down")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
                 self._thread.start()
-        self._jobs.put((call, answer))
+            self._jobs.put((call, answer))
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            call, answer = job
-            if isinstance(answer, concurrent.futures.Future):
-                if answer.set_running_or_notify_cancel():
-                    try:
-                        answer.set_result(call())
-                    except BaseException as exc:
-                        answer.set_exception(exc)
-                continue
-            loop, future = answer
-            result: Any = None
-            error: BaseException | None = None
+            _answer(*job)
+            del job  # a forward's inputs, not held while the thread waits for the next
+
+
+def _answer(call: Callable[[], Any], answer: Any) -> None:
+    """Run one call of ``OneThread`` and hand its outcome to whoever waits: a concurrent future,
+    or (loop, asyncio future)."""
+    if isinstance(answer, concurrent.futures.Future):
+        if answer.set_running_or_notify_cancel():
             try:
-                result = call()
+                answer.set_result(call())
             except BaseException as exc:
-                error = exc
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:  # the loop closed while the call ran: nobody is waiting
-                pass
+                answer.set_exception(exc)
+        return
+    loop, future = answer
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        result = call()
+    except BaseException as exc:
+        error = exc
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:  # the loop closed while the call ran: nobody is waiting
+        pass
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
