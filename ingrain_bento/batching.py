@@ -78,19 +78,11 @@ def call_guarded(function: Callable[[Sequence[Any]], Any], items: Sequence[Any])
         raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
-def in_executor(function: Callable[[Sequence[Any]], Any], executor: Executor) -> Forward:
-    """A blocking forward, run on ``executor`` so the event loop keeps serving meanwhile (by
-    ``OneThread.run`` when it is one)."""
-    if isinstance(executor, OneThread):
-        one = executor
-
-        async def forward_on_one(items: Sequence[Any]) -> Any:
-            return await one.run(call_guarded, function, items)
-
-        return forward_on_one
+def in_executor(function: Callable[[Sequence[Any]], Any], thread: OneThread) -> Forward:
+    """A blocking forward, run on ``thread`` so the event loop keeps serving meanwhile."""
 
     async def forward(items: Sequence[Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(executor, partial(call_guarded, function, items))
+        return await thread.run(call_guarded, function, items)
 
     return forward
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -56,13 +55,13 @@ def values(rows: np.ndarray) -> list[float]:
 
 def run(scenario, *, timeout: float = 5.0, make=Batcher, **batcher_args):
     """Run ``await scenario(batcher, forward)`` with a fresh batcher (``make(forward, **batcher_args)``)
-    on a one-thread executor."""
+    on a ``OneThread``, as the runner's forwards run."""
     forward = FakeForward(batcher_args.pop("delay_s", 0.02))
     batcher_args.setdefault("max_batch", 64)
     batcher_args.setdefault("max_wait_s", 0.005)
 
     async def main():
-        with ThreadPoolExecutor(1) as executor:
+        with OneThread("test-forward") as executor:
             batcher = make(in_executor(forward, executor), **batcher_args)
             try:
                 return await asyncio.wait_for(scenario(batcher, forward), timeout)
@@ -119,7 +118,7 @@ def test_a_forward_that_returns_lists_gets_its_chunks_joined_as_a_list():
     """Tokenization batches through the same machinery and returns one list entry per text."""
 
     async def main():
-        with ThreadPoolExecutor(1) as executor:
+        with OneThread("test-forward") as executor:
             batcher = Batcher(in_executor(lambda items: [f"tokens of {x}" for x in items], executor), max_batch=4,
                               max_wait_s=0.001)
             try:
@@ -314,7 +313,7 @@ def test_a_failing_on_batch_callback_does_not_hang_or_fail_requests():
         raise RuntimeError("metrics broke")
 
     async def main():
-        with ThreadPoolExecutor(1) as executor:
+        with OneThread("test-forward") as executor:
             batcher = Batcher(in_executor(FakeForward(0.0), executor), max_batch=4, max_wait_s=0.001,
                               on_batch=broken_metrics)
             outcomes = [values(await asyncio.wait_for(batcher.submit([item]), 0.5)) for item in (1, 2)]

@@ -360,7 +360,7 @@ class ModelPool:
             await asyncio.wait_for(resident.idle.wait(), UNLOAD_DRAIN_TIMEOUT_S)
         except TimeoutError:
             log.warning("pool.unload model=%s released with requests still in flight", ref.display_id)
-        await asyncio.get_running_loop().run_in_executor(self.forward_executor, resident.model.release)
+        await self.forward_executor.run(resident.model.release)
         self._report_resident()
         log.info("pool.unload model=%s bytes=%d seconds=%.2f", ref.display_id, resident.model.memory_bytes,
                  time.perf_counter() - started)
