@@ -7,7 +7,8 @@
 - ``IngrainRunner`` (``INGRAIN_RUNNERS`` workers, one per GPU when there are any): the models when
   they live apart from the front, each worker with its own copy, all following one desired model
   state (``ingrain_bento.runner.sync``). ``wire.RunnerGate`` serves its calls (raw frames,
-  token-checked; it has no BentoML APIs, so nothing of it reads pickle).
+  token-checked; it has no BentoML APIs, so nothing of it reads pickle), and so does each worker's
+  own socket beside BentoML's (``frame_socket``: the same calls without HTTP, on one machine).
 
 Where the engine runs is ``machine.engine_process``: in the front's own process (no GPU, one
 front worker: the default on small CPU machines, where a second process only costs) or in the
@@ -41,6 +42,7 @@ from starlette.types import ASGIApp  # noqa: E402
 from ingrain_bento import schemas as s  # noqa: E402
 from ingrain_bento.bentoml_seam import dependency_address, serve_outside_bentoml, worker_index  # noqa: E402
 from ingrain_bento.boundary import Engine  # noqa: E402
+from ingrain_bento.frame_socket import FrameSocketServer, SocketTransport, socket_path  # noqa: E402
 from ingrain_bento.front import tei  # noqa: E402
 from ingrain_bento.front.cohere import cohere_embed  # noqa: E402
 from ingrain_bento.front.docs import CLIP, PNG, RERANKER, SPLADE, ST, TIMM  # noqa: E402
@@ -75,7 +77,7 @@ from ingrain_bento.model_list import baked_model_tags, preload_list  # noqa: E40
 from ingrain_bento.runner.engine import RunnerEngine  # noqa: E402
 from ingrain_bento.runner.sync import open_model_state, runner_id  # noqa: E402
 from ingrain_bento.tasks import zero_shot  # noqa: E402
-from ingrain_bento.wire import RunnerGate, RunnerTransport  # noqa: E402
+from ingrain_bento.wire import RunnerGate  # noqa: E402
 
 SETTINGS = get_settings()
 RUNNER_NAME = "ingrain-runner"
@@ -112,11 +114,17 @@ class IngrainRunner:
         configure_logging()
         self.engine: RunnerEngine | None = None
         self.starting: asyncio.Task[None] | None = None
+        self.own_socket: FrameSocketServer | None = None
 
     @bentoml.on_startup
     async def start(self) -> None:
-        """Restore what was resident and load the preload list, while already serving; an idle
-        runner when the front holds the models itself."""
+        """Open this worker's own socket for its fronts' calls (``frame_socket``); restore what was
+        resident and load the preload list, while already serving; an idle runner when the front
+        holds the models itself."""
+        path = socket_path(runner_address(), max(0, worker_index() - 1))  # BentoML numbers workers from 1
+        if path is not None:
+            self.own_socket = FrameSocketServer(runner_engine, RUNNER_TOKEN, metrics=RUNNER_HTTP)
+            await self.own_socket.start(path)
         if engine_process(SETTINGS, "local") == "runner":
             self.activate()
 
@@ -133,6 +141,8 @@ class IngrainRunner:
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
+        if self.own_socket is not None:
+            await self.own_socket.close()
         RUNNER_HTTP.flush()
         if self.engine is not None:
             await self.engine.close()
@@ -177,8 +187,8 @@ class IngrainBento:
         if address is None or engine_process(SETTINGS, runner_place(address)) == "front":
             engine = self.local_engine = new_engine()
         else:
-            engine = self.remote_engine = RemoteEngine(RunnerTransport(address, RUNNER_TOKEN),
-                                                       max_requests_per_call=SETTINGS.max_batch_size,
+            transport = SocketTransport(address, RUNNER_TOKEN, runners=runner_count(SETTINGS))
+            engine = self.remote_engine = RemoteEngine(transport, max_requests_per_call=SETTINGS.max_batch_size,
                                                        metrics=RequestMetrics(), runners=runner_count(SETTINGS))
         self.gateway = ModelGateway(engine, SETTINGS, RequestMetrics(), own_process=self.local_engine is not None)
         self.warming: asyncio.Task[None] | None = None

@@ -17,8 +17,9 @@ gives each process's CPU time:
 - latency at concurrency 1: server p50 minus the in-process library's p50 on the same model, with
   the models in the runner and (a second server) in the front worker's own process;
 - the hop: 2,000 sequential ``infer`` calls of one tokenized text (and of 64) sent straight to the
-  runner's socket with the front's own transport (``wire.RunnerTransport``): the round trip minus
-  the runner's own time (its ``Server-Timing``), p50, and the client's CPU per call;
+  runner with the front's own transport, on the runner's own socket (``frame_socket``) and over
+  HTTP (``wire.RunnerTransport``, ``_http``): the round trip minus the runner's own time (its
+  ``Server-Timing``, or the socket reply's), p50, and the client's CPU per call;
 - serde: encoding and decoding the frames (``wire``) of packed payloads, ms per MB and us per
   item, for token rows, uint8 pixels and float32 rows.
 
@@ -131,18 +132,21 @@ def serde(items: list, repeat: int = 20) -> dict[str, float]:
     return {"ms_per_mb": seconds * 1000 / megabytes, "us_per_item": seconds * 1e6 / len(items), "mb": megabytes}
 
 
-def hop(server: Server, model: str, texts_per_call: int, calls: int = 2000) -> dict[str, float]:
+def hop(server: Server, model: str, texts_per_call: int, calls: int = 2000, over: str = "socket") -> dict[str, float]:
     """What one call to the runner costs beyond the runner's own time: ``calls`` sequential infer
-    calls of ``texts_per_call`` tokenized texts, straight to its socket with the front's transport."""
+    calls of ``texts_per_call`` tokenized texts, straight to the runner with the front's transport:
+    on the runner's own socket (``over="socket"``, what a front on the same machine uses) or over
+    HTTP (``"http"``, BentoML's socket: what services deployed apart use)."""
     import numpy as np
 
+    from ingrain_bento.frame_socket import SocketTransport
     from ingrain_bento.wire import CALLS, RunnerTransport
 
     address, token = server.runner_address()
     tokens = [np.ones((3, 14), dtype=np.int32)] * texts_per_call  # input_ids, token_type_ids, attention_mask
 
     async def run() -> dict[str, float]:
-        transport = RunnerTransport(address, token)
+        transport = SocketTransport(address, token) if over == "socket" else RunnerTransport(address, token)
         infer = CALLS["infer"]
         handle = await runner_handle(transport, model)
         beyond, cpu_started = [], time.process_time()
@@ -185,6 +189,8 @@ def main() -> None:
                                                            for i in range(480)], 16)
         server_c1 = c1_p50_ms(server, "/embed_text", query)
         out["hop_1_text"], out["hop_64_texts"] = hop(server, tiny, 1), hop(server, tiny, 64, calls=500)
+        out["hop_1_text_http"] = hop(server, tiny, 1, over="http")
+        out["hop_64_texts_http"] = hop(server, tiny, 64, calls=500, over="http")
     finally:
         server.stop()
     in_front = Server(WORK / "serve-front.log", extra_env={"INGRAIN_ENGINE_PROCESS": "front"})

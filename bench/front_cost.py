@@ -59,7 +59,8 @@ STAGES: list[tuple[str, re.Pattern[str]]] = [
                                  r"render")),
     ("validation", re.compile(r"pydantic|fastapi/dependencies|fastapi/_compat|validate|schemas\.py")),
     ("tokenization", re.compile(r"tokenizers|transformers/|sentence_transformers|front/inputs\.py|families/")),
-    ("hop", re.compile(r"ingrain_bento/wire\.py|aiohttp|remote_engine\.py|boundary\.py")),
+    ("hop", re.compile(r"ingrain_bento/wire\.py|ingrain_bento/frame_socket\.py|aiohttp|remote_engine\.py|"
+                        r"boundary\.py")),
     ("batching", re.compile(r"ingrain_bento/batching\.py")),
     ("http and middleware", re.compile(r"uvicorn|h11|httptools|starlette|fastapi|_bentoml|bentoml/|front/http\.py|"
                                        r"opentelemetry|anyio")),
@@ -160,39 +161,48 @@ def measure(server: Server, url: str, bodies: list[dict], method: str = "POST", 
 
 
 def runner_direct(server: Server, model: str, calls: int = 3000) -> dict[str, float]:
-    """The runner's event-loop CPU per call for calls sent straight to its socket, one at a time,
-    with the front's own transport: a call it answers with no work at all (an unknown call, a 404
-    from ``RunnerGate`` right after the token check: what uvicorn and the hop's HTTP cost the
-    runner a call, the floor under ``runner_loop_ms_per_call``, which no change of ours below the
-    HTTP server moves), and a one-text ``infer`` call back to back (no idle time between calls)."""
+    """The runner's event-loop CPU per call for calls sent straight to it, one at a time, with the
+    front's own transports, over HTTP (BentoML's socket, ``http_``) and over the runner's own
+    socket (``socket_``, ``frame_socket``): a call it answers with no work at all (an unknown call,
+    a 404 right after the token check: what the hop itself costs the runner a call, the floor under
+    ``runner_loop_ms_per_call``), and a one-text ``infer`` call back to back (no idle time between
+    calls). And the client's CPU per call (this process: what the front spends on the hop)."""
     import asyncio
 
     import numpy as np
 
+    from ingrain_bento.frame_socket import SocketTransport
     from ingrain_bento.wire import CALLS, RunnerTransport
 
     address, token = server.runner_address()
     runner = server.worker_pid()
 
-    async def per_call(transport: RunnerTransport, method: str, body: bytes, status: int) -> float:
+    async def per_call(transport: RunnerTransport, method: str, body: bytes, status: int) -> tuple[float, float]:
         for _ in range(200):
             await transport.post(method, body)
-        before = cpu_seconds(runner, thread=runner)
+        before, client_before = cpu_seconds(runner, thread=runner), time.thread_time()
         for _ in range(calls):
             reply = await transport.post(method, body)
             assert reply.status == status, reply
-        return (cpu_seconds(runner, thread=runner) - before) / calls * 1000
+        return ((cpu_seconds(runner, thread=runner) - before) / calls * 1000,
+                (time.thread_time() - client_before) / calls * 1000)
 
     async def run() -> dict[str, float]:
-        transport = RunnerTransport(address, token)
-        try:
-            handle = await runner_handle(transport, model)
-            one_text = CALLS["infer"].encode_args({"ref": handle.ref, "task": "embed_text", "tag": handle.tag,
-                                          "requests": [[np.ones((3, 12), dtype=np.int32)]]})
-            return {"http_floor_loop_ms_per_call": await per_call(transport, "no-such-call", b"", 404),
-                    "infer_loop_ms_per_call": await per_call(transport, "infer", one_text, 200)}
-        finally:
-            await transport.close()
+        out = {}
+        transports = {"http": RunnerTransport(address, token), "socket": SocketTransport(address, token)}
+        for label, transport in transports.items():
+            try:
+                handle = await runner_handle(transport, model)
+                one_text = CALLS["infer"].encode_args({"ref": handle.ref, "task": "embed_text", "tag": handle.tag,
+                                                       "requests": [[np.ones((3, 12), dtype=np.int32)]]})
+                kinds = {"floor": ("no-such-call", b"", 404), "infer": ("infer", one_text, 200)}
+                for call, (method, body, status) in kinds.items():
+                    loop_ms, client_ms = await per_call(transport, method, body, status)
+                    out[f"{label}_{call}_loop_ms_per_call"] = loop_ms
+                    out[f"{label}_{call}_client_ms_per_call"] = client_ms
+            finally:
+                await transport.close()
+        return out
 
     return asyncio.run(run())
 

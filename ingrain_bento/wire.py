@@ -2,7 +2,9 @@
 
 Every ``Engine`` call (``boundary.py``) is a ``POST /ingrain/<method>`` to the runner's address
 (``BENTOML_RUNNER_MAP``: a Unix socket under ``bentoml serve``, the runner's URL when the
-services run apart), on a kept-alive connection, with one binary body each way (a *frame*)::
+services run apart), on a kept-alive connection, with one binary body each way (a *frame*).
+On one machine the same frames take each runner worker's own socket instead, without HTTP
+(``frame_socket``); this module's HTTP carries what that socket does not::
 
     uint32 little-endian: header length | header: JSON (UTF-8) | array bytes, each 8-aligned
     header = {"args": {...}, "arrays": {name: [dtype, shape, offset]}}
@@ -52,9 +54,9 @@ from ingrain_bento.refs import ModelRef
 from ingrain_bento.settings import RUNNER_TOKEN_ENV
 
 __all__ = [
-    "CALLS", "FRAME_MEDIA_TYPE", "FRONT_SIDE_CALLS", "PICKLE_MEDIA_TYPE", "RUNNER_TOKEN_ENV", "CallCodec",
-    "FrameError", "InferCodec", "RunnerGate", "RunnerTransport", "TransportError", "decode_frame", "encode_frame",
-    "pack", "unpack",
+    "CALLS", "CALL_PREFIX", "FRAME_MEDIA_TYPE", "FRONT_SIDE_CALLS", "PICKLE_MEDIA_TYPE", "RUNNER_TOKEN_ENV",
+    "CallCodec", "EngineCalls", "FrameError", "InferCodec", "Reply", "RunnerGate", "RunnerTransport", "TransportError",
+    "decode_frame", "encode_frame", "pack", "unpack",
 ]
 
 log = logging.getLogger("ingrain_bento.wire")
@@ -63,6 +65,7 @@ FRAME_MEDIA_TYPE = "application/x-ingrain-frame"
 PICKLE_MEDIA_TYPE = "application/vnd.bentoml+pickle"
 CALL_PREFIX = "/ingrain/"
 PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+KEEPALIVE_S = 3.0
 _LENGTH = struct.Struct("<I")
 _ALIGN = 8
 # Arrays a frame may carry: token ids, pixels, rows. Never objects (np.frombuffer refuses them too).
@@ -288,13 +291,17 @@ class RunnerTransport:
         import aiohttp
 
         if self._session is None or self._session.closed:
-            connector = (aiohttp.UnixConnector(path=self.socket_path, limit=0) if self.socket_path
-                         else aiohttp.TCPConnector(limit=0))
+            # A kept connection is dropped after KEEPALIVE_S idle, before uvicorn's own 5 s closes it
+            # under a call sent on it (aiohttp's default is 15 s).
+            connector = (aiohttp.UnixConnector(path=self.socket_path, limit=0, keepalive_timeout=KEEPALIVE_S)
+                         if self.socket_path else aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S))
             self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
-    async def post(self, method: str, body: bytes) -> Reply:
-        """One call; ``TransportError`` when the connection fails, ``TimeoutError`` past the timeout."""
+    async def post(self, method: str, body: bytes, lane: int = 0) -> Reply:
+        """One call; ``TransportError`` when the connection fails, ``TimeoutError`` past the timeout.
+        ``lane``: the runner worker a call is meant for (``frame_socket.SocketTransport``); over
+        HTTP the runners' shared socket hands each connection to whichever accepts it."""
         import aiohttp
 
         try:
@@ -340,18 +347,47 @@ def _runner_ms(headers: Mapping[str, str]) -> float | None:
 
 # ---- the runner's side ----------------------------------------------------------------------------
 
-class RunnerGate:
-    """The runner service's ASGI middleware: refuses pickle everywhere and calls without the token
-    (before reading their body), and serves ``/ingrain/<method>`` by calling the engine.
+class EngineCalls:
+    """The runner's answer to one call, whichever server received it (``RunnerGate`` over HTTP,
+    ``frame_socket.FrameSocketServer`` on its own socket): its arguments decoded, the engine's
+    method called, the result encoded; or the error as a JSON reply with its status.
 
     ``engine`` returns the runner's ``Engine`` (resolved at the first call, not before: BentoML
     builds the service instance after its middlewares; then kept)."""
 
+    def __init__(self, engine: Callable[[], Awaitable[Engine]]) -> None:
+        self.engine = engine
+        self._engine: Engine | None = None
+
+    async def answer(self, codec: CallCodec, body: bytes) -> tuple[int, bytes]:
+        """(200, the result's frame) or (the error's status, its JSON reply)."""
+        try:
+            arguments = codec.decode_args(body)
+            if self._engine is None:
+                self._engine = await self.engine()
+            result = await getattr(self._engine, codec.name)(**arguments)
+            return 200, codec.encode_result(result)
+        except IngrainError as exc:
+            error = exc
+        except FrameError as exc:
+            log.error("runner.call %s: a malformed call (%s)", codec.name, exc)
+            error = IngrainError(f"The front sent the runner a malformed {codec.name} call; this is a bug.")
+        except Exception:
+            log.exception("runner.call %s failed", codec.name)
+            error = IngrainError(f"The model runner failed on {codec.name}; this is a bug, please report it with "
+                                 "the request that caused it.")
+        return error.status_code, json.dumps(error.as_reply()).encode()
+
+
+class RunnerGate:
+    """The runner service's ASGI middleware: refuses pickle everywhere and calls without the token
+    (before reading their body), and serves ``/ingrain/<method>`` by calling the engine
+    (``EngineCalls``)."""
+
     def __init__(self, app: ASGIApp, engine: Callable[[], Awaitable[Engine]], token: str,
                  metrics: HttpMetrics | None = None) -> None:
         self.app = app
-        self.engine = engine
-        self._engine: Engine | None = None
+        self.calls = EngineCalls(engine)
         self.expected = f"Bearer {token}".encode()
         self.metrics = metrics  # the calls, as BentoML's layers (which the gate is in front of) counted them
 
@@ -387,28 +423,11 @@ class RunnerGate:
         """One call: its body read, the engine's answer sent with the runner's own time; its status."""
         started = time.perf_counter()
         body = await _read_body(receive)
-        status, media_type, reply = await self._call(codec, body)
+        status, reply = await self.calls.answer(codec, body)
         timing = f"runner;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
+        media_type = FRAME_MEDIA_TYPE.encode() if status == 200 else b"application/json"
         await _reply(send, status, media_type, reply, [(b"server-timing", timing)])
         return status
-
-    async def _call(self, codec: CallCodec, body: bytes) -> tuple[int, bytes, bytes]:
-        try:
-            arguments = codec.decode_args(body)
-            if self._engine is None:
-                self._engine = await self.engine()
-            result = await getattr(self._engine, codec.name)(**arguments)
-            return 200, FRAME_MEDIA_TYPE.encode(), codec.encode_result(result)
-        except IngrainError as exc:
-            error = exc
-        except FrameError as exc:
-            log.error("runner.call %s: a malformed call (%s)", codec.name, exc)
-            error = IngrainError(f"The front sent the runner a malformed {codec.name} call; this is a bug.")
-        except Exception:
-            log.exception("runner.call %s failed", codec.name)
-            error = IngrainError(f"The model runner failed on {codec.name}; this is a bug, please report it with "
-                                 "the request that caused it.")
-        return error.status_code, b"application/json", json.dumps(error.as_reply()).encode()
 
 
 async def _read_body(receive: Receive) -> bytes:

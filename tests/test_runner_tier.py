@@ -1,8 +1,9 @@
 """The two tiers, on one real ``bentoml serve`` with two front workers and one runner.
 
 Every front worker answers from the runner's one model state, embeds alike, and holds no
-weights; requests that race an unload complete; the runner answers only its fronts (a pickle
-body or a call without the token sent straight to its socket is refused, and nothing happens);
+weights; requests that race an unload complete; the fronts' calls take the runner's own socket;
+the runner answers only its fronts (a pickle body or a call without the token sent straight to
+BentoML's socket, or to its own, is refused, and nothing happens);
 a killed runner is restarted by BentoML while the fronts answer 503 with ``Retry-After``; the
 restarted runner answers management at once and serves each model as soon as it is restored
 (``INGRAIN_RESTORE_DELAY_S`` makes the restore slow), never "does not answer"; a killed front
@@ -188,6 +189,62 @@ def test_a_management_call_to_the_runner_without_the_token_is_refused_and_change
             assert response.status_code == 401, (auth, response.text)
         assert runner.get("/livez").status_code == 200, "the probes stay open"
     assert httpx.get(f"{server.url}/loaded_models").json() == before
+
+
+def _own_socket(server) -> Path:
+    """The runner worker's own socket (``frame_socket``), beside BentoML's."""
+    front = server.service_pids("ingrain-bento")[0]
+    environ = dict(item.split("=", 1) for item in Path(f"/proc/{front}/environ").read_bytes().decode().split("\0")
+                   if "=" in item)
+    return Path(json.loads(environ["BENTOML_RUNNER_MAP"])["ingrain-runner"].removeprefix("file://")).with_name(
+        "ingrain-runner-0.sock")
+
+
+def _raw_calls(path: Path, messages: list[tuple[str, bytes]]) -> list[tuple[int, bytes]]:
+    """``messages`` on one new connection to ``path``; the replies until it closes (or 2 s pass)."""
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(str(path))
+        connection.settimeout(2)
+        for method, body in messages:
+            name = method.encode()
+            connection.sendall(struct.pack("<IB", 1 + len(name) + len(body), len(name)) + name + body)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    replies = []
+    while received:
+        length, status, _ = struct.unpack_from("<IHf", received)
+        replies.append((status, received[10:4 + length]))
+        received = received[4 + length:]
+    return replies
+
+
+def test_the_fronts_calls_take_the_runners_own_socket_which_answers_only_with_the_token(server, hub_models):
+    import stat
+
+    own = _own_socket(server)
+    assert stat.S_ISSOCK(own.stat().st_mode) and stat.S_IMODE(own.stat().st_mode) == 0o600
+    httpx.post(f"{server.url}/embed_text", json={"name": hub_models["st"], "text": "on the socket"}, timeout=60)
+    # a listening Unix socket's accepted connections carry its path: the fronts are connected to it
+    assert Path("/proc/net/unix").read_text().count(str(own)) >= 2
+    _, token = _runner(server)
+    before = httpx.get(f"{server.url}/loaded_models").json()
+    unload = ("unload", CALLS["unload"].encode_args({"request": s.ModelRequest(name=hub_models["st"])}))
+    for first in ([], [("token", b"guessed")]):
+        replies = _raw_calls(own, [*first, unload])
+        assert [status for status, _ in replies] == [401], replies  # then closed: the unload is never read
+    assert httpx.get(f"{server.url}/loaded_models").json() == before
+    listing = ("loaded_models", CALLS["loaded_models"].encode_args({}))
+    (token_status, _), (status, body) = _raw_calls(own, [("token", token.encode()), listing])
+    assert (token_status, status) == (200, 200)
+    assert sorted(m.id for m in CALLS["loaded_models"].decode_result(body)) == sorted(
+        m["id"] for m in before["models"])
 
 
 def test_eight_clients_through_ten_unload_reload_cycles_get_no_server_error(server, hub_models):

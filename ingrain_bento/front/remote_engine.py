@@ -7,8 +7,9 @@
   whose items are requests). The runner merges the calls of every front worker into its
   forwards, and a call's cost is paid per batch, not per request. With ``INGRAIN_RUNNERS`` > 1
   there is one such lane per runner, and requests take the lanes in turn: up to that many calls
-  in flight, each on its own connection, which the runners' shared socket hands to whichever
-  runner accepts it first (the least busy, as a rule): inference spreads over the runners.
+  in flight, lane *n* on runner *n*'s own socket (``frame_socket``); over HTTP, each on its own
+  connection, which the runners' shared socket hands to whichever runner accepts it first (the
+  least busy, as a rule): inference spreads over the runners.
 - **Faults.** The runner is *down* only when it does not answer at all: a connection error on a
   call, or two missed liveness probes (``/livez``, a heartbeat every 2 s). A runner that answers
   but is still restoring its models is up: it answers management at once and each model as soon
@@ -60,7 +61,8 @@ class RemoteEngine:
                  metrics: RequestMetrics | None = None, runners: int = 1) -> None:
         """``runners``: the runner workers behind the address (``INGRAIN_RUNNERS``); an idempotent
         call is sent again up to that many times after a dropped connection, each time on a new
-        connection, which the runners' shared socket may hand to another runner."""
+        connection, which the runners' shared socket may hand to another runner (a dead runner's own
+        socket refuses it: ``frame_socket.SocketTransport`` sends it over HTTP)."""
         self.transport = transport
         self.attempts = runners + 1
         self.max_requests_per_call = max_requests_per_call
@@ -126,10 +128,11 @@ class RemoteEngine:
     def _coalescer(self, key: tuple[CoalesceKey, int]) -> Batcher[Any]:
         coalescer = self._coalescers.get(key)
         if coalescer is None:
-            ref, task, tag = key[0]
+            (ref, task, tag), lane = key
 
             async def one_call(requests: Sequence[Sequence[Any]]) -> list[Outcome]:
-                reply: InferReply = await self._invoke("infer", ref=ref, task=task, tag=tag, requests=requests)
+                reply: InferReply = await self._invoke("infer", lane=lane, ref=ref, task=task, tag=tag,
+                                                       requests=requests)
                 return [(result, reply.version) for result in reply.results]
 
             coalescer = self._coalescers[key] = Batcher(one_call, max_batch=self.max_requests_per_call,
@@ -143,14 +146,16 @@ class RemoteEngine:
 
     # ---- one call, and what a failed connection means ------------------------------------------
 
-    async def _invoke(self, method: str, **arguments: Any) -> Any:
+    async def _invoke(self, method: str, /, lane: int = 0, **arguments: Any) -> Any:
+        """One call of ``method`` (on runner ``lane``'s own socket where there is one: see
+        ``frame_socket``), sent again after a dropped connection when that is safe."""
         codec = CALLS[method]
         body = codec.encode_args(arguments)
         self._start_watch()
         for attempt in range(1, self.attempts + 1):
             await self._ensure_up()
             try:
-                reply = await self._send(method, body)
+                reply = await self._send(method, body, lane)
             except TimeoutError:
                 raise UpstreamTimeout(f"The model runner did not answer {method} in time.") from None
             except TransportError as exc:
@@ -169,10 +174,10 @@ class RemoteEngine:
             raise self._error(method, reply.status, reply.body)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _send(self, method: str, body: bytes) -> Any:
+    async def _send(self, method: str, body: bytes, lane: int) -> Any:
         """One call, failed at once when the runner is marked down meanwhile (``_mark_down``
         cancels the calls in flight)."""
-        call = asyncio.ensure_future(self.transport.post(method, body))
+        call = asyncio.ensure_future(self.transport.post(method, body, lane))
         self._in_flight.add(call)
         try:
             return await call

@@ -1,0 +1,375 @@
+"""The runner's own socket (``frame_socket``): a front's calls answered as over HTTP, without it.
+
+Each test serves a small engine on a real Unix socket in a temporary folder (the folder BentoML's
+runner socket would be in), on uvloop as the runner does, and calls it with the front's
+``SocketTransport``: the same answers and error classes as over HTTP; the token first, or 401 and
+the connection closed; a call over HTTP while the socket does not take connections; one runner's
+socket per lane; a dropped connection is a ``TransportError``, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+import uvloop
+
+from ingrain_bento import frame_socket
+from ingrain_bento import schemas as s
+from ingrain_bento.boundary import InferReply
+from ingrain_bento.errors import BadRequest, IngrainError, ModelNotFound
+from ingrain_bento.frame_socket import FrameSocketServer, SocketTransport, socket_path
+from ingrain_bento.front.remote_engine import RemoteEngine
+from ingrain_bento.metrics import HttpMetrics
+from ingrain_bento.refs import ModelRef
+from ingrain_bento.wire import CALLS, RunnerGate, TransportError
+
+TOKEN = "front-and-runner"
+REF = ModelRef("sentence_transformers", "m", None)
+INFO = s.ModelInfo(id="m", name="m", pretrained=None, library="sentence_transformers", state="READY")
+
+
+class Engine:
+    """Answers ``loaded_models`` (or raises ``error``), ``unload`` with a ``BadRequest``, and
+    ``infer`` with rows holding each request's first value and this engine's ``number``, after
+    ``release``."""
+
+    def __init__(self, number: int = 0) -> None:
+        self.number = number
+        self.calls: list[str] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.error: IngrainError | None = None
+
+    async def loaded_models(self) -> list[s.ModelInfo]:
+        self.calls.append("loaded_models")
+        if self.error is not None:
+            raise self.error
+        return [INFO]
+
+    async def unload(self, request: s.ModelRequest) -> str:
+        self.calls.append("unload")
+        raise BadRequest(f"nothing to unload: {request.name}")
+
+    async def infer(self, ref: ModelRef, task: str, tag: str, requests: list[list[Any]]) -> InferReply:
+        self.calls.append("infer")
+        await self.release.wait()
+        return InferReply([np.array([[float(items[0].flat[0]), self.number]], np.float32) for items in requests], 3)
+
+
+def run(scenario: Any) -> Any:
+    return uvloop.run(asyncio.wait_for(scenario(), 20))
+
+
+async def serve(engine: Engine, folder: Path, runner: int = 0, metrics: HttpMetrics | None = None
+                ) -> FrameSocketServer:
+    async def resolve() -> Engine:
+        return engine
+
+    server = FrameSocketServer(resolve, TOKEN, metrics)
+    path = socket_path(address(folder), runner)
+    assert path is not None
+    await server.start(path)
+    return server
+
+
+def address(folder: Path) -> str:
+    """BentoML's runner address in ``folder`` (its socket need not exist: HTTP is not used here)."""
+    return f"file://{folder}/bentoml-runner.sock"
+
+
+async def raw_call(path: str, *messages: tuple[str, bytes]) -> list[tuple[int, bytes]]:
+    """``messages`` written on a new connection as they are; the replies until it closes or 1 s passes."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    for method, body in messages:
+        name = method.encode()
+        writer.write(struct.pack("<IB", 1 + len(name) + len(body), len(name)) + name + body)
+    replies = []
+    try:
+        while True:
+            head = await asyncio.wait_for(reader.readexactly(10), 1.0)
+            length, status, _ = struct.unpack("<IHf", head)
+            replies.append((status, await reader.readexactly(length - 6)))
+    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+        pass
+    writer.close()
+    return replies
+
+
+def test_the_socket_sits_beside_bentomls_and_only_for_a_unix_socket_address():
+    assert socket_path("file:///tmp/bentoml-uds-x/123.sock", 1) == "/tmp/bentoml-uds-x/ingrain-runner-1.sock"
+    assert socket_path("http://runner:3000", 0) is None
+    assert socket_path(None, 0) is None
+
+
+def test_calls_answer_as_over_http_and_errors_keep_their_class(tmp_path):
+    engine = Engine()
+
+    async def scenario() -> None:
+        server = await serve(engine, tmp_path)
+        remote = RemoteEngine(SocketTransport(address(tmp_path), TOKEN), max_requests_per_call=8)
+        try:
+            assert await remote.loaded_models() == [INFO]
+            reply = await remote.infer(REF, "embed_text", "t", [[np.full((1, 4), 5, np.int32)],
+                                                                 [np.full((1, 4), 9, np.int32)]])
+            assert [rows.tolist() for rows in reply.results] == [[[5.0, 0.0]], [[9.0, 0.0]]]
+            with pytest.raises(BadRequest, match="nothing to unload: m"):
+                await remote.unload(s.ModelRequest(name="m"))
+            engine.error = ModelNotFound("no such model")
+            with pytest.raises(ModelNotFound, match="no such model"):
+                await remote.loaded_models()
+            timed = await remote.transport.post("loaded_models", CALLS["loaded_models"].encode_args({}))
+            assert timed.status == 404 and timed.runner_ms is not None and 0 <= timed.runner_ms < 1000
+            unknown = await remote.transport.post("no-such-call", b"")
+            assert unknown.status == 404 and "no-such-call" in json.loads(unknown.body)["message"]
+            assert len(server.connections) == 1  # every call on one kept connection
+        finally:
+            await remote.close()
+            await server.close()
+
+    run(scenario)
+    assert engine.calls == ["loaded_models", "infer", "unload", "loaded_models", "loaded_models"]
+
+
+def test_calls_are_counted_by_route_and_status_as_over_http(tmp_path):
+    metrics = HttpMetrics("ingrain-runner")
+    seen: list[tuple[str, int, float]] = []
+    metrics.responses.add = seen.append  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        server = await serve(Engine(), tmp_path, metrics=metrics)
+        transport = SocketTransport(address(tmp_path), TOKEN)
+        try:
+            await transport.post("loaded_models", CALLS["loaded_models"].encode_args({}))
+            await transport.post("unload", CALLS["unload"].encode_args({"request": s.ModelRequest(name="m")}))
+        finally:
+            await transport.close()
+            await server.close()
+
+    run(scenario)
+    assert [(route, status) for route, status, _ in seen] == [("/ingrain/loaded_models", 200), ("/ingrain/unload", 400)]
+
+
+@pytest.mark.parametrize("first", [("loaded_models", b""), ("token", b"a guess")], ids=["no token", "another token"])
+def test_a_connection_without_the_token_first_is_refused_and_closed_and_nothing_runs(tmp_path, first):
+    engine = Engine()
+
+    async def scenario() -> list[tuple[int, bytes]]:
+        server = await serve(engine, tmp_path)
+        try:
+            assert server.path is not None
+            return await raw_call(server.path, first, ("loaded_models", CALLS["loaded_models"].encode_args({})))
+        finally:
+            await server.close()
+
+    replies = run(scenario)
+    assert [status for status, _ in replies] == [401]  # then closed: the call after it is never read
+    assert "INGRAIN_RUNNER_TOKEN" in json.loads(replies[0][1])["message"]
+    assert engine.calls == []
+
+
+def test_before_the_token_no_message_over_one_kib_is_read(tmp_path):
+    async def scenario() -> list[tuple[int, bytes]]:
+        server = await serve(Engine(), tmp_path)
+        try:
+            assert server.path is not None
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            writer.write(struct.pack("<I", 1 << 30))  # says a GiB follows, sends none of it
+            head = await asyncio.wait_for(reader.readexactly(10), 5)
+            length, status, _ = struct.unpack("<IHf", head)
+            await reader.readexactly(length - 6)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+            writer.close()
+            return [(status, b"")]
+        finally:
+            await server.close()
+
+    assert run(scenario) == [(401, b"")]
+
+
+def test_the_token_opens_the_connection_for_calls(tmp_path):
+    async def scenario() -> list[tuple[int, bytes]]:
+        server = await serve(Engine(), tmp_path)
+        try:
+            assert server.path is not None
+            return await raw_call(server.path, ("token", TOKEN.encode()),
+                                  ("loaded_models", CALLS["loaded_models"].encode_args({})))
+        finally:
+            await server.close()
+
+    (token_status, _), (status, body) = run(scenario)
+    assert (token_status, status) == (200, 200)
+    assert CALLS["loaded_models"].decode_result(body) == [INFO]
+
+
+def test_the_socket_is_this_users_alone_replaces_a_stale_one_and_is_removed_on_close(tmp_path):
+    stale = tmp_path / "ingrain-runner-0.sock"
+    stale.write_text("left by a killed worker")
+
+    async def scenario() -> None:
+        server = await serve(Engine(), tmp_path)
+        assert stat.S_ISSOCK(os.stat(stale).st_mode)
+        assert stat.S_IMODE(os.stat(stale).st_mode) == 0o600
+        await server.close()
+
+    run(scenario)
+    assert not stale.exists()
+
+
+def test_close_answers_the_calls_already_received_first(tmp_path):
+    engine = Engine()
+    engine.release.clear()
+
+    async def scenario() -> InferReply:
+        server = await serve(engine, tmp_path)
+        remote = RemoteEngine(SocketTransport(address(tmp_path), TOKEN), max_requests_per_call=8)
+        try:
+            call = asyncio.ensure_future(remote.infer(REF, "embed_text", "t", [[np.full((1, 2), 4, np.int32)]]))
+            while "infer" not in engine.calls:
+                await asyncio.sleep(0.01)
+            closing = asyncio.ensure_future(server.close())
+            await asyncio.sleep(0.05)
+            assert not closing.done()
+            engine.release.set()
+            await closing
+            return await call
+        finally:
+            await remote.close()
+
+    assert run(scenario).results[0].tolist() == [[4.0, 0.0]]
+
+
+def test_a_connection_lost_mid_call_is_a_transport_error_not_a_hang(tmp_path):
+    engine = Engine()
+    engine.release.clear()
+
+    async def scenario() -> None:
+        server = await serve(engine, tmp_path)
+        transport = SocketTransport(address(tmp_path), TOKEN)
+        body = CALLS["infer"].encode_args({"ref": REF, "task": "embed_text", "tag": "t",
+                                           "requests": [[np.zeros((1, 2), np.int32)]]})
+        try:
+            call = asyncio.ensure_future(transport.post("infer", body))
+            while "infer" not in engine.calls:
+                await asyncio.sleep(0.01)
+            for connection in list(server.connections):
+                assert connection.transport is not None
+                connection.transport.abort()  # as when the runner's process dies
+            with pytest.raises(TransportError):
+                await call
+        finally:
+            engine.release.set()
+            await transport.close()
+            await server.close()
+
+    run(scenario)
+
+
+def test_a_call_past_its_timeout_leaves_no_late_reply_for_the_next(tmp_path):
+    engine = Engine()
+    engine.release.clear()
+
+    async def scenario() -> None:
+        server = await serve(engine, tmp_path)
+        transport = SocketTransport(address(tmp_path), TOKEN, timeout_s=0.2)
+        infer = CALLS["infer"]
+        slow = infer.encode_args({"ref": REF, "task": "embed_text", "tag": "t",
+                                  "requests": [[np.full((1, 2), 1, np.int32)]]})
+        try:
+            with pytest.raises(TimeoutError):
+                await transport.post("infer", slow)
+            engine.release.set()  # the late reply goes to a closed connection
+            reply = await transport.post("loaded_models", CALLS["loaded_models"].encode_args({}))
+            assert CALLS["loaded_models"].decode_result(reply.body) == [INFO]
+        finally:
+            await transport.close()
+            await server.close()
+
+    run(scenario)
+
+
+def test_a_burst_of_calls_leaves_at_most_max_idle_connections_open(tmp_path):
+    async def scenario() -> tuple[int, int]:
+        server = await serve(Engine(), tmp_path)
+        transport = SocketTransport(address(tmp_path), TOKEN)
+        listing = CALLS["loaded_models"].encode_args({})
+        try:
+            replies = await asyncio.gather(*(transport.post("loaded_models", listing) for _ in range(80)))
+            assert {reply.status for reply in replies} == {200}
+            opened = len(server.connections)
+            await asyncio.sleep(0.05)  # the closed ones reach the runner
+            return opened, len(server.connections)
+        finally:
+            await transport.close()
+            await server.close()
+
+    opened, kept = run(scenario)
+    assert opened > frame_socket.MAX_IDLE  # every call at once had its own connection
+    assert kept == frame_socket.MAX_IDLE
+
+
+def test_each_lane_calls_its_own_runner(tmp_path):
+    engines = [Engine(0), Engine(1)]
+
+    async def scenario() -> list[float]:
+        servers = [await serve(engine, tmp_path, runner) for runner, engine in enumerate(engines)]
+        transport = SocketTransport(address(tmp_path), TOKEN, runners=2)
+        infer = CALLS["infer"]
+        body = infer.encode_args({"ref": REF, "task": "embed_text", "tag": "t",
+                                  "requests": [[np.zeros((1, 2), np.int32)]]})
+        try:
+            return [float(infer.decode_result((await transport.post("infer", body, lane)).body).results[0][0, 1])
+                    for lane in (0, 1, 1, 0, 3)]
+        finally:
+            await transport.close()
+            for server in servers:
+                await server.close()
+
+    assert run(scenario) == [0, 1, 1, 0, 1]
+
+
+def test_while_the_socket_takes_no_connections_calls_go_over_http(tmp_path, monkeypatch):
+    """No runner socket yet (a runner starting, or of an older version): the call goes to BentoML's
+    socket over HTTP; once the runner's socket listens, the next call after the retry delay uses it."""
+    monkeypatch.setattr(frame_socket, "SOCKET_RETRY_S", 0.1)
+    over_http, on_socket = Engine(), Engine()
+
+    async def resolve() -> Engine:
+        return over_http
+
+    async def not_found(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    bentoml_socket = address(tmp_path).removeprefix("file://")
+
+    async def scenario() -> None:
+        http = uvicorn.Server(uvicorn.Config(RunnerGate(not_found, engine=resolve, token=TOKEN), uds=bentoml_socket,
+                                             log_level="warning", lifespan="off"))
+        serving = asyncio.create_task(http.serve())
+        while not http.started:
+            await asyncio.sleep(0.01)
+        remote = RemoteEngine(SocketTransport(address(tmp_path), TOKEN), max_requests_per_call=8)
+        try:
+            assert await remote.loaded_models() == [INFO]
+            server = await serve(on_socket, tmp_path)
+            assert await remote.loaded_models() == [INFO]  # within the retry delay: HTTP still
+            await asyncio.sleep(0.15)
+            assert await remote.loaded_models() == [INFO]
+            await server.close()
+        finally:
+            await remote.close()
+            http.should_exit = True
+            await serving
+
+    run(scenario)
+    assert (over_http.calls, on_socket.calls) == (["loaded_models"] * 2, ["loaded_models"])
