@@ -19,41 +19,30 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 import uvloop
 
 from ingrain_bento import frame_socket
 from ingrain_bento import schemas as s
 from ingrain_bento.boundary import InferReply
-from ingrain_bento.errors import BadRequest, IngrainError, ModelNotFound
+from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.frame_socket import FrameSocketServer, SocketTransport, socket_path
 from ingrain_bento.front.remote_engine import RemoteEngine
 from ingrain_bento.metrics import HttpMetrics
 from ingrain_bento.refs import ModelRef
-from ingrain_bento.wire import CALLS, RunnerGate, TransportError
+from ingrain_bento.wire import CALLS, TransportError
 
-TOKEN = "front-and-runner"
+from fixtures.transport import INFO, TOKEN, FakeEngine, gate_served
+
 REF = ModelRef("sentence_transformers", "m", None)
-INFO = s.ModelInfo(id="m", name="m", pretrained=None, library="sentence_transformers", state="READY")
 
 
-class Engine:
-    """Answers ``loaded_models`` (or raises ``error``), ``unload`` with a ``BadRequest``, and
-    ``infer`` with rows holding each request's first value and this engine's ``number``, after
-    ``release``."""
+class Engine(FakeEngine):
+    """``FakeEngine`` whose ``unload`` raises a ``BadRequest`` and whose ``infer`` (recorded) answers
+    each request with a row of its first value and this engine's ``number``."""
 
     def __init__(self, number: int = 0) -> None:
+        super().__init__()
         self.number = number
-        self.calls: list[str] = []
-        self.release = asyncio.Event()
-        self.release.set()
-        self.error: IngrainError | None = None
-
-    async def loaded_models(self) -> list[s.ModelInfo]:
-        self.calls.append("loaded_models")
-        if self.error is not None:
-            raise self.error
-        return [INFO]
 
     async def unload(self, request: s.ModelRequest) -> str:
         self.calls.append("unload")
@@ -297,23 +286,31 @@ def test_a_call_past_its_timeout_leaves_no_late_reply_for_the_next(tmp_path):
 
 
 def test_a_burst_of_calls_leaves_at_most_max_idle_connections_open(tmp_path):
+    engine = Engine()
+    engine.release.clear()
+
     async def scenario() -> tuple[int, int]:
-        server = await serve(Engine(), tmp_path)
+        server = await serve(engine, tmp_path)
         transport = SocketTransport(address(tmp_path), TOKEN)
-        listing = CALLS["loaded_models"].encode_args({})
+        body = CALLS["infer"].encode_args({"ref": REF, "task": "embed_text", "tag": "t",
+                                           "requests": [[np.zeros((1, 2), np.int32)]]})
         try:
-            replies = await asyncio.gather(*(transport.post("loaded_models", listing) for _ in range(80)))
-            assert {reply.status for reply in replies} == {200}
-            opened = len(server.connections)
-            await asyncio.sleep(0.05)  # the closed ones reach the runner
+            burst = asyncio.gather(*(transport.post("infer", body) for _ in range(80)))
+            while engine.calls.count("infer") < 80:
+                await asyncio.sleep(0.01)
+            opened = len(server.connections)  # every call in flight at once, each on its own connection
+            engine.release.set()
+            assert {reply.status for reply in await burst} == {200}
+            for _ in range(100):  # until the ones closed reach the runner
+                await asyncio.sleep(0.01)
+                if len(server.connections) == frame_socket.MAX_IDLE:
+                    break
             return opened, len(server.connections)
         finally:
             await transport.close()
             await server.close()
 
-    opened, kept = run(scenario)
-    assert opened > frame_socket.MAX_IDLE  # every call at once had its own connection
-    assert kept == frame_socket.MAX_IDLE
+    assert run(scenario) == (80, frame_socket.MAX_IDLE)
 
 
 def test_each_lane_calls_its_own_runner(tmp_path):
@@ -339,37 +336,23 @@ def test_each_lane_calls_its_own_runner(tmp_path):
 def test_while_the_socket_takes_no_connections_calls_go_over_http(tmp_path, monkeypatch):
     """No runner socket yet (a runner starting, or of an older version): the call goes to BentoML's
     socket over HTTP; once the runner's socket listens, the next call after the retry delay uses it."""
-    monkeypatch.setattr(frame_socket, "SOCKET_RETRY_S", 0.1)
+    monkeypatch.setattr(frame_socket, "SOCKET_RETRY_S", 2.0)
+    import aiohttp  # noqa: F401  # imported before the clock starts: the first HTTP call's own import is slow
+
     over_http, on_socket = Engine(), Engine()
 
-    async def resolve() -> Engine:
-        return over_http
-
-    async def not_found(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 404, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-
-    bentoml_socket = address(tmp_path).removeprefix("file://")
-
     async def scenario() -> None:
-        http = uvicorn.Server(uvicorn.Config(RunnerGate(not_found, engine=resolve, token=TOKEN), uds=bentoml_socket,
-                                             log_level="warning", lifespan="off"))
-        serving = asyncio.create_task(http.serve())
-        while not http.started:
-            await asyncio.sleep(0.01)
-        remote = RemoteEngine(SocketTransport(address(tmp_path), TOKEN), max_requests_per_call=8)
-        try:
-            assert await remote.loaded_models() == [INFO]
-            server = await serve(on_socket, tmp_path)
-            assert await remote.loaded_models() == [INFO]  # within the retry delay: HTTP still
-            await asyncio.sleep(0.15)
-            assert await remote.loaded_models() == [INFO]
-            await server.close()
-        finally:
-            await remote.close()
-            http.should_exit = True
-            await serving
+        async with gate_served(over_http, address(tmp_path).removeprefix("file://")):
+            remote = RemoteEngine(SocketTransport(address(tmp_path), TOKEN), max_requests_per_call=8)
+            try:
+                assert await remote.loaded_models() == [INFO]
+                server = await serve(on_socket, tmp_path)
+                assert await remote.loaded_models() == [INFO]  # within the retry delay: HTTP still
+                await asyncio.sleep(2.1)
+                assert await remote.loaded_models() == [INFO]
+                await server.close()
+            finally:
+                await remote.close()
 
     run(scenario)
     assert (over_http.calls, on_socket.calls) == (["loaded_models"] * 2, ["loaded_models"])

@@ -17,16 +17,14 @@ import numpy as np
 import pytest
 
 from ingrain_bento import schemas as s
-from ingrain_bento.boundary import InferReply
 from ingrain_bento.errors import BadRequest, IngrainError, ModelNotFound, RunnerUnavailable, StaleModel
 from ingrain_bento.front.remote_engine import RemoteEngine
 from ingrain_bento.refs import ModelRef
-from ingrain_bento.wire import CALLS, RunnerGate, RunnerTransport
+from ingrain_bento.wire import CALLS, RunnerTransport
 
-from fixtures.transport import TOKEN, GateTransport
+from fixtures.transport import INFO, TOKEN, FakeEngine, GateTransport, gate_served
 
 REF = ModelRef("timm", "test_vit.r160_in1k", "false")
-INFO = s.ModelInfo(id="m", name="m", pretrained=None, library="timm", state="READY")
 
 
 class Counts:
@@ -38,36 +36,6 @@ class Counts:
 
     def record_runner_unavailable(self) -> None:
         self.unavailable += 1
-
-
-class FakeEngine:
-    """The runner's engine: records calls; ``infer`` waits for ``release`` and answers each request
-    with rows holding its first item's first value."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.infer_counts: list[list[int]] = []
-        self.release = asyncio.Event()
-        self.release.set()
-        self.error: IngrainError | None = None
-
-    async def loaded_models(self) -> list[s.ModelInfo]:
-        self.calls.append("loaded_models")
-        if self.error is not None:
-            raise self.error
-        return [INFO]
-
-    async def unload(self, request: s.ModelRequest) -> str:
-        self.calls.append("unload")
-        return request.name
-
-    async def infer(self, ref: ModelRef, task: str, tag: str, requests: list[list[Any]]) -> InferReply:
-        self.infer_counts.append([len(items) for items in requests])
-        await self.release.wait()
-        results: list[Any] = [np.full((len(items), 2), float(items[0].flat[0]), dtype=np.float32) for items in requests]
-        if tag == "stale":
-            results[0] = StaleModel("stored again")
-        return InferReply(results, 7)
 
 
 def run(scenario: Any) -> Any:
@@ -230,31 +198,19 @@ def test_one_requests_error_in_a_shared_call_is_that_requests_alone():
 def test_the_real_transport_over_a_unix_socket_to_a_served_gate(tmp_path: Path):
     """aiohttp to uvicorn, as between the two services: the token, a kept-alive connection, and
     the runner's 400 raised as the same class."""
-    import uvicorn
 
     class Engine(FakeEngine):
         async def unload(self, request: s.ModelRequest) -> str:
             raise BadRequest("nothing to unload")
 
     engine = Engine()
-
-    async def resolve() -> Any:
-        return engine
-
-    async def probes(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"\n"})
-
     socket = str(tmp_path / "runner.sock")
 
     async def scenario() -> None:
-        server = uvicorn.Server(uvicorn.Config(RunnerGate(probes, engine=resolve, token=TOKEN), uds=socket,
-                                               log_level="warning", lifespan="off"))
-        serving = asyncio.create_task(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.01)
+        async with gate_served(engine, socket):
+            await remote_calls(socket)
+
+    async def remote_calls(socket: str) -> None:
         remote = RemoteEngine(RunnerTransport(f"file://{socket}", TOKEN), max_requests_per_call=8)
         try:
             assert await remote.transport.answers("/readyz")
@@ -272,8 +228,6 @@ def test_the_real_transport_over_a_unix_socket_to_a_served_gate(tmp_path: Path):
             await stranger.close()
         finally:
             await remote.close()
-            server.should_exit = True
-            await serving
 
     run(scenario)
     assert engine.calls == ["loaded_models"] * 4
