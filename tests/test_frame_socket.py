@@ -10,10 +10,12 @@ socket per lane; a dropped connection is a ``TransportError``, never a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,25 @@ async def serve(engine: Engine, folder: Path, runner: int = 0, metrics: HttpMetr
     assert path is not None
     await server.start(path)
     return server
+
+
+@contextlib.asynccontextmanager
+async def connected(engine: Engine, folder: Path, **options: Any
+                    ) -> AsyncIterator[tuple[FrameSocketServer, SocketTransport]]:
+    """``engine`` served on runner 0's socket in ``folder``, and a front's transport to it."""
+    server = await serve(engine, folder)
+    transport = SocketTransport(address(folder), TOKEN, **options)
+    try:
+        yield server, transport
+    finally:
+        await transport.close()
+        await server.close()
+
+
+def one_text_call() -> bytes:
+    """An ``infer`` call's frame: one request of one tokenized text (zeros)."""
+    return CALLS["infer"].encode_args({"ref": REF, "task": "embed_text", "tag": "t",
+                                       "requests": [[np.zeros((1, 2), np.int32)]]})
 
 
 def address(folder: Path) -> str:
@@ -236,68 +257,56 @@ def test_close_answers_the_calls_already_received_first(tmp_path):
     assert run(scenario).results[0].tolist() == [[4.0, 0.0]]
 
 
-def test_a_connection_lost_mid_call_is_a_transport_error_not_a_hang(tmp_path):
+def held_engine() -> Engine:
+    """An engine whose ``infer`` calls wait until its ``release`` is set."""
     engine = Engine()
     engine.release.clear()
+    return engine
+
+
+async def until_calls(engine: Engine, count: int) -> None:
+    while engine.calls.count("infer") < count:
+        await asyncio.sleep(0.01)
+
+
+def test_a_connection_lost_mid_call_is_a_transport_error_not_a_hang(tmp_path):
+    engine = held_engine()
 
     async def scenario() -> None:
-        server = await serve(engine, tmp_path)
-        transport = SocketTransport(address(tmp_path), TOKEN)
-        body = CALLS["infer"].encode_args({"ref": REF, "task": "embed_text", "tag": "t",
-                                           "requests": [[np.zeros((1, 2), np.int32)]]})
-        try:
-            call = asyncio.ensure_future(transport.post("infer", body))
-            while "infer" not in engine.calls:
-                await asyncio.sleep(0.01)
+        async with connected(engine, tmp_path) as (server, transport):
+            call = asyncio.ensure_future(transport.post("infer", one_text_call()))
+            await until_calls(engine, 1)
             for connection in list(server.connections):
                 assert connection.transport is not None
                 connection.transport.abort()  # as when the runner's process dies
             with pytest.raises(TransportError):
                 await call
-        finally:
             engine.release.set()
-            await transport.close()
-            await server.close()
 
     run(scenario)
 
 
 def test_a_call_past_its_timeout_leaves_no_late_reply_for_the_next(tmp_path):
-    engine = Engine()
-    engine.release.clear()
+    engine = held_engine()
 
     async def scenario() -> None:
-        server = await serve(engine, tmp_path)
-        transport = SocketTransport(address(tmp_path), TOKEN, timeout_s=0.2)
-        infer = CALLS["infer"]
-        slow = infer.encode_args({"ref": REF, "task": "embed_text", "tag": "t",
-                                  "requests": [[np.full((1, 2), 1, np.int32)]]})
-        try:
+        async with connected(engine, tmp_path, timeout_s=0.2) as (_, transport):
             with pytest.raises(TimeoutError):
-                await transport.post("infer", slow)
+                await transport.post("infer", one_text_call())
             engine.release.set()  # the late reply goes to a closed connection
             reply = await transport.post("loaded_models", CALLS["loaded_models"].encode_args({}))
             assert CALLS["loaded_models"].decode_result(reply.body) == [INFO]
-        finally:
-            await transport.close()
-            await server.close()
 
     run(scenario)
 
 
 def test_a_burst_of_calls_leaves_at_most_max_idle_connections_open(tmp_path):
-    engine = Engine()
-    engine.release.clear()
+    engine = held_engine()
 
     async def scenario() -> tuple[int, int]:
-        server = await serve(engine, tmp_path)
-        transport = SocketTransport(address(tmp_path), TOKEN)
-        body = CALLS["infer"].encode_args({"ref": REF, "task": "embed_text", "tag": "t",
-                                           "requests": [[np.zeros((1, 2), np.int32)]]})
-        try:
-            burst = asyncio.gather(*(transport.post("infer", body) for _ in range(80)))
-            while engine.calls.count("infer") < 80:
-                await asyncio.sleep(0.01)
+        async with connected(engine, tmp_path) as (server, transport):
+            burst = asyncio.gather(*(transport.post("infer", one_text_call()) for _ in range(80)))
+            await until_calls(engine, 80)
             opened = len(server.connections)  # every call in flight at once, each on its own connection
             engine.release.set()
             assert {reply.status for reply in await burst} == {200}
@@ -306,9 +315,6 @@ def test_a_burst_of_calls_leaves_at_most_max_idle_connections_open(tmp_path):
                 if len(server.connections) == frame_socket.MAX_IDLE:
                     break
             return opened, len(server.connections)
-        finally:
-            await transport.close()
-            await server.close()
 
     assert run(scenario) == (80, frame_socket.MAX_IDLE)
 
@@ -319,9 +325,7 @@ def test_each_lane_calls_its_own_runner(tmp_path):
     async def scenario() -> list[float]:
         servers = [await serve(engine, tmp_path, runner) for runner, engine in enumerate(engines)]
         transport = SocketTransport(address(tmp_path), TOKEN, runners=2)
-        infer = CALLS["infer"]
-        body = infer.encode_args({"ref": REF, "task": "embed_text", "tag": "t",
-                                  "requests": [[np.zeros((1, 2), np.int32)]]})
+        infer, body = CALLS["infer"], one_text_call()
         try:
             return [float(infer.decode_result((await transport.post("infer", body, lane)).body).results[0][0, 1])
                     for lane in (0, 1, 1, 0, 3)]
