@@ -13,10 +13,10 @@ the runner token as its body: any other first call, or another token, is answere
 connection closed, and until then no message over 1 KiB is read. Nothing is pickle. The calls are
 answered by ``wire.EngineCalls``, as over HTTP, and counted in the same series.
 
-Why not HTTP: one one-text ``infer`` call, back to back, costs the runner's event loop ~0.26 ms
-through uvicorn and ``RunnerGate`` and ~0.17 ms here; the front's side ~0.17 ms with aiohttp and
-~0.03 ms here (README "The runner's own socket"). BentoML's HTTP server is what the design card
-keeps, and it still answers everything else.
+Why not HTTP: one one-text ``infer`` call, back to back, costs the runner's event loop 0.26-0.32
+ms through uvicorn and ``RunnerGate`` and 0.19-0.21 ms here; the front's side 0.21-0.23 ms with
+aiohttp and ~0.07 ms here (``bench/front_cost.py``, ``runner_direct``). BentoML's HTTP server is
+what the design card keeps, and it still answers everything else.
 
 What stays on HTTP (``wire.RunnerTransport``): the probes (whether a runner is up is what BentoML's
 ``/livez`` and ``/readyz`` say), services that run apart (a URL address), and any call while a
