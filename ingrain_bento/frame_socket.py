@@ -59,7 +59,7 @@ log = logging.getLogger("ingrain_bento.frame_socket")
 _LENGTH = struct.Struct("<I")
 _CALL_HEAD = struct.Struct("<IB")  # length, method length
 _REPLY_HEAD = struct.Struct("<IHf")  # length, status, the runner's ms
-_REPLY_FIELDS = _REPLY_HEAD.size - _LENGTH.size
+_REPLY_FIELDS = _REPLY_HEAD.size - _LENGTH.size  # what a reply's length counts besides its frame
 TOKEN_CALL = "token"
 MAX_UNTRUSTED_BYTES = 1024  # the largest message read before the token
 TOKEN_TIMEOUT_S = 2.0  # a runner that does not answer the token this fast is not taking calls
@@ -87,20 +87,25 @@ class _TooLong(ValueError):
     pass
 
 
-def _take_message(buffer: bytearray, limit: int | None = None) -> bytes | None:
-    """The first whole message of ``buffer`` (without its length), removed from it; None while it
-    is not all there. ``_TooLong`` when it says it is longer than ``limit``."""
+def _message_end(buffer: bytearray, limit: int | None = None) -> int | None:
+    """Where the first message of ``buffer`` ends, once it is all there (None until then);
+    ``_TooLong`` when it says it is longer than ``limit``."""
     if len(buffer) < _LENGTH.size:
         return None
     (length,) = _LENGTH.unpack_from(buffer)
     if limit is not None and length > limit:
         raise _TooLong(length)
     end = _LENGTH.size + length
-    if len(buffer) < end:
-        return None
-    message = bytes(buffer[_LENGTH.size:end])
+    return end if len(buffer) >= end else None
+
+
+def _cut(buffer: bytearray, start: int, end: int) -> bytes:
+    """``buffer[start:end]`` as bytes, with one copy (a frame of pixels can be megabytes); the
+    message, up to ``end``, is then removed from ``buffer``."""
+    with memoryview(buffer) as view:
+        part = bytes(view[start:end])
     del buffer[:end]
-    return message
+    return part
 
 
 # ---- the front's side ------------------------------------------------------------------------------
@@ -119,10 +124,11 @@ class _FrontConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while (message := _take_message(self.buffer)) is not None:
-            status, runner_ms = struct.unpack_from("<Hf", message)
+        while (end := _message_end(self.buffer)) is not None:
+            _, status, runner_ms = _REPLY_HEAD.unpack_from(self.buffer)
+            body = _cut(self.buffer, _REPLY_HEAD.size, end)
             if self.waiting is not None and not self.waiting.done():
-                self.waiting.set_result(Reply(status, message[_REPLY_FIELDS:], runner_ms))
+                self.waiting.set_result(Reply(status, body, runner_ms))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_open = False
@@ -228,14 +234,15 @@ class _RunnerConnection(asyncio.Protocol):
         self.buffer += data
         while True:
             try:
-                message = _take_message(self.buffer, None if self.trusted else MAX_UNTRUSTED_BYTES)
+                end = _message_end(self.buffer, None if self.trusted else MAX_UNTRUSTED_BYTES)
             except _TooLong:
                 self.refuse()
                 return
-            if message is None:
+            if end is None:
                 return
-            name_end = 1 + message[0] if message else 1
-            method, body = message[1:name_end].decode("ascii", "replace"), message[name_end:]
+            name_end = min(end, _CALL_HEAD.size + self.buffer[_LENGTH.size]) if end > _LENGTH.size else end
+            method = bytes(self.buffer[_CALL_HEAD.size:name_end]).decode("ascii", "replace")
+            body = _cut(self.buffer, name_end, end)
             if self.trusted:
                 self.server.call_received(self, method, body)
             elif method == TOKEN_CALL and hmac.compare_digest(body, self.server.token):

@@ -149,6 +149,31 @@ def test_calls_answer_as_over_http_and_errors_keep_their_class(tmp_path):
     assert engine.calls == ["loaded_models", "infer", "unload", "loaded_models", "loaded_models"]
 
 
+def test_a_call_of_megabytes_crosses_whole_in_whatever_chunks_the_socket_makes(tmp_path):
+    """A call carrying 64 images' pixels (9.6 MB) is far more than one read of the socket."""
+
+    class Summing(Engine):
+        async def infer(self, ref: ModelRef, task: str, tag: str, requests: list[list[Any]]) -> InferReply:
+            return InferReply([np.repeat(items[0].astype(np.float32).reshape(1, -1), 2, axis=0)[:, ::1000]
+                               for items in requests], 1)
+
+    pixels = [np.random.default_rng(i).integers(0, 255, (224, 224, 3), dtype=np.uint8) for i in range(64)]
+
+    async def scenario() -> InferReply:
+        async with connected(Summing(), tmp_path) as (_, transport):
+            body = CALLS["infer"].encode_args({"ref": REF, "task": "embed_image", "tag": "t",
+                                               "requests": [[image] for image in pixels]})
+            assert len(body) > 9_000_000
+            reply = await transport.post("infer", body)
+            assert reply.status == 200
+            return CALLS["infer"].decode_result(reply.body)
+
+    reply = run(scenario)
+    for image, rows in zip(pixels, reply.results, strict=True):
+        assert isinstance(rows, np.ndarray)
+        assert np.array_equal(rows, np.repeat(image.astype(np.float32).reshape(1, -1), 2, axis=0)[:, ::1000])
+
+
 def test_calls_are_counted_by_route_and_status_as_over_http(tmp_path):
     metrics = HttpMetrics("ingrain-runner")
     seen: list[tuple[str, int, float]] = []
