@@ -44,7 +44,7 @@ from ingrain_bento.metrics import HttpMetrics
 from ingrain_bento.wire import (
     CALL_PREFIX,
     CALLS,
-    RUNNER_TOKEN_ENV,
+    TOKEN_REFUSED,
     CallCodec,
     EngineCalls,
     Reply,
@@ -117,10 +117,13 @@ class _FrontConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.waiting: asyncio.Future[Reply] | None = None
-        self.is_open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport, self.is_open = cast(asyncio.Transport, transport), True  # uvloop's: not a subclass
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -131,7 +134,6 @@ class _FrontConnection(asyncio.Protocol):
                 self.waiting.set_result(Reply(status, body, runner_ms))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.is_open = False
         if self.waiting is not None and not self.waiting.done():
             self.waiting.set_exception(TransportError(f"the runner's socket closed mid-call ({exc or 'EOF'})"))
 
@@ -145,7 +147,6 @@ class _FrontConnection(asyncio.Protocol):
             self.waiting = None
 
     def close(self) -> None:
-        self.is_open = False
         if self.transport is not None:
             self.transport.close()
 
@@ -163,7 +164,8 @@ class SocketTransport(RunnerTransport):
         self._retry_at = [0.0] * len(self.paths)
 
     async def post(self, method: str, body: bytes, lane: int = 0) -> Reply:
-        connection = await self._connection(lane % len(self.paths)) if self.paths else None
+        runner = lane % len(self.paths) if self.paths else 0
+        connection = await self._connection(runner) if self.paths else None
         if connection is None:
             return await super().post(method, body, lane)
         try:
@@ -172,7 +174,7 @@ class SocketTransport(RunnerTransport):
         except BaseException:  # a timeout, a cancelled call, a lost connection: its reply may still come
             connection.close()
             raise
-        idle = self._idle[lane % len(self.paths)]
+        idle = self._idle[runner]
         if len(idle) < MAX_IDLE:
             idle.append(connection)
         else:  # what a burst opened beyond what calls keep busy
@@ -257,8 +259,7 @@ class _RunnerConnection(asyncio.Protocol):
             self.transport.writelines([_REPLY_HEAD.pack(_REPLY_FIELDS + len(body), status, runner_ms), body])
 
     def refuse(self) -> None:
-        message = {"message": f"The runner answers only its front: send {RUNNER_TOKEN_ENV} first."}
-        self.reply(401, 0.0, json.dumps(message).encode())
+        self.reply(401, 0.0, json.dumps({"message": TOKEN_REFUSED}).encode())
         self.buffer.clear()
         if self.transport is not None:
             self.transport.close()

@@ -55,8 +55,8 @@ from ingrain_bento.settings import RUNNER_TOKEN_ENV
 
 __all__ = [
     "CALLS", "CALL_PREFIX", "FRAME_MEDIA_TYPE", "FRONT_SIDE_CALLS", "PICKLE_MEDIA_TYPE", "RUNNER_TOKEN_ENV",
-    "CallCodec", "EngineCalls", "FrameError", "InferCodec", "Reply", "RunnerGate", "RunnerTransport", "TransportError",
-    "decode_frame", "encode_frame", "pack", "unpack",
+    "CallCodec", "EngineCalls", "FrameError", "InferCodec", "Reply", "RunnerGate", "RunnerTransport", "TOKEN_REFUSED",
+    "TransportError", "decode_frame", "encode_frame", "pack", "unpack",
 ]
 
 log = logging.getLogger("ingrain_bento.wire")
@@ -65,6 +65,7 @@ FRAME_MEDIA_TYPE = "application/x-ingrain-frame"
 PICKLE_MEDIA_TYPE = "application/vnd.bentoml+pickle"
 CALL_PREFIX = "/ingrain/"
 PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+TOKEN_REFUSED = f"The runner answers only its front: send {RUNNER_TOKEN_ENV}."  # a call without the token
 KEEPALIVE_S = 3.0
 _LENGTH = struct.Struct("<I")
 _ALIGN = 8
@@ -404,7 +405,7 @@ class RunnerGate:
             await self.app(scope, receive, send)
             return
         if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-            await _reply_json(send, 401, {"message": f"The runner answers only its front: send {RUNNER_TOKEN_ENV}."})
+            await _reply_json(send, 401, {"message": TOKEN_REFUSED})
             return
         if not path.startswith(CALL_PREFIX):
             await self.app(scope, receive, send)

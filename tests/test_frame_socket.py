@@ -33,7 +33,7 @@ from ingrain_bento.metrics import HttpMetrics
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.wire import CALLS, TransportError
 
-from fixtures.transport import INFO, TOKEN, FakeEngine, gate_served
+from fixtures.transport import INFO, TOKEN, FakeEngine, gate_served, raw_calls
 
 REF = ModelRef("sentence_transformers", "m", None)
 
@@ -94,24 +94,6 @@ def one_text_call() -> bytes:
 def address(folder: Path) -> str:
     """BentoML's runner address in ``folder`` (its socket need not exist: HTTP is not used here)."""
     return f"file://{folder}/bentoml-runner.sock"
-
-
-async def raw_call(path: str, *messages: tuple[str, bytes]) -> list[tuple[int, bytes]]:
-    """``messages`` written on a new connection as they are; the replies until it closes or 1 s passes."""
-    reader, writer = await asyncio.open_unix_connection(path)
-    for method, body in messages:
-        name = method.encode()
-        writer.write(struct.pack("<IB", 1 + len(name) + len(body), len(name)) + name + body)
-    replies = []
-    try:
-        while True:
-            head = await asyncio.wait_for(reader.readexactly(10), 1.0)
-            length, status, _ = struct.unpack("<IHf", head)
-            replies.append((status, await reader.readexactly(length - 6)))
-    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-        pass
-    writer.close()
-    return replies
 
 
 def test_the_socket_sits_beside_bentomls_and_only_for_a_unix_socket_address():
@@ -201,7 +183,8 @@ def test_a_connection_without_the_token_first_is_refused_and_closed_and_nothing_
         server = await serve(engine, tmp_path)
         try:
             assert server.path is not None
-            return await raw_call(server.path, first, ("loaded_models", CALLS["loaded_models"].encode_args({})))
+            return await asyncio.to_thread(raw_calls, server.path, [
+                first, ("loaded_models", CALLS["loaded_models"].encode_args({}))], 1.0)
         finally:
             await server.close()
 
@@ -235,8 +218,8 @@ def test_the_token_opens_the_connection_for_calls(tmp_path):
         server = await serve(Engine(), tmp_path)
         try:
             assert server.path is not None
-            return await raw_call(server.path, ("token", TOKEN.encode()),
-                                  ("loaded_models", CALLS["loaded_models"].encode_args({})))
+            return await asyncio.to_thread(raw_calls, server.path, [
+                ("token", TOKEN.encode()), ("loaded_models", CALLS["loaded_models"].encode_args({}))], 1.0)
         finally:
             await server.close()
 

@@ -27,9 +27,11 @@ import httpx
 import pytest
 
 from ingrain_bento import schemas as s
+from ingrain_bento.frame_socket import socket_path
 from ingrain_bento.wire import CALLS, FRAME_MEDIA_TYPE, PICKLE_MEDIA_TYPE
 
 from fixtures.compare import MAX_ABS_DIFF, max_abs_diff
+from fixtures.transport import raw_calls
 
 WORKERS = 2
 RESTORE_DELAY_S = 1.5
@@ -77,16 +79,22 @@ def _metric(server, name: str) -> float:
                for sample in family.samples if sample.name == name)
 
 
-def _runner(server) -> tuple[httpx.Client, str]:
-    """A client of the runner's own socket, as a front worker's environment names it (what anyone
-    on this machine who finds the socket can reach), and the token the fronts send."""
+def _runner_address(server) -> tuple[str, str]:
+    """The runner's address BentoML gives a front worker (its environment), and the token the
+    fronts send: what anyone on this machine who finds the socket can reach."""
     front = server.service_pids("ingrain-bento")[0]
     environ = dict(item.split("=", 1) for item in Path(f"/proc/{front}/environ").read_bytes().decode().split("\0")
                    if "=" in item)
     address = json.loads(environ["BENTOML_RUNNER_MAP"])["ingrain-runner"]
     assert address.startswith("file://"), address
+    return address, environ["INGRAIN_RUNNER_TOKEN"]
+
+
+def _runner(server) -> tuple[httpx.Client, str]:
+    """A client of the runner's HTTP socket (BentoML's), and the token the fronts send."""
+    address, token = _runner_address(server)
     transport = httpx.HTTPTransport(uds=address.removeprefix("file://"))
-    return httpx.Client(transport=transport, base_url="http://runner", timeout=30), environ["INGRAIN_RUNNER_TOKEN"]
+    return httpx.Client(transport=transport, base_url="http://runner", timeout=30), token
 
 
 class _CreatesAFile:
@@ -191,57 +199,23 @@ def test_a_management_call_to_the_runner_without_the_token_is_refused_and_change
     assert httpx.get(f"{server.url}/loaded_models").json() == before
 
 
-def _own_socket(server) -> Path:
-    """The runner worker's own socket (``frame_socket``), beside BentoML's."""
-    front = server.service_pids("ingrain-bento")[0]
-    environ = dict(item.split("=", 1) for item in Path(f"/proc/{front}/environ").read_bytes().decode().split("\0")
-                   if "=" in item)
-    return Path(json.loads(environ["BENTOML_RUNNER_MAP"])["ingrain-runner"].removeprefix("file://")).with_name(
-        "ingrain-runner-0.sock")
-
-
-def _raw_calls(path: Path, messages: list[tuple[str, bytes]]) -> list[tuple[int, bytes]]:
-    """``messages`` on one new connection to ``path``; the replies until it closes (or 2 s pass)."""
-    import socket
-    import struct
-
-    with socket.socket(socket.AF_UNIX) as connection:
-        connection.connect(str(path))
-        connection.settimeout(2)
-        for method, body in messages:
-            name = method.encode()
-            connection.sendall(struct.pack("<IB", 1 + len(name) + len(body), len(name)) + name + body)
-        received = b""
-        try:
-            while chunk := connection.recv(65536):
-                received += chunk
-        except TimeoutError:
-            pass
-    replies = []
-    while received:
-        length, status, _ = struct.unpack_from("<IHf", received)
-        replies.append((status, received[10:4 + length]))
-        received = received[4 + length:]
-    return replies
-
-
 def test_the_fronts_calls_take_the_runners_own_socket_which_answers_only_with_the_token(server, hub_models):
     import stat
 
-    own = _own_socket(server)
+    address, token = _runner_address(server)
+    own = Path(str(socket_path(address, 0)))
     assert stat.S_ISSOCK(own.stat().st_mode) and stat.S_IMODE(own.stat().st_mode) == 0o600
     httpx.post(f"{server.url}/embed_text", json={"name": hub_models["st"], "text": "on the socket"}, timeout=60)
     # a listening Unix socket's accepted connections carry its path: the fronts are connected to it
     assert Path("/proc/net/unix").read_text().count(str(own)) >= 2
-    _, token = _runner(server)
     before = httpx.get(f"{server.url}/loaded_models").json()
     unload = ("unload", CALLS["unload"].encode_args({"request": s.ModelRequest(name=hub_models["st"])}))
     for first in ([], [("token", b"guessed")]):
-        replies = _raw_calls(own, [*first, unload])
+        replies = raw_calls(str(own), [*first, unload])
         assert [status for status, _ in replies] == [401], replies  # then closed: the unload is never read
     assert httpx.get(f"{server.url}/loaded_models").json() == before
     listing = ("loaded_models", CALLS["loaded_models"].encode_args({}))
-    (token_status, _), (status, body) = _raw_calls(own, [("token", token.encode()), listing])
+    (token_status, _), (status, body) = raw_calls(str(own), [("token", token.encode()), listing])
     assert (token_status, status) == (200, 200)
     assert sorted(m.id for m in CALLS["loaded_models"].decode_result(body)) == sorted(
         m["id"] for m in before["models"])
