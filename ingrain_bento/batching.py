@@ -20,8 +20,9 @@ what its longest text times its item count costs, and a token of a long text mor
 short text): the items queued within the window are sorted by length and a forward takes the
 oldest item and the neighbours of similar length that make it cheapest per unit of real work
 (``ForwardCost``, learned from the forwards run), up to ``max_batch`` items and ``items x longest
-<= max_tokens``. The oldest item is in every forward, so none waits longer than the queue ahead of
-it, however long it is.
+<= max_tokens``. The neighbours come from the oldest queued items, 1.5 budgets' tokens of them
+(the forward's reach), and the oldest item is in every forward, so none waits longer than the
+queue ahead of it and a bounded amount of newer work, however long it is.
 """
 
 from __future__ import annotations
@@ -462,6 +463,7 @@ class TokenBudgetBatcher(Batcher[Item]):
 
     FREE_PADDING = 1.2  # padded / real tokens a forward may reach without having to pay for itself,
     FREE_PADDING_TOKENS = 4  # ... and padded tokens a text, on average
+    REACH_BUDGETS = 1.5  # a forward's texts come from the oldest queued, this many budgets' tokens of them
 
     def __init__(self, forward: Forward, *, tokens: Callable[[Item], int], max_tokens: int, max_batch: int,
                  max_wait_s: float, merge: bool = True, on_batch: Callable[[BatchStats], None] | None = None) -> None:
@@ -489,18 +491,18 @@ class TokenBudgetBatcher(Batcher[Item]):
         await self._run_slots(self._select())
 
     def _select(self) -> list[_Slot]:
-        """The oldest item, grown by neighbours in length order while that lowers the forward's
-        cost per unit of work, (overhead + items x work(longest)) / (work of the items) with the
-        learned ``ForwardCost`` (work: a text's tokens, weighed by its length), or keeps the
-        forward's padding free: within ``FREE_PADDING`` of its real tokens and within
-        ``FREE_PADDING_TOKENS`` a text on average (texts of about one length always share a forward,
+        """The oldest item, grown by neighbours within reach (``_within_reach``) in length order
+        while that lowers the forward's cost per unit of work, (overhead + items x work(longest)) /
+        (work of the items) with the learned ``ForwardCost`` (work: a text's tokens, weighed by its
+        length), or keeps the forward's padding free: within ``FREE_PADDING`` of its real tokens and
+        within ``FREE_PADDING_TOKENS`` a text on average (texts of about one length always share a forward,
         whatever the learned overhead says: it is a noisy fit, and splitting them gains nothing;
         the per-text bound keeps long texts from being padded by a fifth for free, which at 256
         tokens costs more than a forward's overhead)."""
         oldest: _Slot = self._pending.popleft()
         if not self.merge or not self._pending:
             return [oldest]
-        pool = sorted(self._pending, key=lambda slot: slot.tokens)
+        pool = sorted(self._within_reach(oldest.tokens), key=lambda slot: slot.tokens)
         lengths = [max(1, slot.tokens) for slot in pool]
         overhead, work = self.cost.overhead_tokens, self.cost.work
         at = bisect_left(lengths, oldest.tokens)
@@ -531,6 +533,22 @@ class TokenBudgetBatcher(Batcher[Item]):
         taken = {id(slot) for slot in chosen}
         self._pending = deque(slot for slot in self._pending if id(slot) not in taken)
         return [oldest, *chosen]
+
+    def _within_reach(self, taken: int) -> list[_Slot]:
+        """The queued texts a forward may draw from: the oldest, up to ``REACH_BUDGETS`` forwards'
+        budget of tokens with the ``taken`` already chosen. A text is then passed over by a bounded
+        amount of newer work before it is the oldest and in the next forward: with the whole queue to
+        draw from, the newer texts that fit a forward kept going first, and the longest 5% of a mixed
+        workload waited up to twice their median (README "Texts of mixed lengths"). On a GPU the
+        budget is large and the reach is the whole queue."""
+        room = self.REACH_BUDGETS * self.max_tokens - taken
+        reach: list[_Slot] = []
+        for slot in self._pending:
+            room -= slot.tokens
+            if room < 0 and reach:
+                break
+            reach.append(slot)
+        return reach
 
     async def _run_slots(self, slots: list[_Slot]) -> None:
         items = [slot.item for slot in slots]

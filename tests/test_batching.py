@@ -505,6 +505,25 @@ def test_a_long_text_under_a_stream_of_short_ones_is_served_in_its_turn():
     assert any(call == [250] for call in forward.calls), "it ran alone: short texts are not padded to it"
 
 
+def test_texts_queued_before_a_burst_are_not_passed_over_by_it():
+    """A forward draws the oldest text's neighbours from the oldest queued texts, 1.5 budgets'
+    tokens of them: the three long texts queued before forty short ones run before any of those,
+    though the short ones would have filled the first forward more cheaply."""
+
+    async def scenario(batcher, forward):
+        blocker = asyncio.create_task(batcher.submit([50]))  # in flight while the others queue
+        await asyncio.sleep(0.005)
+        await asyncio.gather(batcher.submit([10]), *(batcher.submit([200]) for _ in range(3)),
+                             *(batcher.submit([11]) for _ in range(40)))
+        await blocker
+
+    _, forward = run_budget(scenario, max_tokens=400, delay_s=0.01)
+    first_short = next(i for i, call in enumerate(forward.calls) if 11 in call)
+    last_long = max(i for i, call in enumerate(forward.calls) if 200 in call)
+    assert last_long < first_short, forward.calls
+    assert all(len(call) * max(call) <= 400 for call in forward.calls), forward.calls
+
+
 def test_the_forward_cost_model_learns_the_fixed_cost_of_a_forward():
     cost = ForwardCost()
     assert cost.overhead_tokens == ForwardCost.PRIOR_TOKENS
