@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,8 +37,15 @@ if TYPE_CHECKING:
     from ingrain_bento.refs import ModelRef
     from ingrain_bento.schemas import CustomModelRequest
 
-__all__ = ["DEFAULT_TEXT_PREP", "Family", "ImagePipeline", "LoadedModel", "Preprocessor", "TextPrep",
-           "check_safetensors", "freeze_heap", "trim_heap"]
+__all__ = ["DEFAULT_TEXT_PREP", "LIBRARY_IMPORTS", "Family", "ImagePipeline", "LoadedModel", "Preprocessor",
+           "TextPrep", "check_safetensors", "freeze_heap", "trim_heap"]
+
+# The libraries' imports, one thread at a time: transformers 5's lazy module hands a second thread
+# a half-built namespace ("ImportError: cannot import name ..."). Held while a front opens a model's
+# preprocessor, while it imports the libraries in the background (``InputPreparer.import_libraries``)
+# and while the pool opens a model (a restore in the process that also serves the front). Reentrant:
+# opening a model may import what a preprocessor does.
+LIBRARY_IMPORTS = threading.RLock()
 
 TextItem = Any  # what a Preprocessor makes of one text: a small integer array, or the text itself
 ImageItem = Any  # what a Preprocessor makes of one image: a uint8 HWC array, or float CHW pixels

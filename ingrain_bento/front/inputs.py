@@ -17,7 +17,6 @@ import asyncio
 import importlib
 import logging
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -27,7 +26,7 @@ from ingrain_bento.batching import Batcher, OneThread, call_guarded, in_executor
 from ingrain_bento.boundary import ModelHandle
 from ingrain_bento.errors import BadRequest, ModelNotFound
 from ingrain_bento.families import families, family
-from ingrain_bento.families.base import DEFAULT_TEXT_PREP, Preprocessor, TextPrep
+from ingrain_bento.families.base import DEFAULT_TEXT_PREP, LIBRARY_IMPORTS, Preprocessor, TextPrep
 from ingrain_bento.fetch import SafeFetcher
 from ingrain_bento.media import ImageLoader
 from ingrain_bento.metrics import RequestMetrics
@@ -37,10 +36,6 @@ from ingrain_bento.store import ModelStore
 __all__ = ["InputPreparer", "text_prep"]
 
 log = logging.getLogger("ingrain_bento.front.inputs")
-# The libraries' imports, one thread at a time: transformers 5's lazy module hands a second thread
-# a half-built namespace ("ImportError: cannot import name ..."), as when a request opens a model's
-# preprocessor while ``import_libraries`` imports in the background.
-LIBRARY_IMPORTS = threading.Lock()
 
 # A request of at most this many characters, alone in its worker, is tokenized on the event
 # loop (~0.5 ms for a short query with sentence-transformers' preprocessing) instead of on the

@@ -43,7 +43,7 @@ from ingrain_bento.backends.torch import apply_torch_threads
 from ingrain_bento.batching import Batcher, BatcherClosed, OneThread, TokenBudgetBatcher, in_executor
 from ingrain_bento.errors import AtCapacity, Conflict, ModelNotFound, ModelStillLoading
 from ingrain_bento.families import family
-from ingrain_bento.families.base import LoadedModel, freeze_heap
+from ingrain_bento.families.base import LIBRARY_IMPORTS, LoadedModel, freeze_heap
 from ingrain_bento.metrics import ModelMetrics
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.runner.device import pick_device
@@ -302,7 +302,8 @@ class ModelPool:
     async def _open(self, ref: ModelRef, stored: StoredModel, choice: BackendChoice) -> LoadedModel:
         def load() -> LoadedModel:
             try:
-                return family(ref.library).load(stored.path, ref, choice)
+                with LIBRARY_IMPORTS:
+                    return family(ref.library).load(stored.path, ref, choice)
             except Exception as exc:
                 if not BACKENDS[choice.backend].exports:
                     raise

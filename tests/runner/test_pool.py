@@ -8,6 +8,7 @@ import pytest
 
 from ingrain_bento.errors import AtCapacity, ModelNotFound
 from ingrain_bento.families import parse_ref
+from ingrain_bento.families.base import LIBRARY_IMPORTS
 from ingrain_bento.refs import ModelRef
 from ingrain_bento.runner.pool import ModelPool
 from ingrain_bento.settings import Settings
@@ -40,6 +41,38 @@ def test_a_storm_of_loads_loads_once():
         return results
 
     assert sorted(asyncio.run(scenario())) == [False] * 7 + [True]
+
+
+def test_a_model_is_opened_only_while_no_other_thread_imports_the_libraries():
+    """transformers' lazy module hands a second importing thread a half-built namespace: the pool
+    opens a model under ``LIBRARY_IMPORTS``, the lock the front holds while it imports the libraries
+    in the background and opens preprocessors (a restore beside a front's first imports)."""
+    import threading
+
+    async def scenario() -> None:
+        pool = _pool()
+        await pool.load(A)  # stored now: the load below is the open alone
+        await pool.unload(A)
+        importing, done = threading.Event(), threading.Event()
+
+        def import_in_the_background() -> None:
+            with LIBRARY_IMPORTS:
+                importing.set()
+                done.wait(30)
+
+        holder = threading.Thread(target=import_in_the_background)
+        holder.start()
+        importing.wait(5)
+        load = asyncio.create_task(pool.load(A))
+        await asyncio.sleep(3)
+        opened_meanwhile = load.done()
+        done.set()
+        assert await asyncio.wait_for(load, 60)
+        holder.join()
+        await pool.close()
+        assert not opened_meanwhile, "the model was opened while another thread imported the libraries"
+
+    asyncio.run(scenario())
 
 
 def test_reject_policy_answers_503_at_capacity():
