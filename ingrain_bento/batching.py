@@ -540,7 +540,8 @@ class TokenBudgetBatcher(Batcher[Item]):
         amount of newer work before it is the oldest and in the next forward: with the whole queue to
         draw from, the newer texts that fit a forward kept going first, and the longest 5% of a mixed
         workload waited up to twice their median (README "Texts of mixed lengths"). On a GPU the
-        budget is large and the reach is the whole queue."""
+        budget is larger (MiniLM: 8,192 tokens, a reach of 12,288): a queue of 64 texts averaging up
+        to 192 tokens is within reach whole."""
         room = self.REACH_BUDGETS * self.max_tokens - taken
         reach: list[_Slot] = []
         for slot in self._pending:
